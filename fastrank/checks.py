@@ -1,0 +1,217 @@
+"""Input checks shared by the Triton and reference paths.
+
+Every error names the argument at fault and says how to fix it. Shape, dtype and device checks are free
+(metadata only). Checks on values that live on the device (a row with no real token, a position outside
+its sequence, an inconsistent ``cu_seqlens``) are computed by the op itself as status codes in its
+resolved rows and read back once per call; ``FASTRANK_CHECKS=0`` skips that read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from fastrank.reference import ROW_BAD_CU_SEQLENS, ROW_EMPTY, ROW_OUTSIDE, ScoreHeadConfig
+
+MAX_SCORE_TOKENS = 16
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _require_tensor(name: str, value, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor {what}, got {type(value).__name__}")
+    return value
+
+
+def _same_device(name: str, tensor: torch.Tensor, ref: torch.Tensor) -> None:
+    if tensor.device != ref.device:
+        raise ValueError(
+            f"{name}: is on {tensor.device} but hidden is on {ref.device}; move it with .to({str(ref.device)!r})"
+        )
+
+
+def _integer_tensor(name: str, value, device: torch.device, shape_desc: str) -> torch.Tensor:
+    if isinstance(value, (list, tuple)):
+        value = torch.tensor(value, dtype=torch.long, device=device)
+    _require_tensor(name, value, shape_desc)
+    if value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{name}: must hold integers, got dtype {_dtype_name(value.dtype)}")
+    return value
+
+
+def normalize_token_ids(token_ids, vocab: int) -> tuple:
+    """Token ids as a tuple of Python ints, checked against the vocabulary size."""
+    if isinstance(token_ids, int) and not isinstance(token_ids, bool):
+        token_ids = (token_ids,)
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+            raise ValueError(f"token_ids: must hold integers, got dtype {_dtype_name(token_ids.dtype)}")
+        if token_ids.dim() > 1:
+            raise ValueError(f"token_ids: must be 1-D [K], got shape {tuple(token_ids.shape)}")
+        token_ids = token_ids.reshape(-1).tolist()
+    if not isinstance(token_ids, Sequence) or isinstance(token_ids, str):
+        raise ValueError(f"token_ids: expected an int, a list of ints or a 1-D integer tensor, got {type(token_ids).__name__}")
+    ids = []
+    for i, t in enumerate(token_ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            if hasattr(t, "__index__") and not isinstance(t, bool):
+                t = int(t.__index__())
+            else:
+                raise ValueError(f"token_ids[{i}]: expected an int, got {type(t).__name__}")
+        if not 0 <= t < vocab:
+            raise ValueError(
+                f"token_ids[{i}]={t} is out of range for a weight with V={vocab} rows; "
+                "look the id up with the model's own tokenizer"
+            )
+        ids.append(t)
+    if not ids:
+        raise ValueError("token_ids: is empty (K=0); give at least one vocabulary id to score")
+    if len(ids) > MAX_SCORE_TOKENS:
+        raise ValueError(
+            f"token_ids: {len(ids)} ids given, score_head takes at most {MAX_SCORE_TOKENS}; "
+            "for more rows the full LM head is the right tool"
+        )
+    return tuple(ids)
+
+
+def normalize_combine(combine, k: int) -> Optional[tuple]:
+    """A ``[C, K]`` combination matrix as a tuple of tuples of floats (a 1-D ``[K]`` is one row)."""
+    if combine is None:
+        return None
+    mix = combine.detach().cpu().double() if isinstance(combine, torch.Tensor) else torch.tensor(combine, dtype=torch.float64)
+    if mix.dim() == 1:
+        mix = mix[None, :]
+    if mix.dim() != 2 or mix.shape[1] != k:
+        raise ValueError(
+            f"combine: must be [C, K] with K={k} (one column per token id), got shape {tuple(mix.shape)}; "
+            "e.g. [[1, -1]] for yes minus no"
+        )
+    if not 1 <= mix.shape[0] <= MAX_SCORE_TOKENS:
+        raise ValueError(f"combine: must have 1 to {MAX_SCORE_TOKENS} rows, got {mix.shape[0]}")
+    if not torch.isfinite(mix).all():
+        raise ValueError("combine: holds a NaN or infinite coefficient")
+    return tuple(tuple(float(v) for v in row) for row in mix.tolist())
+
+
+def check_score_head_inputs(
+    hidden, weight, token_ids, attention_mask, positions, cu_seqlens, bias, combine, return_lse
+):
+    """Validate and normalise score_head's arguments.
+
+    Returns ``(config, hidden, attention_mask, positions, cu_seqlens)`` where hidden is ``[N, T, H]`` or,
+    for packed input, ``[M, H]`` (a ``[1, M, H]`` batch is viewed as ``[M, H]``).
+    """
+    _require_tensor("hidden", hidden, "[N, T, H] or packed [M, H]")
+    _require_tensor("weight", weight, "[V, H]")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden: must be float16, bfloat16 or float32, got {_dtype_name(hidden.dtype)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: must be the LM head's [V, H] matrix, got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"weight: dtype {_dtype_name(weight.dtype)} differs from hidden's {_dtype_name(hidden.dtype)}; "
+            f"cast one of them, e.g. hidden.to({_dtype_name(weight.dtype)!r}) or run the model in one dtype"
+        )
+    _same_device("weight", weight, hidden)
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse: must be True or False, got {return_lse!r}")
+
+    packed = cu_seqlens is not None
+    if packed:
+        if hidden.dim() == 3 and hidden.shape[0] == 1:
+            hidden = hidden[0]
+        if hidden.dim() != 2:
+            raise ValueError(
+                f"hidden: packed input (cu_seqlens given) must be [M, H] or [1, M, H], got shape {tuple(hidden.shape)}"
+            )
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask: cannot be combined with cu_seqlens; packed sequences are delimited by cu_seqlens alone"
+            )
+        cu_seqlens = _integer_tensor("cu_seqlens", cu_seqlens, hidden.device, "[N + 1]")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(
+                f"cu_seqlens: must be 1-D [N + 1] with N >= 1 (offsets 0, len0, len0+len1, ..., M), "
+                f"got shape {tuple(cu_seqlens.shape)}"
+            )
+        _same_device("cu_seqlens", cu_seqlens, hidden)
+        n = cu_seqlens.shape[0] - 1
+    else:
+        if hidden.dim() == 2:
+            raise ValueError(
+                "hidden: a 2-D tensor needs cu_seqlens (packed [M, H] input); padded input is [N, T, H]"
+            )
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden: must be [N, T, H] (or packed [M, H] with cu_seqlens), got shape {tuple(hidden.shape)}")
+        n, t = hidden.shape[0], hidden.shape[1]
+        if t == 0:
+            raise ValueError("hidden: has T=0 positions; every sequence needs at least one token")
+        if attention_mask is not None:
+            _require_tensor("attention_mask", attention_mask, "[N, T]")
+            if tuple(attention_mask.shape) != (n, t):
+                raise ValueError(
+                    f"attention_mask: shape {tuple(attention_mask.shape)} does not match hidden's [N, T] = {(n, t)}"
+                )
+            _same_device("attention_mask", attention_mask, hidden)
+
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: has H={weight.shape[1]} columns but hidden has H={hidden.shape[-1]}; "
+            "pass the LM head of the model that produced hidden"
+        )
+
+    if positions is not None:
+        positions = _integer_tensor("positions", positions, hidden.device, "[N]")
+        if positions.dim() != 1 or positions.shape[0] != n:
+            raise ValueError(f"positions: must be 1-D [N] with N={n}, got shape {tuple(positions.shape)}")
+        _same_device("positions", positions, hidden)
+
+    if bias is not None:
+        _require_tensor("bias", bias, "[V]")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: must be [V] with V={weight.shape[0]}, got shape {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias: dtype {_dtype_name(bias.dtype)} differs from weight's {_dtype_name(weight.dtype)}")
+        _same_device("bias", bias, hidden)
+
+    ids = normalize_token_ids(token_ids, weight.shape[0])
+    config = ScoreHeadConfig(
+        token_ids=ids, combine=normalize_combine(combine, len(ids)), return_lse=return_lse, packed=packed
+    )
+    return config, hidden, attention_mask, positions, cu_seqlens
+
+
+def raise_on_invalid_rows(rows: torch.Tensor, config: ScoreHeadConfig, attention_mask, positions, cu_seqlens) -> None:
+    """Read the op's status codes back (one small device-to-host copy) and raise on the first problem."""
+    if rows.numel() == 0 or int(rows.min()) >= 0:
+        return
+    codes = rows.cpu()
+    bad_cu = (codes == ROW_BAD_CU_SEQLENS).nonzero().flatten().tolist()
+    if bad_cu:
+        cu = cu_seqlens.cpu().tolist()
+        raise ValueError(
+            f"cu_seqlens: {cu[:12]}{'...' if len(cu) > 12 else ''} is not a partition of the packed rows "
+            f"(it must start at 0, never decrease and end at M); sequences {bad_cu[:8]} fall outside"
+        )
+    empty = (codes == ROW_EMPTY).nonzero().flatten().tolist()
+    if empty:
+        arg = "cu_seqlens" if config.packed else "attention_mask"
+        raise ValueError(
+            f"{arg}: sequence(s) {empty[:8]}{'...' if len(empty) > 8 else ''} have no real token; "
+            "every row needs at least one token to score (drop empty rows before the call)"
+        )
+    outside = (codes == ROW_OUTSIDE).nonzero().flatten().tolist()
+    if outside:
+        i = outside[0]
+        where = "its sequence" if config.packed else (
+            "the row's real tokens (attention_mask is 0 there or it is past T)" if attention_mask is not None else "[0, T)"
+        )
+        raise ValueError(
+            f"positions: positions[{i}]={int(positions[i])} is outside {where}; "
+            f"{len(outside)} sequence(s) affected, first {outside[:8]}"
+        )

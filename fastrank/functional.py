@@ -1,0 +1,82 @@
+"""fastrank's public functions. Each picks the Triton path or the PyTorch reference (see ``select_backend``)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from fastrank.checks import check_score_head_inputs, raise_on_invalid_rows
+from fastrank.reference import ScoreHeadReferenceFunction
+from fastrank.utils import checks_enabled, select_backend
+
+
+class ScoreHeadOutput(NamedTuple):
+    """``score_head(..., return_lse=True)``: the selected logits and the full-vocabulary log-sum-exp."""
+
+    logits: torch.Tensor  # [N, K] (or [N, C] with combine), fp32
+    lse: torch.Tensor  # [N], fp32: log sum_v exp(h . W_v + b_v)
+
+
+def score_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    positions=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    combine=None,
+    return_lse: bool = False,
+):
+    """Logits of a few vocabulary rows at each sequence's scoring position, without full-vocabulary logits.
+
+    Computes ``hidden[n, pos_n] @ weight[token_ids].T (+ bias[token_ids])`` in fp32 for every sequence n,
+    which equals ``lm_head(hidden)[n, pos_n, token_ids]`` without projecting the other V - K rows or the
+    other positions.
+
+    Args:
+        hidden: the backbone's last hidden state (after its final norm). Padded ``[N, T, H]`` with
+            either padding side, or packed ``[M, H]`` (also ``[1, M, H]``) together with ``cu_seqlens``.
+            float16, bfloat16 or float32 (float64 on the torch backend).
+        weight: the LM head ``[V, H]``, same dtype and device as ``hidden``; tied or untied.
+        token_ids: the K vocabulary ids to score (1 <= K <= 16): an int, a list of ints or a 1-D integer
+            tensor (a CUDA tensor costs one host sync; pass a list in hot loops).
+        attention_mask: ``[N, T]`` (bool, int or float; nonzero = real token). The scoring position of
+            row n is its last real token, wherever the padding is.
+        positions: ``[N]`` integer scoring positions, overriding the default: indices into T for padded
+            input (they must land on real tokens when a mask is given), offsets from each sequence's start
+            for packed input. Without a mask or positions, padded rows score at ``T - 1``.
+        cu_seqlens: ``[N + 1]`` integer offsets of the packed sequences (0, len0, len0 + len1, ..., M).
+        bias: the LM head's bias ``[V]``, if it has one.
+        combine: optional ``[C, K]`` matrix (or a ``[K]`` row) applied to the K logits in fp32, e.g.
+            ``[[1, -1]]`` for yes minus no. The output then has C columns.
+        return_lse: also return the full-vocabulary log-sum-exp ``[N]`` (fp32), reduced tile by tile so
+            ``[N, V]`` is never held, making ``exp(logits - lse[:, None])`` the exact softmax probability
+            of each token. It takes part in backward (full-vocabulary weight gradient, in chunks) only
+            when the loss uses it.
+
+    Returns:
+        fp32 ``[N, K]`` logits (``[N, C]`` with ``combine``), or ``ScoreHeadOutput(logits, lse)`` when
+        ``return_lse``. Differentiable with respect to ``hidden`` (only the scoring rows receive
+        gradient), ``weight`` (only the K rows, plus the whole vocabulary through ``lse``) and ``bias``.
+
+    Raises:
+        ValueError: naming the argument, for a row with no real token, a position outside its
+            sequence, K = 0, a token id outside [0, V), an inconsistent ``cu_seqlens``, or a dtype,
+            shape or device mismatch.
+    """
+    config, hidden, attention_mask, positions, cu_seqlens = check_score_head_inputs(
+        hidden, weight, token_ids, attention_mask, positions, cu_seqlens, bias, combine, return_lse
+    )
+    if select_backend(hidden) == "triton":
+        if hidden.dtype == torch.float64:
+            raise ValueError("hidden: float64 runs on the torch backend only; set FASTRANK_BACKEND=torch")
+        from fastrank.kernels.score_head import ScoreHeadFunction as function
+    else:
+        function = ScoreHeadReferenceFunction
+    out, lse, rows = function.apply(hidden, weight, bias, attention_mask, positions, cu_seqlens, config)
+    if checks_enabled():
+        raise_on_invalid_rows(rows, config, attention_mask, positions, cu_seqlens)
+    return ScoreHeadOutput(out, lse) if return_lse else out

@@ -1,0 +1,317 @@
+"""Plain-PyTorch implementations of fastrank's ops.
+
+Each op here is both the CPU fallback (``FASTRANK_BACKEND=auto`` on CPU tensors, or ``torch`` anywhere)
+and the oracle the Triton kernels are tested against. They follow the same memory contract as the
+kernels: nothing of size ``[N, T, V]`` or ``[N, V]`` is ever allocated; the full-vocabulary
+log-sum-exp is reduced chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Rows of the vocabulary per chunk are chosen so a chunk of fp32 scores holds about 16 MiB, within these
+# bounds: below 1024 the per-chunk GEMMs get too small to run well, above 16384 the chunk stops being a
+# small fraction of a 150k-256k vocabulary.
+_LSE_CHUNK_ELEMENTS = 1 << 22
+_LSE_CHUNK_MIN = 1024
+_LSE_CHUNK_MAX = 16384
+
+# Status codes written into the resolved row index of a sequence whose scoring position is invalid.
+ROW_EMPTY = -1  # the sequence has no real token
+ROW_OUTSIDE = -2  # the requested position is outside the sequence or on a padding token
+ROW_BAD_CU_SEQLENS = -3  # cu_seqlens does not partition the packed rows (must start at 0, rise, end at M)
+
+
+@dataclass(frozen=True)
+class ScoreHeadConfig:
+    """The static part of a score_head call (hashable, so kernels and caches can key on it)."""
+
+    token_ids: tuple  # K vocabulary rows, validated to lie in [0, V)
+    combine: Optional[tuple]  # [C][K] fp32 combination of the K logits, or None
+    return_lse: bool
+    packed: bool  # hidden is [M, H] with cu_seqlens rather than [N, T, H]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every half or single precision input; fp64 stays fp64 (used by gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_chunk_size(n_rows: int, vocab: int) -> int:
+    chunk = _LSE_CHUNK_ELEMENTS // max(n_rows, 1)
+    chunk = max(_LSE_CHUNK_MIN, min(_LSE_CHUNK_MAX, chunk))
+    return min(vocab, chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring positions
+# ------------------------------------------------------------------------------------------------
+def score_head_rows(
+    hidden: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    positions: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Index of each sequence's scoring row: ``[N]`` int64.
+
+    Padded ``[N, T, H]``: an index into T. Without ``positions`` it is the last real token of the
+    attention mask (any padding side, any holes), or ``T - 1`` with no mask. Packed ``[M, H]``: an index
+    into M, ``cu_seqlens[n] + position``, the position defaulting to the sequence's last token.
+    Invalid rows carry ``ROW_EMPTY``, ``ROW_OUTSIDE`` or ``ROW_BAD_CU_SEQLENS`` instead of an index.
+    """
+    device = hidden.device
+    if cu_seqlens is not None:
+        cu = cu_seqlens.long()
+        total, n = hidden.shape[0], cu.shape[0] - 1
+        starts, ends = cu[:-1], cu[1:]
+        lengths = ends - starts
+        seq = torch.arange(n, device=device)
+        consistent = (starts >= 0) & (lengths >= 0) & (ends <= total)
+        consistent &= (seq != 0) | (cu[0] == 0)
+        consistent &= (seq != n - 1) | (cu[-1] == total)
+        local = lengths - 1 if positions is None else positions.long()
+        inside = (local >= 0) & (local < lengths)
+        rows = torch.where(inside, starts + local, torch.full_like(starts, ROW_OUTSIDE))
+        rows = torch.where(lengths > 0, rows, torch.full_like(rows, ROW_EMPTY))
+        return torch.where(consistent, rows, torch.full_like(rows, ROW_BAD_CU_SEQLENS))
+
+    n, t = hidden.shape[0], hidden.shape[1]
+    if attention_mask is None:
+        if positions is None:
+            return torch.full((n,), t - 1, dtype=torch.long, device=device)
+        p = positions.long()
+        return torch.where((p >= 0) & (p < t), p, torch.full_like(p, ROW_OUTSIDE))
+
+    real = attention_mask != 0
+    steps = torch.arange(t, device=device)
+    last = torch.where(real, steps, torch.full_like(steps, -1)).amax(dim=1)
+    if positions is None:
+        return torch.where(last >= 0, last, torch.full_like(last, ROW_EMPTY))
+    p = positions.long()
+    inside = (p >= 0) & (p < t)
+    on_real = real.gather(1, p.clamp(0, t - 1)[:, None])[:, 0]
+    rows = torch.where(inside & on_real, p, torch.full_like(p, ROW_OUTSIDE))
+    return torch.where(last >= 0, rows, torch.full_like(rows, ROW_EMPTY))
+
+
+def gather_rows(hidden: torch.Tensor, rows: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The hidden state at each scoring row, ``[N, H]`` in hidden's dtype (invalid rows clamp to 0)."""
+    safe = rows.clamp_min(0)
+    if packed:
+        return hidden[safe]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), safe]
+
+
+def scatter_rows(shape, dtype, rows: torch.Tensor, values: torch.Tensor, packed: bool) -> torch.Tensor:
+    """A zero tensor of ``shape`` holding ``values`` at the scoring rows (the adjoint of ``gather_rows``)."""
+    grad = torch.zeros(shape, dtype=dtype, device=values.device)
+    safe = rows.clamp_min(0)
+    if packed:
+        grad[safe] = values.to(dtype)
+    else:
+        grad[torch.arange(shape[0], device=values.device), safe] = values.to(dtype)
+    return grad
+
+
+# ------------------------------------------------------------------------------------------------
+# matmuls with a wide accumulator
+# ------------------------------------------------------------------------------------------------
+_MM_OUT_DTYPE_OK: dict = {}
+
+
+def matmul_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with the product accumulated and returned in ``acc`` (fp32 or fp64).
+
+    On CUDA, half-precision operands keep the tensor cores through ``torch.mm(..., out_dtype=float32)``
+    where this torch has it; elsewhere the operands are upcast first, which is exact.
+    """
+    if a.dtype == acc and b.dtype == acc:
+        return a @ b
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and acc == torch.float32 and a.dim() == 2:
+        key = (a.dtype, a.device.type)
+        if _MM_OUT_DTYPE_OK.get(key, True):
+            try:
+                return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)
+            except (RuntimeError, TypeError):
+                _MM_OUT_DTYPE_OK[key] = False
+    return a.to(acc) @ b.to(acc)
+
+
+# ------------------------------------------------------------------------------------------------
+# full-vocabulary log-sum-exp, chunked
+# ------------------------------------------------------------------------------------------------
+def lse_forward_chunked(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``logsumexp_v(h @ weight.T + bias)`` per row, ``[N]`` in the accumulate dtype.
+
+    Only ``[N, chunk]`` scores exist at a time (see ``lse_chunk_size``).
+    """
+    acc = accumulate_dtype(h.dtype)
+    n, vocab = h.shape[0], weight.shape[0]
+    chunk = lse_chunk_size(n, vocab)
+    lse = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
+    for v0 in range(0, vocab, chunk):
+        scores = matmul_acc(h, weight[v0 : v0 + chunk].t(), acc)
+        if bias is not None:
+            scores = scores + bias[v0 : v0 + chunk].to(acc)
+        lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
+    return lse
+
+
+def lse_backward_chunked(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    token_ids: tuple,
+    grad_rows: Optional[torch.Tensor],
+    need_weight: bool,
+    need_bias: bool,
+):
+    """Gradients of ``sum(grad_lse * lse) + sum(grad_rows * (h @ weight[token_ids].T))``.
+
+    Returns ``(grad_h [N, H] acc, grad_weight [V, H] weight.dtype or None, grad_bias [V] or None)``.
+    The softmax ``P = exp(h W_c^T + b_c - lse) * grad_lse`` is rebuilt one vocabulary chunk at a time;
+    the K selected rows' own gradient (``grad_rows.T @ h``) is folded into the chunk that holds them
+    before it is rounded to the weight dtype, so those rows are rounded once.
+    """
+    acc = accumulate_dtype(h.dtype)
+    n, vocab = h.shape[0], weight.shape[0]
+    chunk = lse_chunk_size(n, vocab)
+    grad_h = torch.zeros(h.shape, dtype=acc, device=h.device)
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.empty(vocab, dtype=bias.dtype, device=bias.device) if need_bias else None
+    # In half precision the probabilities enter the backward GEMMs in the input dtype (as Liger's fused
+    # linear cross-entropy does): relative error 2^-8 per term, accumulated in fp32.
+    p_dtype = h.dtype if h.dtype in (torch.float16, torch.bfloat16) and h.is_cuda else acc
+    h_acc = h.to(acc)
+    for v0 in range(0, vocab, chunk):
+        v1 = min(vocab, v0 + chunk)
+        w_chunk = weight[v0:v1]
+        scores = matmul_acc(h, w_chunk.t(), acc)
+        if bias is not None:
+            scores = scores + bias[v0:v1].to(acc)
+        prob = torch.exp(scores - lse[:, None]) * grad_lse[:, None]
+        grad_h += matmul_acc(prob.to(p_dtype), w_chunk, acc)
+        if need_weight or need_bias:
+            # Fold the selected rows' gradient into this chunk: grad_rows[:, k] lands on column ids[k] - v0.
+            if grad_rows is not None:
+                in_chunk = [(k, t - v0) for k, t in enumerate(token_ids) if v0 <= t < v1]
+                if in_chunk:
+                    ks = torch.tensor([k for k, _ in in_chunk], dtype=torch.long, device=h.device)
+                    cols = torch.tensor([c for _, c in in_chunk], dtype=torch.long, device=h.device)
+                    prob = prob.to(acc).index_add(1, cols, grad_rows.index_select(1, ks).to(acc))
+            if need_weight:
+                grad_weight[v0:v1] = matmul_acc(prob.t().to(p_dtype), h, acc).to(weight.dtype)
+            if need_bias:
+                grad_bias[v0:v1] = prob.to(acc).sum(0).to(bias.dtype)
+    return grad_h, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------------------
+# score_head
+# ------------------------------------------------------------------------------------------------
+def combine_matrix(config: ScoreHeadConfig, acc: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    if config.combine is None:
+        return None
+    return torch.tensor(config.combine, dtype=acc, device=device)
+
+
+def score_head_selected_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], token_ids: tuple
+) -> torch.Tensor:
+    """``h @ weight[token_ids].T + bias[token_ids]`` in the accumulate dtype: ``[N, K]``."""
+    acc = accumulate_dtype(h.dtype)
+    ids = torch.tensor(token_ids, dtype=torch.long, device=h.device)
+    logits = h.to(acc) @ weight.index_select(0, ids).to(acc).t()
+    if bias is not None:
+        logits = logits + bias.index_select(0, ids).to(acc)
+    return logits
+
+
+def score_head_forward_reference(hidden, weight, bias, attention_mask, positions, cu_seqlens, config):
+    """Forward of the reference path. Returns ``(out [N, C or K], lse [N] or None, rows [N], h [N, H])``."""
+    rows = score_head_rows(hidden, attention_mask, positions, cu_seqlens)
+    h = gather_rows(hidden, rows, config.packed)
+    logits = score_head_selected_logits(h, weight, bias, config.token_ids)
+    mix = combine_matrix(config, logits.dtype, logits.device)
+    out = logits if mix is None else logits @ mix.t()
+    lse = lse_forward_chunked(h, weight, bias) if config.return_lse else None
+    return out, lse, rows, h
+
+
+def score_head_backward_reference(grad_out, grad_lse, hidden_meta, h, weight, bias, lse, rows, config, needs):
+    """Backward of the reference path.
+
+    ``grad_out`` ``[N, C or K]`` (or None), ``grad_lse`` ``[N]`` (or None when the log-sum-exp is not
+    part of the loss), ``hidden_meta`` = (shape, dtype) of the hidden input, ``needs`` = which of
+    (hidden, weight, bias) want a gradient. Returns the three gradients (None where not needed).
+    """
+    acc = accumulate_dtype(h.dtype)
+    n, k = h.shape[0], len(config.token_ids)
+    if grad_out is None:
+        grad_k = torch.zeros(n, k, dtype=acc, device=h.device)
+    else:
+        mix = combine_matrix(config, acc, h.device)
+        grad_k = grad_out.to(acc) if mix is None else grad_out.to(acc) @ mix  # [N, K]
+    ids = torch.tensor(config.token_ids, dtype=torch.long, device=h.device)
+    need_h, need_w, need_b = needs
+
+    if grad_lse is not None:
+        grad_h, grad_weight, grad_bias = lse_backward_chunked(
+            h, weight, bias, lse, grad_lse.to(acc), config.token_ids, grad_k, need_w, need_b
+        )
+        grad_h = grad_h + grad_k @ weight.index_select(0, ids).to(acc)
+    else:
+        grad_h = grad_k @ weight.index_select(0, ids).to(acc) if need_h else None
+        grad_weight = grad_bias = None
+        if need_w:
+            grad_weight = torch.zeros_like(weight)
+            grad_weight.index_add_(0, ids, (grad_k.t() @ h.to(acc)).to(weight.dtype))
+        if need_b:
+            grad_bias = torch.zeros_like(bias)
+            grad_bias.index_add_(0, ids, grad_k.sum(0).to(bias.dtype))
+
+    shape, dtype = hidden_meta
+    grad_hidden = scatter_rows(shape, dtype, rows, grad_h, config.packed) if need_h else None
+    return grad_hidden, grad_weight, grad_bias
+
+
+class ScoreHeadReferenceFunction(torch.autograd.Function):
+    """Autograd for the reference score_head. Saves the ``[N, H]`` gathered rows, never ``[N, T, H]``.
+
+    Inputs: hidden, weight, bias (or None), attention_mask, positions, cu_seqlens (each or None) and a
+    ``ScoreHeadConfig``. Outputs: ``out`` fp32 ``[N, C or K]``, ``lse`` fp32 ``[N]`` (empty unless
+    ``config.return_lse``) and the resolved ``rows`` ``[N]`` int64 (non-differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, attention_mask, positions, cu_seqlens, config):
+        out, lse, rows, h = score_head_forward_reference(
+            hidden, weight, bias, attention_mask, positions, cu_seqlens, config
+        )
+        if lse is None:
+            lse = out.new_empty(0)
+        ctx.config = config
+        ctx.hidden_meta = (hidden.shape, hidden.dtype)
+        ctx.save_for_backward(h, weight, bias, lse, rows)
+        ctx.mark_non_differentiable(rows)
+        # Unused outputs arrive as None rather than as zero tensors, so an lse that is not part of the
+        # loss costs no full-vocabulary backward.
+        ctx.set_materialize_grads(False)
+        return out, lse, rows
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, _grad_rows):
+        h, weight, bias, lse, rows = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if not ctx.config.return_lse:
+            grad_lse = None
+        grads = score_head_backward_reference(
+            grad_out, grad_lse, ctx.hidden_meta, h, weight, bias, lse, rows, ctx.config, needs
+        )
+        return grads[0], grads[1], grads[2], None, None, None, None

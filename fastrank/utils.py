@@ -1,0 +1,80 @@
+"""Backend selection, interpreter detection and small helpers shared by every op."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def is_interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``).
+
+    The variable is read by ``@triton.jit`` when a kernel module is imported, so it must be set before
+    ``fastrank.kernels`` is first imported; tests/conftest.py does that.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def requested_backend() -> str:
+    """The value of ``FASTRANK_BACKEND`` (``auto`` when unset), checked."""
+    value = os.environ.get("FASTRANK_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"FASTRANK_BACKEND={value!r} is not a backend; use one of {', '.join(BACKENDS)} "
+            "(auto = Triton on CUDA tensors, the PyTorch reference on CPU tensors)"
+        )
+    return value
+
+
+def select_backend(tensor: torch.Tensor) -> str:
+    """Which implementation runs an op whose main input is ``tensor``: ``"triton"`` or ``"torch"``.
+
+    ``auto`` picks Triton for CUDA tensors and the reference for everything else. ``triton`` on a CPU
+    tensor is allowed only under the interpreter, which is how CI runs the kernels.
+    """
+    backend = requested_backend()
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    if backend == "triton" and not tensor.is_cuda and not is_interpreting():
+        raise ValueError(
+            f"FASTRANK_BACKEND=triton needs CUDA tensors, got a tensor on {tensor.device}; "
+            "move the inputs to a GPU, set TRITON_INTERPRET=1 to run the kernels on CPU (slow, for tests), "
+            "or use FASTRANK_BACKEND=torch"
+        )
+    return backend
+
+
+def checks_enabled() -> bool:
+    """Data-dependent input checks (empty rows, positions outside their sequence) cost one device-to-host
+    copy of a few bytes per call. They are on unless ``FASTRANK_CHECKS=0``."""
+    return os.environ.get("FASTRANK_CHECKS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+_DEVICE_CACHE: dict = {}
+
+
+def cached_device_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor (token ids, a combination matrix) uploaded once per device.
+
+    Uploading a handful of numbers on every call is a synchronous host-to-device copy; the cache
+    makes repeated calls with the same ids free.
+    """
+    key = (values, dtype, str(device))
+    tensor = _DEVICE_CACHE.get(key)
+    if tensor is None:
+        if len(_DEVICE_CACHE) > 256:
+            _DEVICE_CACHE.clear()
+        tensor = torch.tensor(values, dtype=dtype, device=device)
+        _DEVICE_CACHE[key] = tensor
+    return tensor

@@ -1,0 +1,459 @@
+"""score_head: scoring-position gather + sliced LM head, fused.
+
+A causal-LM reranker needs, per sequence, the logits of K (1-16) vocabulary rows at one position. The
+unfused forward projects every position onto the whole vocabulary: ``[N, T, V]`` logits, 10 GB in bf16
+for N=64, T=512 on Qwen2.5 (V=151,936). Here one program per sequence finds the scoring row (from the
+attention mask, ``positions`` or ``cu_seqlens``), reads that one hidden row and the K weight rows, and
+writes K fp32 logits (optionally combined, e.g. yes minus no). Memory traffic is ``N*H + K*H`` elements.
+
+The optional full-vocabulary log-sum-exp (for exact softmax probabilities of the K tokens) is a tiled
+GEMM with an online log-sum-exp per row: each program owns ``BLOCK_N`` rows and a slice of the
+vocabulary, keeps a running max and sum in fp32, and writes one partial value per (row, slice); the
+``[N, V]`` scores never reach memory.
+
+Backward: one program per sequence writes ``dh = g_K @ W[ids]`` into the scoring row of a zero gradient;
+one program per H block reduces ``dW[ids] = g_K^T @ h`` over the sequences (no atomics). When the
+log-sum-exp is part of the loss, its full-vocabulary backward runs chunk by chunk through
+``fastrank.reference.lse_backward_chunked`` (cuBLAS GEMMs on ``[N, chunk]`` tiles).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastrank.reference import ScoreHeadConfig, lse_backward_chunked
+from fastrank.utils import cached_device_tensor, cdiv, is_interpreting, next_power_of_2
+
+_INTERPRET = is_interpreting()
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _score_head_fwd_kernel(
+    # data pointers
+    hidden_ptr, weight_ptr, bias_ptr, ids_ptr, combine_ptr,
+    mask_ptr, positions_ptr, cu_seqlens_ptr,
+    out_ptr, rows_ptr, gathered_ptr,
+    # sizes
+    N, T, H, K, C,
+    # strides
+    stride_hn, stride_ht, stride_hh,
+    stride_wv, stride_wh,
+    stride_mn, stride_mt,
+    stride_on, stride_gn,
+    # feature flags
+    HAS_BIAS: tl.constexpr, HAS_COMBINE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr, PACKED: tl.constexpr, STORE_GATHERED: tl.constexpr,
+    # blocks
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per sequence n.
+
+    rows_ptr[n] receives the scoring row (an index into T, or into M when PACKED), or -1 when the
+    sequence has no real token, -2 when ``positions[n]`` lies outside it, -3 when cu_seqlens is not a
+    partition of the M packed rows. out_ptr[n] receives the K
+    logits (or C combinations) in fp32; gathered_ptr[n] a copy of the scoring row when STORE_GATHERED.
+    """
+    n = tl.program_id(0).to(tl.int64)
+
+    # ---- the scoring row -----------------------------------------------------------------------
+    if PACKED:
+        # T is M here. cu_seqlens must start at 0, never decrease and end at M, or reads would stray.
+        start = tl.load(cu_seqlens_ptr + n).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + n + 1).to(tl.int64)
+        length = end - start
+        consistent = (start >= 0) & (length >= 0) & (end <= T)
+        consistent = consistent & ((n != 0) | (start == 0)) & ((n != N - 1) | (end == T))
+        has_real = length > 0
+        default_pos = length - 1
+    elif HAS_MASK:
+        # Last real token of the row: works for left, right or mixed padding, never assumes column T-1.
+        start = 0
+        length = T
+        last = tl.full((), -1, tl.int64)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            m = tl.load(mask_ptr + n * stride_mn + offs_t * stride_mt, mask=offs_t < T, other=0)
+            last = tl.maximum(last, tl.max(tl.where(m != 0, offs_t, -1), axis=0).to(tl.int64))
+        consistent = True
+        has_real = last >= 0
+        default_pos = last
+    else:
+        start = 0
+        length = T
+        consistent = True
+        has_real = T > 0
+        default_pos = T - 1
+
+    if HAS_POSITIONS:
+        pos = tl.load(positions_ptr + n).to(tl.int64)
+        valid = (pos >= 0) & (pos < length)
+        if HAS_MASK:
+            safe_t = tl.minimum(tl.maximum(pos, 0), T - 1)
+            valid = valid & (tl.load(mask_ptr + n * stride_mn + safe_t * stride_mt) != 0)
+    else:
+        pos = default_pos
+        valid = has_real
+    row = start + pos
+    code = tl.where(consistent, tl.where(has_real, tl.where(valid, row, -2), -1), -3)
+    tl.store(rows_ptr + n, code)
+    row = tl.where(code >= 0, row, 0)  # keep loads in bounds; the caller raises on the code above
+
+    # ---- K logits: fp32 multiply-add over H, each load upcast at once ---------------------------
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    ids = tl.load(ids_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
+    h_row_ptr = hidden_ptr + n * stride_hn + row * stride_ht
+    acc = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = tl.load(h_row_ptr + offs_h * stride_hh, mask=h_mask, other=0.0)
+        if STORE_GATHERED:
+            tl.store(gathered_ptr + n * stride_gn + offs_h, x, mask=h_mask)
+        x = x.to(tl.float32)
+        w = tl.load(
+            weight_ptr + ids[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+            mask=k_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += w * x[None, :]
+    logits = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        logits += tl.load(bias_ptr + ids, mask=k_mask, other=0.0).to(tl.float32)
+
+    if HAS_COMBINE:
+        offs_c = tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        mix = tl.load(
+            combine_ptr + offs_c[:, None] * K + offs_k[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        tl.store(out_ptr + n * stride_on + offs_c, tl.sum(mix * logits[None, :], axis=1), mask=c_mask)
+    else:
+        tl.store(out_ptr + n * stride_on + offs_k, logits, mask=k_mask)
+
+
+@triton.jit
+def _score_head_lse_kernel(
+    gathered_ptr, weight_ptr, bias_ptr, partial_ptr,
+    N, H, V, V_PER_SPLIT,
+    stride_gn, stride_wv, stride_wh, stride_pn,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against vocabulary slice s of V_PER_SPLIT rows.
+
+    Writes ``max + log(sum exp(scores - max))`` over the slice into partial_ptr[row, s]; the caller
+    reduces the slices with one logsumexp. Scores are accumulated in fp32 (tensor cores on half inputs).
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    v_start = pid_s * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+
+    # -1e30 rather than -inf keeps (m_old - m_new) finite on the first tile.
+    m_i = tl.full((BLOCK_N,), -1.0e30, dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_end
+        scores = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            x = tl.load(
+                gathered_ptr + offs_n[:, None].to(tl.int64) * stride_gn + offs_h[None, :],
+                mask=n_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            )
+            w_t = tl.load(  # [BLOCK_H, BLOCK_V]: the weight tile, read transposed
+                weight_ptr + offs_v[None, :].to(tl.int64) * stride_wv + offs_h[:, None] * stride_wh,
+                mask=h_mask[:, None] & v_mask[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                scores = tl.dot(x.to(tl.float32), w_t.to(tl.float32), scores, input_precision="ieee")
+            else:
+                scores = tl.dot(x, w_t, scores)
+        if HAS_BIAS:
+            scores += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        scores = tl.where(v_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(partial_ptr + offs_n * stride_pn + pid_s, m_i + tl.log(s_i), mask=n_mask)
+
+
+@triton.jit
+def _score_head_bwd_hidden_kernel(
+    grad_k_ptr, weight_ptr, ids_ptr, rows_ptr, extra_ptr, grad_hidden_ptr,
+    H, K,
+    stride_gkn, stride_wv, stride_wh, stride_en,
+    stride_dn, stride_dt, stride_dh,
+    HAS_EXTRA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per sequence: grad_hidden[n, rows[n]] = g_K[n] @ W[ids] (+ extra[n])."""
+    n = tl.program_id(0).to(tl.int64)
+    row = tl.maximum(tl.load(rows_ptr + n), 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    ids = tl.load(ids_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
+    g = tl.load(grad_k_ptr + n * stride_gkn + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    out_row_ptr = grad_hidden_ptr + n * stride_dn + row * stride_dt
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        w = tl.load(
+            weight_ptr + ids[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+            mask=k_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        dh = tl.sum(w * g[:, None], axis=0)
+        if HAS_EXTRA:
+            dh += tl.load(extra_ptr + n * stride_en + offs_h, mask=h_mask, other=0.0)
+        tl.store(out_row_ptr + offs_h * stride_dh, dh.to(grad_hidden_ptr.dtype.element_ty), mask=h_mask)
+
+
+@triton.jit
+def _score_head_bwd_weight_kernel(
+    grad_k_ptr, gathered_ptr, ids_ptr, out_ptr,
+    N, H, K,
+    stride_gkn, stride_gn, stride_ok, stride_oh,
+    SCATTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per H block: sum over sequences of g_K[n, k] * h[n, block], exact fp32 dot.
+
+    SCATTER (ids all distinct): write row k straight into out[ids[k]] in out's dtype; otherwise into
+    out[k] (an fp32 [K, H] buffer the caller index_adds).
+    """
+    pid_h = tl.program_id(0)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    acc = tl.zeros((BLOCK_K, BLOCK_H), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        g_t = tl.load(  # [BLOCK_K, BLOCK_N]
+            grad_k_ptr + offs_n[None, :].to(tl.int64) * stride_gkn + offs_k[:, None],
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        x = tl.load(
+            gathered_ptr + offs_n[:, None].to(tl.int64) * stride_gn + offs_h[None, :],
+            mask=n_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = tl.dot(g_t, x, acc, input_precision="ieee")
+    if SCATTER:
+        rows = tl.load(ids_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
+    else:
+        rows = offs_k.to(tl.int64)
+    tl.store(
+        out_ptr + rows[:, None] * stride_ok + offs_h[None, :] * stride_oh,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=k_mask[:, None] & h_mask[None, :],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# launch configuration
+# ------------------------------------------------------------------------------------------------
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _row_block_h(h: int) -> int:
+    # The interpreter pays per program and per loop trip, not per lane: small blocks keep test shapes
+    # cheap. On GPU one row is a few KB; 256 lanes cover H=896 in 4 trips with 2 warps.
+    return min(next_power_of_2(h), 64 if _INTERPRET else 256)
+
+
+def _lse_config(n: int, h: int, dtype: torch.dtype):
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for the log-sum-exp GEMM."""
+    if _INTERPRET:
+        return 16, 32, min(32, max(16, next_power_of_2(h))), 1, 1
+    block_n = 16 if n <= 16 else (32 if n <= 32 else 64)
+    block_h = 32 if dtype == torch.float32 else 64
+    return block_n, 128, block_h, 4, 3
+
+
+# ------------------------------------------------------------------------------------------------
+# drivers
+# ------------------------------------------------------------------------------------------------
+def score_head_forward(hidden, weight, bias, attention_mask, positions, cu_seqlens, config: ScoreHeadConfig,
+                       store_gathered: bool):
+    """Launch the forward kernels. Returns ``(out, lse or None, rows, gathered or None)``."""
+    device = hidden.device
+    k = len(config.token_ids)
+    c = len(config.combine) if config.combine is not None else 0
+    if config.packed:
+        n = cu_seqlens.shape[0] - 1
+        t, h = hidden.shape
+        stride_hn, stride_ht, stride_hh = 0, hidden.stride(0), hidden.stride(1)
+    else:
+        n, t, h = hidden.shape
+        stride_hn, stride_ht, stride_hh = hidden.stride()
+    ids = cached_device_tensor(config.token_ids, torch.int64, device)
+    mix = cached_device_tensor(config.combine, torch.float32, device) if c else None
+    out = torch.empty((n, c or k), dtype=torch.float32, device=device)
+    rows = torch.empty((n,), dtype=torch.int64, device=device)
+    store_gathered = store_gathered or config.return_lse
+    gathered = torch.empty((n, h), dtype=hidden.dtype, device=device) if store_gathered else None
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same bytes; Triton reads bool pointers as int1 on some versions
+
+    if n > 0:
+        _score_head_fwd_kernel[(n,)](
+            hidden, weight, bias, ids, mix,
+            mask, positions, cu_seqlens,
+            out, rows, gathered,
+            n, t, h, k, c,
+            stride_hn, stride_ht, stride_hh,
+            weight.stride(0), weight.stride(1),
+            mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+            out.stride(0), gathered.stride(0) if gathered is not None else 0,
+            HAS_BIAS=bias is not None, HAS_COMBINE=c > 0, HAS_MASK=mask is not None,
+            HAS_POSITIONS=positions is not None, PACKED=config.packed, STORE_GATHERED=store_gathered,
+            BLOCK_T=min(next_power_of_2(max(t, 1)), 64 if _INTERPRET else 1024),
+            BLOCK_H=_row_block_h(h),
+            BLOCK_K=max(2, next_power_of_2(k)), BLOCK_C=max(2, next_power_of_2(max(c, 1))),
+            num_warps=2,
+        )
+
+    lse = _lse_forward(gathered, weight, bias) if config.return_lse else None
+    return out, lse, rows, gathered
+
+
+def _lse_forward(gathered, weight, bias):
+    n, h = gathered.shape
+    vocab = weight.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.float32, device=gathered.device)
+    block_n, block_v, block_h, num_warps, num_stages = _lse_config(n, h, gathered.dtype)
+    n_blocks = cdiv(n, block_n)
+    # Split the vocabulary so that about four programs per SM run even when N fits in one row block.
+    unit = 256 if not _INTERPRET else block_v
+    v_units = cdiv(vocab, unit)
+    target = 4 * _num_sms(gathered.device) if not _INTERPRET else 2
+    splits = max(1, min(v_units, cdiv(target, n_blocks)))
+    v_per_split = cdiv(v_units, splits) * unit
+    splits = cdiv(vocab, v_per_split)
+    partial = torch.empty((n, splits), dtype=torch.float32, device=gathered.device)
+    dot_fp32 = _INTERPRET or gathered.dtype == torch.float32
+    _score_head_lse_kernel[(n_blocks, splits)](
+        gathered, weight, bias, partial,
+        n, h, vocab, v_per_split,
+        gathered.stride(0), weight.stride(0), weight.stride(1), partial.stride(0),
+        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return partial[:, 0] if splits == 1 else torch.logsumexp(partial, dim=1)
+
+
+def score_head_backward(grad_out, grad_lse, hidden_meta, gathered, weight, bias, lse, rows,
+                        config: ScoreHeadConfig, needs):
+    """Gradients for (hidden, weight, bias); see the module docstring for the scheme."""
+    device = gathered.device
+    n, h = gathered.shape
+    k = len(config.token_ids)
+    need_h, need_w, need_b = needs
+    ids = cached_device_tensor(config.token_ids, torch.int64, device)
+    if grad_out is None:
+        grad_k = torch.zeros((n, k), dtype=torch.float32, device=device)
+    elif config.combine is not None:
+        grad_k = grad_out.float() @ cached_device_tensor(config.combine, torch.float32, device)
+    else:
+        grad_k = grad_out.float().contiguous()
+
+    extra = grad_weight = grad_bias = None
+    if grad_lse is not None:
+        # Full-vocabulary part, chunked; the K selected rows' own gradient is folded into it.
+        extra, grad_weight, grad_bias = lse_backward_chunked(
+            gathered, weight, bias, lse, grad_lse.float(), config.token_ids, grad_k, need_w, need_b
+        )
+
+    block_k = max(16, next_power_of_2(k))
+    grad_hidden = None
+    if need_h:
+        shape, dtype = hidden_meta
+        grad_hidden = torch.zeros(shape, dtype=dtype, device=device)
+        if config.packed:
+            strides = (0, grad_hidden.stride(0), grad_hidden.stride(1))
+        else:
+            strides = grad_hidden.stride()
+        if n > 0:
+            _score_head_bwd_hidden_kernel[(n,)](
+                grad_k, weight, ids, rows, extra, grad_hidden,
+                h, k,
+                grad_k.stride(0), weight.stride(0), weight.stride(1), extra.stride(0) if extra is not None else 0,
+                *strides,
+                HAS_EXTRA=extra is not None, BLOCK_H=_row_block_h(h), BLOCK_K=block_k,
+                num_warps=2,
+            )
+
+    if grad_lse is None and need_w:
+        grad_weight = torch.zeros_like(weight)
+        scatter = len(set(config.token_ids)) == k
+        target = grad_weight if scatter else torch.empty((k, h), dtype=torch.float32, device=device)
+        block_h = 32 if _INTERPRET else 64
+        if n > 0:
+            _score_head_bwd_weight_kernel[(cdiv(h, block_h),)](
+                grad_k, gathered, ids, target,
+                n, h, k,
+                grad_k.stride(0), gathered.stride(0), target.stride(0), target.stride(1),
+                SCATTER=scatter, BLOCK_N=16 if _INTERPRET else 32, BLOCK_H=block_h, BLOCK_K=block_k,
+                num_warps=4,
+            )
+        if not scatter:
+            grad_weight.index_add_(0, ids, target.to(weight.dtype))
+    if grad_lse is None and need_b:
+        grad_bias = torch.zeros_like(bias)
+        grad_bias.index_add_(0, ids, grad_k.sum(0).to(bias.dtype))
+    return grad_hidden, grad_weight, grad_bias
+
+
+class ScoreHeadFunction(torch.autograd.Function):
+    """Autograd for the Triton score_head; same inputs and outputs as ``ScoreHeadReferenceFunction``.
+
+    Saves only the gathered ``[N, H]`` scoring rows (written by the forward kernel as it reads them), the
+    resolved rows and the fp32 log-sum-exp: never the ``[N, T, H]`` hidden states.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, attention_mask, positions, cu_seqlens, config):
+        # Forward runs with grad mode off; needs_input_grad says whether a backward can follow.
+        needs_grad = any(ctx.needs_input_grad[:3])
+        out, lse, rows, gathered = score_head_forward(
+            hidden, weight, bias, attention_mask, positions, cu_seqlens, config, store_gathered=needs_grad
+        )
+        if lse is None:
+            lse = out.new_empty(0)
+        ctx.config = config
+        ctx.hidden_meta = (hidden.shape, hidden.dtype)
+        ctx.save_for_backward(gathered, weight, bias, lse, rows)
+        ctx.mark_non_differentiable(rows)
+        ctx.set_materialize_grads(False)
+        return out, lse, rows
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, _grad_rows):
+        gathered, weight, bias, lse, rows = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if not ctx.config.return_lse:
+            grad_lse = None
+        grads = score_head_backward(
+            grad_out, grad_lse, ctx.hidden_meta, gathered, weight, bias, lse, rows, ctx.config, needs
+        )
+        return grads[0], grads[1], grads[2], None, None, None, None
