@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from fastrank.utils import cached_device_tensor
+
 # Rows of the vocabulary per chunk are chosen so a chunk of fp32 scores holds about 16 MiB, within these
 # bounds: below 1024 the per-chunk GEMMs get too small to run well, above 16384 the chunk stops being a
 # small fraction of a 150k-256k vocabulary.
@@ -88,9 +90,9 @@ def score_head_rows(
 
     real = attention_mask != 0
     steps = torch.arange(t, device=device)
-    last = torch.where(real, steps, torch.full_like(steps, -1)).amax(dim=1)
+    last = torch.where(real, steps, ROW_EMPTY).amax(dim=1)  # ROW_EMPTY (-1) exactly when a row has no token
     if positions is None:
-        return torch.where(last >= 0, last, torch.full_like(last, ROW_EMPTY))
+        return last
     p = positions.long()
     inside = (p >= 0) & (p < t)
     on_real = real.gather(1, p.clamp(0, t - 1)[:, None])[:, 0]
@@ -226,7 +228,7 @@ def score_head_selected_logits(
 ) -> torch.Tensor:
     """``h @ weight[token_ids].T + bias[token_ids]`` in the accumulate dtype: ``[N, K]``."""
     acc = accumulate_dtype(h.dtype)
-    ids = torch.tensor(token_ids, dtype=torch.long, device=h.device)
+    ids = cached_device_tensor(token_ids, torch.long, h.device)
     logits = h.to(acc) @ weight.index_select(0, ids).to(acc).t()
     if bias is not None:
         logits = logits + bias.index_select(0, ids).to(acc)
@@ -258,7 +260,7 @@ def score_head_backward_reference(grad_out, grad_lse, hidden_meta, h, weight, bi
     else:
         mix = combine_matrix(config, acc, h.device)
         grad_k = grad_out.to(acc) if mix is None else grad_out.to(acc) @ mix  # [N, K]
-    ids = torch.tensor(config.token_ids, dtype=torch.long, device=h.device)
+    ids = cached_device_tensor(config.token_ids, torch.long, h.device)
     need_h, need_w, need_b = needs
 
     if grad_lse is not None:

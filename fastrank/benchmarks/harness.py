@@ -1,0 +1,187 @@
+"""Timing and peak-memory measurement, the same way for every provider of a benchmark case.
+
+GPU: time from ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs; median and the 20th
+and 80th percentiles), peak memory from ``torch.cuda.max_memory_allocated`` above what was allocated
+before the call (inputs are not counted, outputs and everything transient are).
+
+CPU: wall-clock median over repeats, and peak resident memory above the level before the call, read
+from ``/proc/self/status`` (VmHWM, reset through ``/proc/self/clear_refs``). glibc is told to serve
+every allocation over 64 KiB with mmap so freed tensors leave the resident set at once and each call's
+peak is its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+# Peaks below these are not resolved: CPU resident memory moves in pages and malloc arenas absorb small
+# allocations; the CUDA caching allocator rounds to 512 bytes. A ratio against a smaller peak is
+# reported as a lower bound against the floor.
+MEMORY_FLOOR = {"cpu": 1 << 20, "cuda": 512}
+
+
+@dataclass
+class Measurement:
+    provider: str
+    time_ms: Optional[float]  # median
+    time_ms_p20: Optional[float]
+    time_ms_p80: Optional[float]
+    peak_bytes: Optional[int]  # above the memory in use before the call
+    error: Optional[str] = None  # "out of memory", ...
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+_MALLOC_SET = False
+
+
+def _prepare_cpu_memory_tracking() -> bool:
+    global _MALLOC_SET
+    if not sys.platform.startswith("linux"):
+        return False
+    if not _MALLOC_SET:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: fixed, so large frees are returned to the OS
+            _MALLOC_SET = True
+        except OSError:
+            return False
+    return True
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _cpu_peak(fn: Callable[[], object]) -> Optional[int]:
+    if not _prepare_cpu_memory_tracking():
+        return None
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        return None
+    before = _status_bytes("VmRSS")
+    out = fn()
+    peak = _status_bytes("VmHWM")
+    del out
+    return max(0, peak - before)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Memory one call of ``fn`` allocates above what was in use before it (its inputs excluded)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return int(peak)
+    _prepare_cpu_memory_tracking()
+    return _cpu_peak(fn)
+
+
+def measure(provider: str, fn: Callable[[], object], device: torch.device, *, repeats: int = 20,
+            warmup: int = 1, min_seconds: float = 1.0) -> Measurement:
+    """Run ``fn`` (which must do all the work of one call, backward included) and measure it.
+
+    On CPU it runs at least 3 and at most ``repeats`` timed calls, stopping once ``min_seconds`` passed.
+    """
+    try:
+        if device.type == "cuda":
+            import triton.testing
+
+            fn()  # warm-up: compilation stays out of the numbers
+            peak = peak_bytes(fn, device)
+            p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+            return Measurement(provider, p50, p20, p80, peak)
+        _prepare_cpu_memory_tracking()  # before the first allocation we measure, see the module docstring
+        for _ in range(warmup):
+            fn()
+        peak = peak_bytes(fn, device)
+        times = []
+        budget = time.perf_counter() + min_seconds
+        while len(times) < repeats and (len(times) < 3 or time.perf_counter() < budget):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0], times[-1]]
+        return Measurement(provider, statistics.median(times), q[0], q[-1], peak)
+    except torch.cuda.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return Measurement(provider, None, None, None, None, error="out of memory")
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, written next to every result."""
+    import transformers
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import fastrank
+
+        info["fastrank"] = fastrank.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
+
+
+def format_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def ratio(baseline: Optional[float], ours: Optional[float], floor: float = 1e-12) -> Optional[float]:
+    """baseline / ours: above 1 means fastrank is faster or smaller. Values below ``floor`` count as
+    ``floor`` (so the ratio is then a lower bound)."""
+    if baseline is None or ours is None:
+        return None
+    return max(baseline, floor) / max(ours, floor)

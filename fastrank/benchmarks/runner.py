@@ -1,0 +1,103 @@
+"""Run the microbenchmarks of every op and report each baseline as a ratio to fastrank, in one run."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import sys
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from fastrank.benchmarks import score_head
+from fastrank.benchmarks.harness import MEMORY_FLOOR, environment, format_bytes, measure, ratio
+
+# op name -> module with quick_cases(device), full_cases(device), providers(case, device), case_dict(case)
+OPS = {"score_head": score_head}
+
+
+def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
+        log: Optional[Callable[[str], None]] = None) -> dict:
+    """Measure every provider of every case; ``log`` receives one progress line per case."""
+    results = {
+        "environment": environment(device),
+        "command": " ".join(sys.argv),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cases": [],
+    }
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"--op {op!r} is not a benchmark; choose from {', '.join(OPS)}")
+        module = OPS[op]
+        cases = module.full_cases(device) if full else module.quick_cases(device)
+        for i, case in enumerate(cases):
+            if log:
+                log(f"[{op} {i + 1}/{len(cases)}] {case.label()}")
+            fns = module.providers(case, device)
+            measured = [measure(name, fn, device) for name, fn in fns.items()]
+            del fns
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            ours = next(m for m in measured if m.provider == "fastrank")
+            floor = MEMORY_FLOOR[device.type]
+            lower_bound = ours.peak_bytes is not None and ours.peak_bytes < floor
+            ratios = {
+                m.provider: {
+                    "time": ratio(m.time_ms, ours.time_ms),
+                    "memory": ratio(m.peak_bytes, ours.peak_bytes, floor),
+                    # fastrank's peak is under the measurement floor: the true ratio is at least this
+                    "memory_is_lower_bound": lower_bound,
+                }
+                for m in measured
+                if m.provider != "fastrank"
+            }
+            results["cases"].append(
+                {"op": op, "case": module.case_dict(case), "measurements": [m.to_dict() for m in measured], "ratios": ratios}
+            )
+    return results
+
+
+def _fmt_ratio(r: Optional[float], lower_bound: bool = False) -> str:
+    if r is None:
+        return "-"
+    text = f"{r:.3g}x" if r < 1000 else f"{r:.2e}x"
+    return (">" + text) if lower_bound else text
+
+
+def format_table(results: dict) -> str:
+    """One line per (case, baseline): how many times slower / larger the baseline is than fastrank."""
+    env = results["environment"]
+    hw = env.get("gpu") or f"CPU ({env.get('cpu_threads')} threads)"
+    lines = [
+        f"fastrank {env.get('fastrank', '?')} on {hw}; torch {env['torch']}, triton {env.get('triton')}",
+        "ratios are baseline / fastrank: above 1x means fastrank is faster (time) or smaller (peak memory);",
+        "peak memory is what a call allocates above its inputs; '>' marks a fastrank peak below the "
+        "measurement floor (1 MiB on CPU)",
+        "",
+        f"{'op':<11} {'case':<44} {'baseline':<15} {'time':>9} {'memory':>10}   fastrank: time, peak",
+    ]
+    for entry in results["cases"]:
+        case = entry["case"]
+        label = f"{case['mode']} N={case['n']} T={case['t']} {case['dtype']}"
+        ours = next(m for m in entry["measurements"] if m["provider"] == "fastrank")
+        ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}" if ours["time_ms"] is not None else ours["error"]
+        for m in entry["measurements"]:
+            if m["provider"] == "fastrank":
+                continue
+            r = entry["ratios"][m["provider"]]
+            if m["error"]:
+                t_txt, m_txt = m["error"], ""
+            else:
+                t_txt, m_txt = _fmt_ratio(r["time"]), _fmt_ratio(r["memory"], r["memory_is_lower_bound"])
+            lines.append(f"{entry['op']:<11} {label:<44} {m['provider']:<15} {t_txt:>9} {m_txt:>10}   {ours_txt}")
+            ours_txt = ""
+            label = ""
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
