@@ -8,7 +8,7 @@ import torch
 
 from fastrank.checks import check_score_head_inputs, raise_on_invalid_rows
 from fastrank.reference import ScoreHeadReferenceFunction
-from fastrank.utils import checks_enabled, select_backend
+from fastrank.utils import can_sync, checks_enabled, select_backend
 
 
 class ScoreHeadOutput(NamedTuple):
@@ -65,7 +65,10 @@ def score_head(
     Raises:
         ValueError: naming the argument, for a row with no real token, a position outside its
             sequence, K = 0, a token id outside [0, V), an inconsistent ``cu_seqlens``, or a dtype,
-            shape or device mismatch.
+            shape or device mismatch. The checks on values (empty rows, positions, ``cu_seqlens``) read
+            a few bytes back from the device, one sync per call; ``FASTRANK_CHECKS=0`` turns that off,
+            and it is skipped while a CUDA graph is captured or torch.compile traces. Without the check
+            an invalid row scores NaN.
     """
     config, hidden, attention_mask, positions, cu_seqlens = check_score_head_inputs(
         hidden, weight, token_ids, attention_mask, positions, cu_seqlens, bias, combine, return_lse
@@ -77,6 +80,6 @@ def score_head(
     else:
         function = ScoreHeadReferenceFunction
     out, lse, rows = function.apply(hidden, weight, bias, attention_mask, positions, cu_seqlens, config)
-    if checks_enabled():
+    if checks_enabled() and can_sync(hidden):
         raise_on_invalid_rows(rows, config, attention_mask, positions, cu_seqlens)
     return ScoreHeadOutput(out, lse) if return_lse else out

@@ -101,11 +101,17 @@ def score_head_rows(
 
 
 def gather_rows(hidden: torch.Tensor, rows: torch.Tensor, packed: bool) -> torch.Tensor:
-    """The hidden state at each scoring row, ``[N, H]`` in hidden's dtype (invalid rows clamp to 0)."""
+    """The hidden state at each scoring row, ``[N, H]`` in hidden's dtype.
+
+    Invalid rows (negative status codes) read as NaN, so their scores are NaN rather than plausible
+    numbers when the status check is turned off.
+    """
     safe = rows.clamp_min(0)
     if packed:
-        return hidden[safe]
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), safe]
+        h = hidden[safe]
+    else:
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), safe]
+    return h.masked_fill((rows < 0)[:, None], float("nan"))
 
 
 def scatter_rows(shape, dtype, rows: torch.Tensor, values: torch.Tensor, packed: bool) -> torch.Tensor:

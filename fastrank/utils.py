@@ -53,6 +53,16 @@ def checks_enabled() -> bool:
     return os.environ.get("FASTRANK_CHECKS", "1").lower() not in ("0", "false", "no", "off")
 
 
+def can_sync(tensor: torch.Tensor) -> bool:
+    """False while a CUDA graph is being captured or torch.compile is tracing: no host reads then."""
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return False
+    return True
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

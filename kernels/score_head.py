@@ -13,8 +13,9 @@ vocabulary, keeps a running max and sum in fp32, and writes one partial value pe
 
 Backward: one program per sequence writes ``dh = g_K @ W[ids]`` into the scoring row of a zero gradient;
 one program per H block reduces ``dW[ids] = g_K^T @ h`` over the sequences (no atomics). When the
-log-sum-exp is part of the loss, its full-vocabulary backward runs chunk by chunk through
-``fastrank.reference.lse_backward_chunked`` (cuBLAS GEMMs on ``[N, chunk]`` tiles).
+log-sum-exp is part of the loss, its full-vocabulary backward runs chunk by chunk: a kernel rebuilds
+the softmax of one vocabulary chunk from the saved fp32 log-sum-exp, and two cuBLAS GEMMs turn it into
+the hidden and weight gradients; only one ``[N, chunk]`` block exists at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrank.reference import ScoreHeadConfig, lse_backward_chunked
+from fastrank.reference import ScoreHeadConfig, matmul_acc
 from fastrank.utils import cached_device_tensor, cdiv, is_interpreting, next_power_of_2
 
 _INTERPRET = is_interpreting()
@@ -112,10 +113,12 @@ def _score_head_fwd_kernel(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        x = tl.load(h_row_ptr + offs_h * stride_hh, mask=h_mask, other=0.0)
+        x = tl.load(h_row_ptr + offs_h * stride_hh, mask=h_mask, other=0.0).to(tl.float32)
+        # An invalid row reads as NaN: its scores (and lse) come out NaN, so bad input stays visible
+        # even when the status read-back is turned off.
+        x = tl.where(code >= 0, x, float("nan"))
         if STORE_GATHERED:
-            tl.store(gathered_ptr + n * stride_gn + offs_h, x, mask=h_mask)
-        x = x.to(tl.float32)
+            tl.store(gathered_ptr + n * stride_gn + offs_h, x.to(gathered_ptr.dtype.element_ty), mask=h_mask)
         w = tl.load(
             weight_ptr + ids[:, None] * stride_wv + offs_h[None, :] * stride_wh,
             mask=k_mask[:, None] & h_mask[None, :],
@@ -138,17 +141,59 @@ def _score_head_fwd_kernel(
 
 
 @triton.jit
+def _vocab_tile_scores(
+    gathered_ptr, weight_ptr, bias_ptr, offs_n, n_mask, offs_v, v_mask, H,
+    stride_gn, stride_wv, stride_wh,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, TRANS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """fp32 ``[BLOCK_N, BLOCK_V]`` tile of ``gathered @ weight.T + bias``; columns outside v_mask are -inf.
+
+    Half-precision operands go to the tensor cores as they are (fp32 accumulate); fp32 operands, and
+    everything under the interpreter, go through an exact fp32 dot.
+    """
+    scores = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = tl.load(
+            gathered_ptr + offs_n[:, None].to(tl.int64) * stride_gn + offs_h[None, :],
+            mask=n_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        )
+        if TRANS_W:  # load [BLOCK_V, BLOCK_H] as stored, transpose in registers
+            w_t = tl.trans(tl.load(
+                weight_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_h[None, :] * stride_wh,
+                mask=v_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            ))
+        else:  # [BLOCK_H, BLOCK_V]: the weight tile, read transposed
+            w_t = tl.load(
+                weight_ptr + offs_v[None, :].to(tl.int64) * stride_wv + offs_h[:, None] * stride_wh,
+                mask=h_mask[:, None] & v_mask[None, :],
+                other=0.0,
+            )
+        if DOT_FP32:
+            scores = tl.dot(x.to(tl.float32), w_t.to(tl.float32), scores, input_precision="ieee")
+        else:
+            scores = tl.dot(x, w_t, scores)
+    if HAS_BIAS:
+        scores += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(v_mask[None, :], scores, float("-inf"))
+
+
+@triton.jit
 def _score_head_lse_kernel(
     gathered_ptr, weight_ptr, bias_ptr, partial_ptr,
     N, H, V, V_PER_SPLIT,
     stride_gn, stride_wv, stride_wh, stride_pn,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, TRANS_W: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against vocabulary slice s of V_PER_SPLIT rows.
 
     Writes ``max + log(sum exp(scores - max))`` over the slice into partial_ptr[row, s]; the caller
-    reduces the slices with one logsumexp. Scores are accumulated in fp32 (tensor cores on half inputs).
+    reduces the slices with one logsumexp. The running max and sum stay in fp32.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -162,32 +207,44 @@ def _score_head_lse_kernel(
     s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        v_mask = offs_v < v_end
-        scores = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            h_mask = offs_h < H
-            x = tl.load(
-                gathered_ptr + offs_n[:, None].to(tl.int64) * stride_gn + offs_h[None, :],
-                mask=n_mask[:, None] & h_mask[None, :],
-                other=0.0,
-            )
-            w_t = tl.load(  # [BLOCK_H, BLOCK_V]: the weight tile, read transposed
-                weight_ptr + offs_v[None, :].to(tl.int64) * stride_wv + offs_h[:, None] * stride_wh,
-                mask=h_mask[:, None] & v_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                scores = tl.dot(x.to(tl.float32), w_t.to(tl.float32), scores, input_precision="ieee")
-            else:
-                scores = tl.dot(x, w_t, scores)
-        if HAS_BIAS:
-            scores += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-        scores = tl.where(v_mask[None, :], scores, float("-inf"))
+        scores = _vocab_tile_scores(
+            gathered_ptr, weight_ptr, bias_ptr, offs_n, n_mask, offs_v, offs_v < v_end, H,
+            stride_gn, stride_wv, stride_wh, HAS_BIAS, DOT_FP32, TRANS_W, BLOCK_N, BLOCK_V, BLOCK_H,
+        )
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
         m_i = m_new
     tl.store(partial_ptr + offs_n * stride_pn + pid_s, m_i + tl.log(s_i), mask=n_mask)
+
+
+@triton.jit
+def _score_head_lse_prob_kernel(
+    gathered_ptr, weight_ptr, bias_ptr, lse_ptr, grad_lse_ptr, prob_ptr,
+    N, H, V0, V_CHUNK,
+    stride_gn, stride_wv, stride_wh, stride_pn,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, TRANS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """prob[n, j] = softmax(h_n W^T + b)[V0 + j] * grad_lse[n] for j < V_CHUNK: the gradient of
+    ``sum(grad_lse * lse)`` with respect to one chunk of logits, rebuilt from the saved fp32 lse."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    j_mask = offs_j < V_CHUNK
+    scores = _vocab_tile_scores(
+        gathered_ptr, weight_ptr, bias_ptr, offs_n, n_mask, V0 + offs_j, j_mask, H,
+        stride_gn, stride_wv, stride_wh, HAS_BIAS, DOT_FP32, TRANS_W, BLOCK_N, BLOCK_V, BLOCK_H,
+    )
+    lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
+    g = tl.load(grad_lse_ptr + offs_n, mask=n_mask, other=0.0)
+    prob = tl.exp(scores - lse[:, None]) * g[:, None]
+    tl.store(
+        prob_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_j[None, :],
+        prob.to(prob_ptr.dtype.element_ty),
+        mask=n_mask[:, None] & j_mask[None, :],
+    )
 
 
 @triton.jit
@@ -274,17 +331,24 @@ def _num_sms(device: torch.device) -> int:
 
 def _row_block_h(h: int) -> int:
     # The interpreter pays per program and per loop trip, not per lane: small blocks keep test shapes
-    # cheap. On GPU one row is a few KB; 256 lanes cover H=896 in 4 trips with 2 warps.
-    return min(next_power_of_2(h), 64 if _INTERPRET else 256)
+    # cheap. On an H100, 512 lanes with 2 warps were fastest at H=896 (bench/tune_score_head.py).
+    return min(next_power_of_2(h), 64 if _INTERPRET else 512)
 
 
 def _lse_config(n: int, h: int, dtype: torch.dtype):
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for the log-sum-exp GEMM."""
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for the vocabulary-tile GEMMs.
+
+    Chosen with bench/tune_score_head.py on an H100 at H=896, V=151936, bf16 (bench/results/).
+    """
     if _INTERPRET:
         return 16, 32, min(32, max(16, next_power_of_2(h))), 1, 1
-    block_n = 16 if n <= 16 else (32 if n <= 32 else 64)
-    block_h = 32 if dtype == torch.float32 else 64
-    return block_n, 128, block_h, 4, 3
+    if dtype == torch.float32:  # exact fp32 dot on CUDA cores: smaller tiles, twice the bytes each
+        return (16 if n <= 16 else (32 if n <= 32 else 64)), 64, 32, 4, 3
+    if n <= 16:
+        return 16, 64, 128, 4, 3
+    if n <= 64:
+        return (32 if n <= 32 else 64), 128, 64, 4, 3
+    return 128, 256, 64, 8, 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,7 +389,7 @@ def score_head_forward(hidden, weight, bias, attention_mask, positions, cu_seqle
             out.stride(0), gathered.stride(0) if gathered is not None else 0,
             HAS_BIAS=bias is not None, HAS_COMBINE=c > 0, HAS_MASK=mask is not None,
             HAS_POSITIONS=positions is not None, PACKED=config.packed, STORE_GATHERED=store_gathered,
-            BLOCK_T=min(next_power_of_2(max(t, 1)), 64 if _INTERPRET else 1024),
+            BLOCK_T=min(next_power_of_2(max(t, 1)), 64 if _INTERPRET else 1024),  # masks up to 1024 wide in one trip
             BLOCK_H=_row_block_h(h),
             BLOCK_K=max(2, next_power_of_2(k)), BLOCK_C=max(2, next_power_of_2(max(c, 1))),
             num_warps=2,
@@ -350,16 +414,66 @@ def _lse_forward(gathered, weight, bias):
     v_per_split = cdiv(v_units, splits) * unit
     splits = cdiv(vocab, v_per_split)
     partial = torch.empty((n, splits), dtype=torch.float32, device=gathered.device)
-    dot_fp32 = _INTERPRET or gathered.dtype == torch.float32
     _score_head_lse_kernel[(n_blocks, splits)](
         gathered, weight, bias, partial,
         n, h, vocab, v_per_split,
         gathered.stride(0), weight.stride(0), weight.stride(1), partial.stride(0),
-        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+        HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(gathered), TRANS_W=False,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
         num_warps=num_warps, num_stages=num_stages,
     )
     return partial[:, 0] if splits == 1 else torch.logsumexp(partial, dim=1)
+
+
+def _dot_fp32(gathered) -> bool:
+    # The interpreter computes a bf16 tl.dot wrongly (silently); fp32 inputs want the exact dot, not tf32.
+    return _INTERPRET or gathered.dtype == torch.float32
+
+
+def _lse_backward(gathered, weight, bias, lse, grad_lse, token_ids, grad_k, need_weight, need_bias):
+    """Full-vocabulary backward of ``sum(grad_lse * lse)``, with ``sum(grad_k * logits_K)`` folded into
+    the weight and bias gradients (not into the returned grad_h), chunk by chunk.
+
+    Per chunk of the vocabulary, one kernel rebuilds the softmax times grad_lse from the fp32 lse (scores
+    accumulated in fp32, stored in the input dtype as Liger's fused cross-entropy does); the K rows' own
+    gradient is added into their columns; then two cuBLAS GEMMs give ``dh += P @ W_c`` (fp32 out) and
+    ``dW_c = P^T @ h`` (fp32 accumulate, written once in the weight dtype). Peak extra memory is one
+    ``[N, chunk]`` block.
+    """
+    n, h = gathered.shape
+    vocab = weight.shape[0]
+    device = gathered.device
+    chunk = max(4096, min(65536, (1 << 23) // max(n, 1)))
+    chunk = min(chunk, vocab)
+    block_n, block_v, block_h, num_warps, num_stages = _lse_config(n, h, gathered.dtype)
+    grad_h = torch.zeros((n, h), dtype=torch.float32, device=device)
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.empty(vocab, dtype=bias.dtype, device=device) if need_bias else None
+    prob_buf = torch.empty((n, chunk), dtype=gathered.dtype, device=device)
+    lse = lse.float().contiguous()
+    grad_lse = grad_lse.float().contiguous()
+    for v0 in range(0, vocab, chunk):
+        width = min(chunk, vocab - v0)
+        prob = prob_buf[:, :width]
+        _score_head_lse_prob_kernel[(cdiv(n, block_n), cdiv(width, block_v))](
+            gathered, weight, bias, lse, grad_lse, prob,
+            n, h, v0, width,
+            gathered.stride(0), weight.stride(0), weight.stride(1), prob.stride(0),
+            HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(gathered), TRANS_W=False,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        grad_h += matmul_acc(prob, weight[v0 : v0 + width], torch.float32)
+        # The K rows' own gradient joins their columns for the weight and bias (the hidden-state kernel
+        # adds g_K @ W[ids] to grad_h itself).
+        for k, t in enumerate(token_ids):
+            if v0 <= t < v0 + width:
+                prob[:, t - v0] = (prob[:, t - v0].float() + grad_k[:, k]).to(prob.dtype)
+        if need_weight:
+            torch.mm(prob.t(), gathered, out=grad_weight[v0 : v0 + width])
+        if need_bias:
+            grad_bias[v0 : v0 + width] = prob.float().sum(0).to(bias.dtype)
+    return grad_h, grad_weight, grad_bias
 
 
 def score_head_backward(grad_out, grad_lse, hidden_meta, gathered, weight, bias, lse, rows,
@@ -380,8 +494,8 @@ def score_head_backward(grad_out, grad_lse, hidden_meta, gathered, weight, bias,
     extra = grad_weight = grad_bias = None
     if grad_lse is not None:
         # Full-vocabulary part, chunked; the K selected rows' own gradient is folded into it.
-        extra, grad_weight, grad_bias = lse_backward_chunked(
-            gathered, weight, bias, lse, grad_lse.float(), config.token_ids, grad_k, need_w, need_b
+        extra, grad_weight, grad_bias = _lse_backward(
+            gathered, weight, bias, lse, grad_lse, config.token_ids, grad_k, need_w, need_b
         )
 
     block_k = max(16, next_power_of_2(k))

@@ -437,12 +437,17 @@ def test_device_mismatch_raises():
         fastrank.score_head(hidden, weight, [1])
 
 
-def test_checks_can_be_turned_off(monkeypatch, device):
-    """FASTRANK_CHECKS=0 skips the read-back; an empty row then scores whatever row 0 holds, no error."""
+def test_checks_off_marks_invalid_rows_nan(backend, monkeypatch, device):
+    """FASTRANK_CHECKS=0 skips the read-back; invalid rows then score NaN, valid rows are unaffected."""
     monkeypatch.setenv("FASTRANK_CHECKS", "0")
     hidden, weight, _ = _good(device)
-    out = fastrank.score_head(hidden, weight, [1], attention_mask=torch.zeros(2, 4, device=device))
-    assert out.shape == (2, 1)
+    mask = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1]], device=device)
+    res = fastrank.score_head(hidden, weight, [1, 2], attention_mask=mask, return_lse=True)
+    assert torch.isnan(res.logits[0]).all() and torch.isnan(res.lse[0])
+    assert torch.isfinite(res.logits[1]).all() and torch.isfinite(res.lse[1])
+    flat = torch.randn(7, 8, device=device)
+    out = fastrank.score_head(flat, weight, [1], cu_seqlens=torch.tensor([0, 3, 9], device=device))
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()  # the sequence running past M
 
 
 def test_backend_selection(monkeypatch):

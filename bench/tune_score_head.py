@@ -1,0 +1,126 @@
+"""Sweep launch configurations of the score_head kernels on a GPU and print a table.
+
+    python bench/tune_score_head.py
+
+Prints, at the Qwen2.5-0.5B head shape (H=896, V=151936, bf16):
+- the forward row kernel for several num_warps / BLOCK_H, against torch's gather + sliced matmul, with
+  and without the status read-back (FASTRANK_CHECKS);
+- the log-sum-exp kernel for several tile shapes against torch (chunked cuBLAS and one full matmul),
+  with the achieved bandwidth on the weight and the FLOP rate.
+Used to choose the defaults in kernels/score_head.py; not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+import triton
+import triton.testing
+
+import fastrank
+from fastrank.kernels import score_head as sh
+from fastrank.reference import lse_forward_chunked
+from fastrank.utils import cdiv
+
+H, V = 896, 151936
+DEV = torch.device("cuda")
+
+
+def bench(fn, rep=100):
+    """Median time in ms (CUDA events)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def row_kernel(n, t):
+    hidden = torch.randn(n, t, H, device=DEV, dtype=torch.bfloat16)
+    weight = torch.randn(V, H, device=DEV, dtype=torch.bfloat16) / H**0.5
+    lengths = torch.randint(t // 2, t + 1, (n,), device=DEV)
+    mask = (torch.arange(t, device=DEV)[None] >= t - lengths[:, None]).long()
+    ids = [9454]
+    ids_t = torch.tensor(ids, device=DEV)
+    rows = torch.arange(n, device=DEV)
+
+    def torch_sliced():
+        pos = torch.where(mask != 0, torch.arange(t, device=DEV), -1).amax(1)
+        return (hidden[rows, pos] @ weight[ids_t].t()).float()
+
+    print(f"\nforward row kernel, N={n} T={t}: torch_sliced {bench(torch_sliced) * 1e3:.1f} us")
+    for checks in ("1", "0"):
+        os.environ["FASTRANK_CHECKS"] = checks
+        us = bench(lambda: fastrank.score_head(hidden, weight, ids, attention_mask=mask)) * 1e3
+        print(f"  fastrank.score_head (checks={checks}): {us:.1f} us")
+    os.environ["FASTRANK_CHECKS"] = "1"
+    out = torch.empty(n, 1, device=DEV)
+    rows_out = torch.empty(n, dtype=torch.int64, device=DEV)
+    for warps, block_h, block_t in itertools.product((1, 2, 4), (128, 256, 512), (256, 1024)):
+        def launch():
+            sh._score_head_fwd_kernel[(n,)](
+                hidden, weight, None, ids_t, None, mask, None, None, out, rows_out, None,
+                n, t, H, 1, 0, *hidden.stride(), *weight.stride(), *mask.stride(), out.stride(0), 0,
+                HAS_BIAS=False, HAS_COMBINE=False, HAS_MASK=True, HAS_POSITIONS=False, PACKED=False,
+                STORE_GATHERED=False, BLOCK_T=min(block_t, triton.next_power_of_2(t)), BLOCK_H=block_h,
+                BLOCK_K=2, BLOCK_C=2, num_warps=warps,
+            )
+        print(f"  kernel only warps={warps} BLOCK_H={block_h} BLOCK_T={block_t}: {bench(launch) * 1e3:.1f} us")
+
+
+def lse_kernel(n):
+    gathered = torch.randn(n, H, device=DEV, dtype=torch.bfloat16)
+    weight = torch.randn(V, H, device=DEV, dtype=torch.bfloat16) / H**0.5
+    flops = 2 * n * V * H
+    wbytes = V * H * 2
+    t_chunk = bench(lambda: lse_forward_chunked(gathered, weight, None))
+    t_full = bench(lambda: torch.logsumexp((gathered @ weight.t()).float(), 1))
+    t_default = bench(lambda: sh._lse_forward(gathered, weight, None))
+    print(
+        f"\nlse N={n}: torch chunked {t_chunk * 1e3:.0f} us, torch full matmul {t_full * 1e3:.0f} us, "
+        f"kernel default {t_default * 1e3:.0f} us ({wbytes / t_default / 1e9:.0f} GB/s on W, "
+        f"{flops / t_default / 1e9:.0f} TFLOP/s)"
+    )
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    ref = torch.logsumexp((gathered.float() @ weight.float().t()), 1)
+    best = None
+    for block_n, block_v, block_h, warps, stages, waves in itertools.product(
+        (16, 32, 64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4), (4,)
+    ):
+        if block_n > max(16, triton.next_power_of_2(n)):
+            continue
+        n_blocks = cdiv(n, block_n)
+        unit = 256
+        v_units = cdiv(V, unit)
+        splits = max(1, min(v_units, cdiv(waves * sms, n_blocks)))
+        v_per_split = cdiv(v_units, splits) * unit
+        splits = cdiv(V, v_per_split)
+        partial = torch.empty(n, splits, device=DEV)
+
+        def launch():
+            sh._score_head_lse_kernel[(n_blocks, splits)](
+                gathered, weight, None, partial, n, H, V, v_per_split,
+                gathered.stride(0), *weight.stride(), partial.stride(0),
+                HAS_BIAS=False, DOT_FP32=False, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+                num_warps=warps, num_stages=stages,
+            )
+            return torch.logsumexp(partial, 1)
+
+        try:
+            err = (launch() - ref).abs().max().item()
+            t = bench(launch, rep=30)
+        except Exception as e:  # out of shared memory for the bigger tiles
+            print(f"  skip {block_n}x{block_v}x{block_h} w{warps} s{stages}: {type(e).__name__}")
+            continue
+        if best is None or t < best[0]:
+            best = (t, block_n, block_v, block_h, warps, stages, waves)
+        if err > 1e-3:
+            print(f"  WRONG {block_n}x{block_v}x{block_h} w{warps} s{stages}: err {err}")
+    t, *cfg = best
+    print(f"  best: {t * 1e3:.0f} us with BLOCK_N,V,H={cfg[:3]} warps={cfg[3]} stages={cfg[4]} waves={cfg[5]}")
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name(DEV), "torch", torch.__version__, "triton", triton.__version__)
+    for n, t in ((64, 512), (1024, 512)):
+        row_kernel(n, t)
+    for n in (16, 64, 256, 1024):
+        lse_kernel(n)
