@@ -54,7 +54,7 @@ def row_kernel(n, t):
     os.environ["FASTRANK_CHECKS"] = "1"
     out = torch.empty(n, 1, device=DEV)
     rows_out = torch.empty(n, dtype=torch.int64, device=DEV)
-    for warps, block_h, block_t in itertools.product((1, 2, 4), (128, 256, 512), (256, 1024)):
+    for warps, block_h, block_t in itertools.product((2, 4), (512, 1024), (1024,)):
         def launch():
             sh._score_head_fwd_kernel[(n,)](
                 hidden, weight, None, ids_t, None, mask, None, None, out, rows_out, None,
@@ -76,17 +76,13 @@ def lse_kernel(n):
     t_default = bench(lambda: sh._lse_forward(gathered, weight, None))
     print(
         f"\nlse N={n}: torch chunked {t_chunk * 1e3:.0f} us, torch full matmul {t_full * 1e3:.0f} us, "
-        f"kernel default {t_default * 1e3:.0f} us ({wbytes / t_default / 1e9:.0f} GB/s on W, "
-        f"{flops / t_default / 1e9:.0f} TFLOP/s)"
+        f"kernel default {t_default * 1e3:.0f} us ({wbytes / (t_default * 1e-3) / 1e12:.2f} TB/s on W, "
+        f"{flops / (t_default * 1e-3) / 1e12:.0f} TFLOP/s)"
     )
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     ref = torch.logsumexp((gathered.float() @ weight.float().t()), 1)
-    best = None
-    for block_n, block_v, block_h, warps, stages, waves in itertools.product(
-        (16, 32, 64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4), (4,)
-    ):
-        if block_n > max(16, triton.next_power_of_2(n)):
-            continue
+    block_n, block_v, block_h, warps, stages = sh._lse_config(n, H, torch.bfloat16)
+    for trans_w, waves in itertools.product((False, True), (2, 4, 8)):
         n_blocks = cdiv(n, block_n)
         unit = 256
         v_units = cdiv(V, unit)
@@ -99,28 +95,53 @@ def lse_kernel(n):
             sh._score_head_lse_kernel[(n_blocks, splits)](
                 gathered, weight, None, partial, n, H, V, v_per_split,
                 gathered.stride(0), *weight.stride(), partial.stride(0),
-                HAS_BIAS=False, DOT_FP32=False, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-                num_warps=warps, num_stages=stages,
+                HAS_BIAS=False, DOT_FP32=False, TRANS_W=trans_w, BLOCK_N=block_n, BLOCK_V=block_v,
+                BLOCK_H=block_h, num_warps=warps, num_stages=stages,
             )
             return torch.logsumexp(partial, 1)
 
-        try:
-            err = (launch() - ref).abs().max().item()
-            t = bench(launch, rep=30)
-        except Exception as e:  # out of shared memory for the bigger tiles
-            print(f"  skip {block_n}x{block_v}x{block_h} w{warps} s{stages}: {type(e).__name__}")
-            continue
-        if best is None or t < best[0]:
-            best = (t, block_n, block_v, block_h, warps, stages, waves)
-        if err > 1e-3:
-            print(f"  WRONG {block_n}x{block_v}x{block_h} w{warps} s{stages}: err {err}")
-    t, *cfg = best
-    print(f"  best: {t * 1e3:.0f} us with BLOCK_N,V,H={cfg[:3]} warps={cfg[3]} stages={cfg[4]} waves={cfg[5]}")
+        err = (launch() - ref).abs().max().item()
+        print(f"  TRANS_W={trans_w} waves={waves}: {bench(launch) * 1e3:.0f} us (max err {err:.1e})")
+    g = torch.randn(n, device=DEV)
+    gk = torch.randn(n, 7, device=DEV)
+    lse = sh._lse_forward(gathered, weight, None)
+    t_bwd = bench(lambda: sh._lse_backward(gathered, weight, None, lse, g, tuple(range(7)), gk, True, False))
+    print(f"  lse backward (prob kernel + 2 GEMMs, dh and dW): {t_bwd * 1e3:.0f} us")
+
+
+def train_profile():
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastrank.benchmarks.score_head import Case, providers
+
+    for mode in ("train", "lse_train", "lse"):
+        case = Case(mode=mode, n=64, t=512, hidden=H, vocab=V, dtype="bfloat16")
+        fns = providers(case, DEV)
+        line = []
+        for name in ("logits_to_keep", "torch_sliced", "fastrank"):
+            if name in fns:
+                line.append(f"{name} {bench(fns[name]) * 1e3:.0f} us")
+        os.environ["FASTRANK_CHECKS"] = "0"
+        line.append(f"fastrank checks=0 {bench(fns['fastrank']) * 1e3:.0f} us")
+        os.environ["FASTRANK_CHECKS"] = "1"
+        print(f"\n{mode} N=64 T=512: " + ", ".join(line))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fns["fastrank"]()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=50))
 
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(DEV), "torch", torch.__version__, "triton", triton.__version__)
+    a = torch.randn(64, 896, device=DEV, dtype=torch.bfloat16)
+    try:
+        torch.mm(a, a.t(), out_dtype=torch.float32)
+        print("torch.mm(out_dtype=float32) on bf16: available")
+    except Exception as e:  # noqa: BLE001
+        print("torch.mm(out_dtype=float32) on bf16: NOT available:", type(e).__name__, str(e)[:100])
     for n, t in ((64, 512), (1024, 512)):
         row_kernel(n, t)
-    for n in (16, 64, 256, 1024):
+    for n in (1, 16, 64, 256, 1024):
         lse_kernel(n)
+    train_profile()

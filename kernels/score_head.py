@@ -20,6 +20,8 @@ the hidden and weight gradients; only one ``[N, chunk]`` block exists at a time.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -218,15 +220,26 @@ def _score_head_lse_kernel(
 
 
 @triton.jit
+def _score_head_lse_merge_kernel(partial_ptr, lse_ptr, SPLITS, stride_pn, BLOCK_S: tl.constexpr):
+    """lse[n] = logsumexp over the vocabulary slices' partial values of row n (one program per row)."""
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_S)
+    part = tl.load(partial_ptr + n * stride_pn + offs, mask=offs < SPLITS, other=float("-inf"))
+    m = tl.max(part, axis=0)
+    tl.store(lse_ptr + n, m + tl.log(tl.sum(tl.exp(part - m), axis=0)))
+
+
+@triton.jit
 def _score_head_lse_prob_kernel(
-    gathered_ptr, weight_ptr, bias_ptr, lse_ptr, grad_lse_ptr, prob_ptr,
-    N, H, V0, V_CHUNK,
-    stride_gn, stride_wv, stride_wh, stride_pn,
+    gathered_ptr, weight_ptr, bias_ptr, lse_ptr, grad_lse_ptr, prob_ptr, ids_ptr, grad_k_ptr,
+    N, H, K, V0, V_CHUNK,
+    stride_gn, stride_wv, stride_wh, stride_pn, stride_gkn,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, TRANS_W: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """prob[n, j] = softmax(h_n W^T + b)[V0 + j] * grad_lse[n] for j < V_CHUNK: the gradient of
-    ``sum(grad_lse * lse)`` with respect to one chunk of logits, rebuilt from the saved fp32 lse."""
+    """prob[n, j] = softmax(h_n W^T + b)[V0 + j] * grad_lse[n] (+ grad_k[n, k] where V0 + j = ids[k], for
+    k < K), j < V_CHUNK: the gradient of ``sum(grad_lse * lse)`` (and of ``sum(grad_k * logits_K)``) with
+    respect to one chunk of logits, rebuilt from the saved fp32 lse."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,6 +253,12 @@ def _score_head_lse_prob_kernel(
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
     g = tl.load(grad_lse_ptr + offs_n, mask=n_mask, other=0.0)
     prob = tl.exp(scores - lse[:, None]) * g[:, None]
+    # The K selected rows' own gradient, added in fp32 before the one rounding to the storage dtype.
+    for k in tl.static_range(BLOCK_K):
+        if k < K:
+            token = tl.load(ids_ptr + k)
+            g_k = tl.load(grad_k_ptr + offs_n * stride_gkn + k, mask=n_mask, other=0.0)
+            prob += tl.where((V0 + offs_j)[None, :] == token, g_k[:, None], 0.0)
     tl.store(
         prob_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_j[None, :],
         prob.to(prob_ptr.dtype.element_ty),
@@ -253,9 +272,10 @@ def _score_head_bwd_hidden_kernel(
     H, K,
     stride_gkn, stride_wv, stride_wh, stride_en,
     stride_dn, stride_dt, stride_dh,
-    HAS_EXTRA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GRAD_K: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program per sequence: grad_hidden[n, rows[n]] = g_K[n] @ W[ids] (+ extra[n])."""
+    """One program per sequence: grad_hidden[n, rows[n]] = g_K[n] @ W[ids] (if HAS_GRAD_K) + extra[n]
+    (if HAS_EXTRA), the rest of grad_hidden being zeros already."""
     n = tl.program_id(0).to(tl.int64)
     row = tl.maximum(tl.load(rows_ptr + n), 0)
     offs_k = tl.arange(0, BLOCK_K)
@@ -266,12 +286,14 @@ def _score_head_bwd_hidden_kernel(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        w = tl.load(
-            weight_ptr + ids[:, None] * stride_wv + offs_h[None, :] * stride_wh,
-            mask=k_mask[:, None] & h_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        dh = tl.sum(w * g[:, None], axis=0)
+        dh = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        if HAS_GRAD_K:
+            w = tl.load(
+                weight_ptr + ids[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                mask=k_mask[:, None] & h_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            dh += tl.sum(w * g[:, None], axis=0)
         if HAS_EXTRA:
             dh += tl.load(extra_ptr + n * stride_en + offs_h, mask=h_mask, other=0.0)
         tl.store(out_row_ptr + offs_h * stride_dh, dh.to(grad_hidden_ptr.dtype.element_ty), mask=h_mask)
@@ -323,6 +345,7 @@ def _score_head_bwd_weight_kernel(
 # ------------------------------------------------------------------------------------------------
 # launch configuration
 # ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -422,7 +445,12 @@ def _lse_forward(gathered, weight, bias):
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return partial[:, 0] if splits == 1 else torch.logsumexp(partial, dim=1)
+    if splits == 1:
+        return partial[:, 0]
+    # A kernel rather than torch.logsumexp: the latter is about eight eager ops, costly on the host.
+    lse = torch.empty((n,), dtype=torch.float32, device=gathered.device)
+    _score_head_lse_merge_kernel[(n,)](partial, lse, splits, partial.stride(0), BLOCK_S=next_power_of_2(splits))
+    return lse
 
 
 def _dot_fp32(gathered) -> bool:
@@ -431,44 +459,42 @@ def _dot_fp32(gathered) -> bool:
 
 
 def _lse_backward(gathered, weight, bias, lse, grad_lse, token_ids, grad_k, need_weight, need_bias):
-    """Full-vocabulary backward of ``sum(grad_lse * lse)``, with ``sum(grad_k * logits_K)`` folded into
-    the weight and bias gradients (not into the returned grad_h), chunk by chunk.
+    """Backward of ``sum(grad_lse * lse) + sum(grad_k * logits_K)`` over the whole vocabulary, chunk by
+    chunk: returns ``(grad_h [N, H] fp32, grad_weight or None, grad_bias or None)``.
 
-    Per chunk of the vocabulary, one kernel rebuilds the softmax times grad_lse from the fp32 lse (scores
-    accumulated in fp32, stored in the input dtype as Liger's fused cross-entropy does); the K rows' own
-    gradient is added into their columns; then two cuBLAS GEMMs give ``dh += P @ W_c`` (fp32 out) and
-    ``dW_c = P^T @ h`` (fp32 accumulate, written once in the weight dtype). Peak extra memory is one
-    ``[N, chunk]`` block.
+    Per chunk, one kernel rebuilds the softmax times grad_lse from the saved fp32 lse (scores accumulated
+    in fp32) and adds the K rows' own gradient into their columns, storing the result once in the input
+    dtype (as Liger's fused cross-entropy stores its logit gradients); then two cuBLAS GEMMs give
+    ``dh += P @ W_c`` (fp32 out) and ``dW_c = P^T @ h`` (fp32 accumulate, written once in the weight
+    dtype). Peak extra memory is one ``[N, chunk]`` block.
     """
     n, h = gathered.shape
     vocab = weight.shape[0]
     device = gathered.device
-    chunk = max(4096, min(65536, (1 << 23) // max(n, 1)))
-    chunk = min(chunk, vocab)
+    ids = cached_device_tensor(tuple(token_ids), torch.int64, device)
+    grad_k = grad_k.float().contiguous()
+    lse = lse.float().contiguous()
+    grad_lse = grad_lse.float().contiguous()
+    # One [N, chunk] block of at most 16 Mi elements (32 MiB in bf16) and at least 4096 columns: fewer
+    # chunks mean fewer launches, and the bound holds whatever N and V are.
+    chunk = min(vocab, max(4096, (1 << 24) // max(n, 1)))
     block_n, block_v, block_h, num_warps, num_stages = _lse_config(n, h, gathered.dtype)
     grad_h = torch.zeros((n, h), dtype=torch.float32, device=device)
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(vocab, dtype=bias.dtype, device=device) if need_bias else None
     prob_buf = torch.empty((n, chunk), dtype=gathered.dtype, device=device)
-    lse = lse.float().contiguous()
-    grad_lse = grad_lse.float().contiguous()
     for v0 in range(0, vocab, chunk):
         width = min(chunk, vocab - v0)
         prob = prob_buf[:, :width]
         _score_head_lse_prob_kernel[(cdiv(n, block_n), cdiv(width, block_v))](
-            gathered, weight, bias, lse, grad_lse, prob,
-            n, h, v0, width,
-            gathered.stride(0), weight.stride(0), weight.stride(1), prob.stride(0),
+            gathered, weight, bias, lse, grad_lse, prob, ids, grad_k,
+            n, h, len(token_ids), v0, width,
+            gathered.stride(0), weight.stride(0), weight.stride(1), prob.stride(0), grad_k.stride(0),
             HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(gathered), TRANS_W=False,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, BLOCK_K=next_power_of_2(len(token_ids)),
             num_warps=num_warps, num_stages=num_stages,
         )
         grad_h += matmul_acc(prob, weight[v0 : v0 + width], torch.float32)
-        # The K rows' own gradient joins their columns for the weight and bias (the hidden-state kernel
-        # adds g_K @ W[ids] to grad_h itself).
-        for k, t in enumerate(token_ids):
-            if v0 <= t < v0 + width:
-                prob[:, t - v0] = (prob[:, t - v0].float() + grad_k[:, k]).to(prob.dtype)
         if need_weight:
             torch.mm(prob.t(), gathered, out=grad_weight[v0 : v0 + width])
         if need_bias:
@@ -513,7 +539,8 @@ def score_head_backward(grad_out, grad_lse, hidden_meta, gathered, weight, bias,
                 h, k,
                 grad_k.stride(0), weight.stride(0), weight.stride(1), extra.stride(0) if extra is not None else 0,
                 *strides,
-                HAS_EXTRA=extra is not None, BLOCK_H=_row_block_h(h), BLOCK_K=block_k,
+                # With the lse in the loss, extra already holds the K rows' part (folded into its chunks).
+                HAS_GRAD_K=extra is None, HAS_EXTRA=extra is not None, BLOCK_H=_row_block_h(h), BLOCK_K=block_k,
                 num_warps=2,
             )
 

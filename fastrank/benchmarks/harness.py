@@ -37,6 +37,9 @@ class Measurement:
     time_ms_p20: Optional[float]
     time_ms_p80: Optional[float]
     peak_bytes: Optional[int]  # above the memory in use before the call
+    # CUDA only: median of the call captured in a CUDA graph and replayed, i.e. device time without the
+    # host's launch and Python overhead (None where the call cannot be captured).
+    graph_time_ms: Optional[float] = None
     error: Optional[str] = None  # "out of memory", ...
     extra: dict = field(default_factory=dict)
 
@@ -102,6 +105,16 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     return _cpu_peak(fn)
 
 
+def _graph_time(fn: Callable[[], object]) -> Optional[float]:
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    except Exception:  # noqa: BLE001 - not capturable (host syncs, allocations the graph cannot hold)
+        torch.cuda.synchronize()
+        return None
+
+
 def measure(provider: str, fn: Callable[[], object], device: torch.device, *, repeats: int = 20,
             warmup: int = 1, min_seconds: float = 1.0) -> Measurement:
     """Run ``fn`` (which must do all the work of one call, backward included) and measure it.
@@ -115,7 +128,7 @@ def measure(provider: str, fn: Callable[[], object], device: torch.device, *, re
             fn()  # warm-up: compilation stays out of the numbers
             peak = peak_bytes(fn, device)
             p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-            return Measurement(provider, p50, p20, p80, peak)
+            return Measurement(provider, p50, p20, p80, peak, graph_time_ms=_graph_time(fn))
         _prepare_cpu_memory_tracking()  # before the first allocation we measure, see the module docstring
         for _ in range(warmup):
             fn()
