@@ -1,0 +1,69 @@
+"""Packaging, CLI and benchmark plumbing."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastrank
+from fastrank.benchmarks.score_head import Case, providers
+from fastrank.cli import main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HF_KERNELS_INSTALLED = importlib.util.find_spec("kernels") is not None and not str(
+    importlib.util.find_spec("kernels").origin or ""
+).startswith(str(REPO))
+
+
+def test_public_api():
+    assert {"score_head", "ScoreHeadOutput"} <= set(fastrank.__all__)
+    assert fastrank.score_head.__doc__ and "[N, T, H]" in fastrank.score_head.__doc__
+
+
+def test_kernels_install_as_a_subpackage_only():
+    import fastrank.kernels.score_head as mod
+
+    assert pathlib.Path(mod.__file__).resolve() == REPO / "kernels" / "score_head.py"
+    if HF_KERNELS_INSTALLED:
+        pytest.skip("the Hugging Face `kernels` package is installed here")
+    # Outside the repository, nothing named `kernels` is importable: fastrank never installs one.
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('kernels') is not None)"
+    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
+
+
+def test_transformers_does_not_mistake_the_repository_folder_for_hub_kernels():
+    if HF_KERNELS_INSTALLED:
+        pytest.skip("the Hugging Face `kernels` package is installed here")
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "sys.exit(1 if is_kernels_available() else 0)" % str(REPO)
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=str(REPO)).returncode == 0
+
+
+def test_cli_rejects_unknown_benchmark():
+    with pytest.raises(ValueError, match="--op 'nope' is not a benchmark"):
+        main(["bench", "--op", "nope", "--device", "cpu", "--quiet"])
+
+
+def test_cli_help_runs():
+    out = subprocess.run([sys.executable, "-m", "fastrank.cli", "bench", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--full" in out.stdout
+
+
+@pytest.mark.parametrize("mode", ["forward", "train", "lse", "lse_train"])
+def test_benchmark_providers_compute_the_same_thing(mode):
+    """Every baseline of the benchmark returns the same numbers as fastrank (so the ratios compare like
+    with like)."""
+    case = Case(mode=mode, n=3, t=7, hidden=24, vocab=97, dtype="float32")
+    results = {name: fn() for name, fn in providers(case, torch.device("cpu")).items()}
+    ours = results.pop("fastrank")
+    for name, got in results.items():
+        for a, b in zip(got if isinstance(got, tuple) else (got,), ours if isinstance(ours, tuple) else (ours,)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} differs from fastrank")
