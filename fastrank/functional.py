@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fastrank.checks import check_score_head_inputs, raise_on_invalid_rows
-from fastrank.reference import ScoreHeadReferenceFunction
+from fastrank.autograd import ScoreHeadFunction
 from fastrank.utils import can_sync, checks_enabled, select_backend
 
 
@@ -73,13 +73,12 @@ def score_head(
     config, hidden, attention_mask, positions, cu_seqlens = check_score_head_inputs(
         hidden, weight, token_ids, attention_mask, positions, cu_seqlens, bias, combine, return_lse
     )
-    if select_backend(hidden) == "triton":
-        if hidden.dtype == torch.float64:
-            raise ValueError("hidden: float64 runs on the torch backend only; set FASTRANK_BACKEND=torch")
-        from fastrank.kernels.score_head import ScoreHeadFunction as function
-    else:
-        function = ScoreHeadReferenceFunction
-    out, lse, rows = function.apply(hidden, weight, bias, attention_mask, positions, cu_seqlens, config)
+    backend = select_backend(hidden)
+    if backend == "triton" and hidden.dtype == torch.float64:
+        raise ValueError("hidden: float64 runs on the torch backend only; set FASTRANK_BACKEND=torch")
+    out, lse, rows = ScoreHeadFunction.apply(
+        hidden, weight, bias, attention_mask, positions, cu_seqlens, config, backend
+    )
     if checks_enabled() and can_sync(hidden):
         raise_on_invalid_rows(rows, config, attention_mask, positions, cu_seqlens)
     return ScoreHeadOutput(out, lse) if return_lse else out

@@ -241,8 +241,10 @@ def score_head_selected_logits(
     return logits
 
 
-def score_head_forward_reference(hidden, weight, bias, attention_mask, positions, cu_seqlens, config):
-    """Forward of the reference path. Returns ``(out [N, C or K], lse [N] or None, rows [N], h [N, H])``."""
+def score_head_forward_reference(hidden, weight, bias, attention_mask, positions, cu_seqlens, config,
+                                 store_gathered=True):
+    """Forward of the reference path. Returns ``(out [N, C or K], lse [N] or None, rows [N], h [N, H])``;
+    the gathered rows ``h`` are needed for the logits anyway, so ``store_gathered`` changes nothing."""
     rows = score_head_rows(hidden, attention_mask, positions, cu_seqlens)
     h = gather_rows(hidden, rows, config.packed)
     logits = score_head_selected_logits(h, weight, bias, config.token_ids)
@@ -287,39 +289,3 @@ def score_head_backward_reference(grad_out, grad_lse, hidden_meta, h, weight, bi
     shape, dtype = hidden_meta
     grad_hidden = scatter_rows(shape, dtype, rows, grad_h, config.packed) if need_h else None
     return grad_hidden, grad_weight, grad_bias
-
-
-class ScoreHeadReferenceFunction(torch.autograd.Function):
-    """Autograd for the reference score_head. Saves the ``[N, H]`` gathered rows, never ``[N, T, H]``.
-
-    Inputs: hidden, weight, bias (or None), attention_mask, positions, cu_seqlens (each or None) and a
-    ``ScoreHeadConfig``. Outputs: ``out`` fp32 ``[N, C or K]``, ``lse`` fp32 ``[N]`` (empty unless
-    ``config.return_lse``) and the resolved ``rows`` ``[N]`` int64 (non-differentiable).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, attention_mask, positions, cu_seqlens, config):
-        out, lse, rows, h = score_head_forward_reference(
-            hidden, weight, bias, attention_mask, positions, cu_seqlens, config
-        )
-        if lse is None:
-            lse = out.new_empty(0)
-        ctx.config = config
-        ctx.hidden_meta = (hidden.shape, hidden.dtype)
-        ctx.save_for_backward(h, weight, bias, lse, rows)
-        ctx.mark_non_differentiable(rows)
-        # Unused outputs arrive as None rather than as zero tensors, so an lse that is not part of the
-        # loss costs no full-vocabulary backward.
-        ctx.set_materialize_grads(False)
-        return out, lse, rows
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse, _grad_rows):
-        h, weight, bias, lse, rows = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        if not ctx.config.return_lse:
-            grad_lse = None
-        grads = score_head_backward_reference(
-            grad_out, grad_lse, ctx.hidden_meta, h, weight, bias, lse, rows, ctx.config, needs
-        )
-        return grads[0], grads[1], grads[2], None, None, None, None

@@ -563,38 +563,3 @@ def score_head_backward(grad_out, grad_lse, hidden_meta, gathered, weight, bias,
         grad_bias = torch.zeros_like(bias)
         grad_bias.index_add_(0, ids, grad_k.sum(0).to(bias.dtype))
     return grad_hidden, grad_weight, grad_bias
-
-
-class ScoreHeadFunction(torch.autograd.Function):
-    """Autograd for the Triton score_head; same inputs and outputs as ``ScoreHeadReferenceFunction``.
-
-    Saves only the gathered ``[N, H]`` scoring rows (written by the forward kernel as it reads them), the
-    resolved rows and the fp32 log-sum-exp: never the ``[N, T, H]`` hidden states.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, attention_mask, positions, cu_seqlens, config):
-        # Forward runs with grad mode off; needs_input_grad says whether a backward can follow.
-        needs_grad = any(ctx.needs_input_grad[:3])
-        out, lse, rows, gathered = score_head_forward(
-            hidden, weight, bias, attention_mask, positions, cu_seqlens, config, store_gathered=needs_grad
-        )
-        if lse is None:
-            lse = out.new_empty(0)
-        ctx.config = config
-        ctx.hidden_meta = (hidden.shape, hidden.dtype)
-        ctx.save_for_backward(gathered, weight, bias, lse, rows)
-        ctx.mark_non_differentiable(rows)
-        ctx.set_materialize_grads(False)
-        return out, lse, rows
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse, _grad_rows):
-        gathered, weight, bias, lse, rows = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        if not ctx.config.return_lse:
-            grad_lse = None
-        grads = score_head_backward(
-            grad_out, grad_lse, ctx.hidden_meta, gathered, weight, bias, lse, rows, ctx.config, needs
-        )
-        return grads[0], grads[1], grads[2], None, None, None, None

@@ -1,0 +1,61 @@
+"""The autograd Functions of fastrank's ops, shared by the Triton and the reference implementations.
+
+Each Function takes the implementation as an argument (``"triton"`` or ``"torch"``) so that both paths
+have one autograd contract: the same inputs, outputs, saved tensors and gradient rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrank.reference import score_head_backward_reference, score_head_forward_reference
+
+
+def _score_head_impl(backend: str):
+    if backend == "triton":
+        from fastrank.kernels.score_head import score_head_backward, score_head_forward
+
+        return score_head_forward, score_head_backward
+    return score_head_forward_reference, score_head_backward_reference
+
+
+class ScoreHeadFunction(torch.autograd.Function):
+    """score_head's autograd.
+
+    Inputs: hidden, weight, bias (or None), attention_mask, positions, cu_seqlens (each or None), a
+    ``ScoreHeadConfig`` and the backend name. Outputs: ``out`` fp32 ``[N, C or K]``, ``lse`` fp32 ``[N]``
+    (empty unless ``config.return_lse``) and the resolved ``rows`` ``[N]`` int64 (non-differentiable,
+    negative status codes for invalid rows). Saves only the gathered ``[N, H]`` scoring rows, the rows and
+    the lse: never the ``[N, T, H]`` hidden states.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, attention_mask, positions, cu_seqlens, config, backend):
+        forward, backward = _score_head_impl(backend)
+        # Forward runs with grad mode off; needs_input_grad says whether a backward can follow.
+        out, lse, rows, gathered = forward(
+            hidden, weight, bias, attention_mask, positions, cu_seqlens, config,
+            store_gathered=any(ctx.needs_input_grad[:3]),
+        )
+        if lse is None:
+            lse = out.new_empty(0)
+        ctx.config = config
+        ctx.backward_impl = backward
+        ctx.hidden_meta = (hidden.shape, hidden.dtype)
+        ctx.save_for_backward(gathered, weight, bias, lse, rows)
+        ctx.mark_non_differentiable(rows)
+        # Unused outputs arrive as None rather than as zero tensors, so an lse that is not part of the
+        # loss costs no full-vocabulary backward.
+        ctx.set_materialize_grads(False)
+        return out, lse, rows
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, _grad_rows):
+        gathered, weight, bias, lse, rows = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if not ctx.config.return_lse:
+            grad_lse = None
+        grads = ctx.backward_impl(
+            grad_out, grad_lse, ctx.hidden_meta, gathered, weight, bias, lse, rows, ctx.config, needs
+        )
+        return grads[0], grads[1], grads[2], None, None, None, None, None
