@@ -1,12 +1,41 @@
 """fastrank: fused Triton kernels for LLM rerankers and embedders.
 
-Public API:
-    score_head(hidden, weight, token_ids, *, attention_mask, positions, cu_seqlens, bias, combine, return_lse)
-    ScoreHeadOutput
+Ops:        score_head, ScoreHeadOutput
+Rerankers:  Reranker, patch, unpatch, presets, get_preset, register_preset, Preset,
+            Convention, yes_logit, yes_no, token_diff, digit_ev
 """
 
 from fastrank.functional import ScoreHeadOutput, score_head
+from fastrank.heads import (
+    Convention,
+    Preset,
+    digit_ev,
+    get_preset,
+    presets,
+    register_preset,
+    token_diff,
+    yes_logit,
+    yes_no,
+)
+from fastrank.inference import Reranker
+from fastrank.models import patch, unpatch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["ScoreHeadOutput", "score_head", "__version__"]
+__all__ = [
+    "Convention",
+    "Preset",
+    "Reranker",
+    "ScoreHeadOutput",
+    "__version__",
+    "digit_ev",
+    "get_preset",
+    "patch",
+    "presets",
+    "register_preset",
+    "score_head",
+    "token_diff",
+    "unpatch",
+    "yes_logit",
+    "yes_no",
+]

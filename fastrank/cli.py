@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -30,6 +31,106 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _parse_rerank_line(text: str):
+    """One JSONL line -> (record, [(query, passage)], kind) or raise ValueError with the reason."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    query = record.get("query")
+    if not isinstance(query, str):
+        raise ValueError("'query' must be a string")
+    if "documents" in record:
+        docs = record["documents"]
+        if not isinstance(docs, list) or not docs:
+            raise ValueError("'documents' must be a non-empty list")
+        texts = []
+        for j, doc in enumerate(docs):
+            doc_text = doc.get("text") if isinstance(doc, dict) else doc
+            if not isinstance(doc_text, str):
+                raise ValueError(f"documents[{j}] must be a string or an object with a string 'text'")
+            texts.append(doc_text)
+        return record, [(query, t) for t in texts], "documents"
+    if isinstance(record.get("document"), str):
+        return record, [(query, record["document"])], "pair"
+    raise ValueError("needs 'documents' (a list) or 'document' (a string) next to 'query'")
+
+
+def cmd_rerank(args) -> int:
+    from fastrank.inference import Reranker
+
+    if args.input == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        with open(args.input) as f:
+            lines = f.read().splitlines()
+    parsed, errors = [], 0
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            parsed.append((number, *_parse_rerank_line(text)))
+        except ValueError as e:
+            parsed.append((number, None, str(e), "error"))
+            errors += 1
+            print(f"{'<stdin>' if args.input == '-' else args.input}:{number}: {e}", file=sys.stderr)
+
+    pairs = [pair for _, _, p, kind in parsed if kind != "error" for pair in p]
+    scores = []
+    if pairs:
+        reranker = Reranker.from_pretrained(
+            args.model, args.preset, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation
+        )
+        scores = reranker.score(
+            pairs, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
+            normalize=args.normalize, show_progress=False if args.no_progress else None,
+        )
+    out = sys.stdout if args.output == "-" else open(args.output, "w")
+    try:
+        cursor = 0
+        for number, record, payload, kind in parsed:
+            result = {"line": number}
+            if record is not None and "id" in record:
+                result["id"] = record["id"]
+            if kind == "error":
+                result["error"] = payload
+            else:
+                mine = scores[cursor : cursor + len(payload)]
+                cursor += len(payload)
+                if kind == "pair":
+                    result["score"] = mine[0]
+                else:
+                    order = sorted(range(len(mine)), key=lambda i: -mine[i])[: args.top_k]
+                    result["results"] = [{"index": i, "relevance_score": mine[i]} for i in order]
+            out.write(json.dumps(result) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if errors:
+        print(f"{errors} of {len(parsed)} lines could not be scored (see above); the others were", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_demo_model(args) -> int:
+    from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config
+
+    overrides = {}
+    if args.size == "tiny":
+        overrides = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=1024, max_position_embeddings=8192)
+    config = qwen25_config(num_layers=args.layers, pad_token_id=0, eos_token_id=0, **overrides)
+    tokenizer = build_tokenizer()
+    model = build_causal_lm(config)
+    model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote a random-weight {args.size} Qwen2-architecture causal LM ({params / 1e6:.1f}M parameters, "
+          f"{args.layers} layers) and a byte-level BPE tokenizer built in code to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrank", description="Fused kernels for LLM rerankers and embedders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,7 +147,47 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="PATH", help="also write every measurement, with versions and GPU name, as JSON")
     bench.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
     bench.set_defaults(func=cmd_bench)
+
+    rerank = sub.add_parser(
+        "rerank",
+        help="score JSONL (query + documents, or query + document) with an LLM reranker",
+        description="Reads JSONL lines {\"query\": ..., \"documents\": [...]} (ranked: results best first) or "
+        "{\"query\": ..., \"document\": ...} (one score), optionally with an \"id\", and writes one JSONL "
+        "line per input line. A bad line is reported (line number on stderr, an \"error\" record in the "
+        "output) and the other lines are still scored; the exit status is then 1.",
+    )
+    rerank.add_argument("--model", required=True, help="local path or hub name of the causal-LM reranker")
+    rerank.add_argument("--preset", required=True, help="one of fastrank.presets(): " + ", ".join(_preset_names()))
+    rerank.add_argument("--input", default="-", help="JSONL file to read (default: stdin)")
+    rerank.add_argument("--output", default="-", help="JSONL file to write (default: stdout)")
+    rerank.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass at most (default 64)")
+    rerank.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per forward pass at most")
+    rerank.add_argument("--max-length", type=int, default=None, help="token budget per pair (default: the preset's)")
+    rerank.add_argument("--top-k", type=int, default=None, help="keep the k best documents per query")
+    rerank.add_argument("--normalize", action="store_true", help="scores in [0, 1] (sigmoid, or the preset's mapping)")
+    rerank.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    rerank.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    rerank.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2, ...")
+    rerank.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rerank.set_defaults(func=cmd_rerank)
+
+    demo = sub.add_parser(
+        "demo-model",
+        help="save a random-weight Qwen2-architecture model and a tokenizer built in code (no download)",
+        description="For trying the CLI and API offline: the scores of a random model mean nothing.",
+    )
+    demo.add_argument("output", help="folder to write (save_pretrained layout)")
+    demo.add_argument("--size", choices=["tiny", "qwen2.5-0.5b"], default="tiny",
+                      help="tiny (hidden 64) or the Qwen2.5-0.5B shape (hidden 896, vocab 151936)")
+    demo.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    demo.set_defaults(func=cmd_demo_model)
     return parser
+
+
+def _preset_names():
+    from fastrank.heads import presets
+
+    return list(presets())
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ from tiny_models import tiny_causal_lm
 from tolerances import assert_close
 
 LENGTHS = [9, 4, 7, 1, 6]
-TOKENS = [5, 17, 502, 250]  # includes the last vocabulary row
+TOKENS = [5, 17, 1030, 250]  # includes the last vocabulary row
 
 
 def batch(lengths, side, vocab, device):

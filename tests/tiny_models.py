@@ -1,9 +1,13 @@
-"""Tiny Hugging Face models built from configs in code (no download), for parity tests."""
+"""Tiny Hugging Face models and tokenizers built in code (no download), for parity tests."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+from fastrank.benchmarks.synthetic import build_tokenizer
 
 _COMMON = dict(
     hidden_size=64,
@@ -12,11 +16,14 @@ _COMMON = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=256,
-    vocab_size=503,  # odd: no tile of the vocabulary is full
+    vocab_size=1031,  # odd: no tile of the vocabulary is full; above the tiny tokenizer's 1000 ids
     pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
+    bos_token_id=3,
+    eos_token_id=0,
 )
+ARCHS = ("qwen2", "llama", "gemma", "mistral")
+# Qwen has no BOS token; the others do (and it differs from pad), as in the real checkpoints.
+USES_BOS = {"qwen2": False, "llama": True, "gemma": True, "mistral": True}
 
 CONFIGS = {
     "qwen2": lambda: Qwen2Config(**_COMMON, tie_word_embeddings=True),
@@ -35,3 +42,15 @@ def tiny_causal_lm(arch: str, dtype=torch.float32, attn_implementation="sdpa", s
         if not config.tie_word_embeddings:
             model.lm_head.weight.normal_(0.0, 0.5)
     return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(bos: bool, padding_side: str):
+    return build_tokenizer(bos_token="<s>" if bos else None, padding_side=padding_side)
+
+
+def tiny_tokenizer(arch: str = "qwen2", padding_side: str = "left"):
+    """A byte-level BPE tokenizer with this family's BOS convention (a fresh copy: tests may mutate it)."""
+    import copy
+
+    return copy.deepcopy(_tokenizer(USES_BOS[arch], padding_side))

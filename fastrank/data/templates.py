@@ -1,0 +1,309 @@
+"""Prompt layouts of LLM rerankers: how a (query, passage) pair becomes token ids, and how it is cut.
+
+Every template has ``encode(tokenizer, pairs, max_length) -> list[EncodedPair]``. Truncation only ever
+shortens the query or the passage text; the template's own text (instructions, separators, the prompt,
+the chat suffix that the score is read after) is always kept whole. Each built-in template reproduces
+its reference implementation's ids exactly, quirks included; see each class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+FLAG_LLM_PROMPT = (
+    "Given a query A and a passage B, determine whether the passage contains an answer to the query by "
+    "providing a prediction of either 'Yes' or 'No'."
+)
+LB_RERANKER_SYSTEM = (
+    "Given a query and a piece of text, output a score of 1-7 based on how related the query is to the text. "
+    "1 means least related and 7 is most related."
+)
+QWEN3_RERANKER_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+QWEN3_RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+QWEN3_RERANKER_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+MXBAI_V2_PREFIX = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+MXBAI_V2_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+MXBAI_V2_TASK = (
+    "You are a search relevance expert who evaluates how well documents match search queries. For each "
+    "query-document pair, carefully analyze the semantic relationship between them, then provide your binary "
+    "relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:"
+)
+
+
+@dataclass
+class EncodedPair:
+    """Token ids of one pair and whether its query or passage was shortened to fit."""
+
+    input_ids: List[int]
+    truncated: bool = False
+
+
+def _check_pairs(pairs) -> List[Tuple[str, str]]:
+    out = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"pairs[{i}]: expected a (query, passage) pair, got {type(pair).__name__}")
+        q, p = pair
+        if not isinstance(q, str) or not isinstance(p, str):
+            raise ValueError(
+                f"pairs[{i}]: query and passage must be strings, got ({type(q).__name__}, {type(p).__name__})"
+            )
+        out.append((q, p))
+    return out
+
+
+def _check_max_length(max_length) -> int:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length: must be a positive int, got {max_length!r}")
+    return max_length
+
+
+def _tokenize(tokenizer, texts: Sequence[str]) -> List[List[int]]:
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _keep(ids: List[int], n: int, side: str) -> List[int]:
+    """The first n ids (right truncation) or the last n (left truncation), as the tokenizer would cut."""
+    n = max(0, n)
+    if len(ids) <= n:
+        return list(ids)
+    return list(ids[len(ids) - n :]) if side == "left" else list(ids[:n])
+
+
+def _only_second(first: List[int], second: List[int], max_length: int, side: str) -> List[int]:
+    """Transformers' ``truncation='only_second'`` on id lists, including its refusal to cut when the second
+    sequence would have to disappear entirely (then nothing is cut)."""
+    to_remove = len(first) + len(second) - max_length
+    if to_remove <= 0 or len(second) <= to_remove:
+        return list(second)
+    return _keep(second, len(second) - to_remove, side)
+
+
+class _ConstantIds:
+    """Token ids of a template's constant strings, per tokenizer (tokenised once)."""
+
+    def __init__(self):
+        self._cache: Dict[int, Tuple[object, Dict[str, List[int]]]] = {}
+
+    def __call__(self, tokenizer, text: str) -> List[int]:
+        owner, table = self._cache.get(id(tokenizer), (None, None))
+        if owner is not tokenizer:
+            table = {}
+            self._cache[id(tokenizer)] = (tokenizer, table)
+        if text not in table:
+            table[text] = list(_tokenize(tokenizer, [text])[0])
+        return table[text]
+
+
+@dataclass
+class FlagLLMTemplate:
+    """FlagEmbedding's LLM reranker layout (``FlagLLMReranker.compute_score``, package 1.3+).
+
+    ``[BOS] + tok(query_instruction + q)[:query_max_length] + tok(sep) + tok(passage_instruction + p)[:max_length]``,
+    the second part cut ``only_second`` to ``max_length + len(sep) + len(prompt)``, then ``tok(sep) +
+    tok(prompt)`` appended: each segment tokenised on its own, never the joined string. BOS is added when
+    the tokenizer has one that differs from its pad token. ``query_max_length`` defaults to
+    ``max_length * 3 // 4``. As in the package, the final length can exceed ``max_length`` by up to
+    ``2 * (len(sep) + len(prompt))`` tokens.
+    """
+
+    prompt: str = FLAG_LLM_PROMPT
+    query_instruction: str = "A: "
+    passage_instruction: str = "B: "
+    sep: str = "\n"
+    query_max_length: Optional[int] = None
+    _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
+
+    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+        pairs = _check_pairs(pairs)
+        max_length = _check_max_length(max_length)
+        side = getattr(tokenizer, "truncation_side", "right")
+        q_max = self.query_max_length or max_length * 3 // 4
+        queries = _tokenize(tokenizer, [self.query_instruction + q for q, _ in pairs])
+        passages = _tokenize(tokenizer, [self.passage_instruction + p for _, p in pairs])
+        sep = self._const(tokenizer, self.sep)
+        prompt = self._const(tokenizer, self.prompt)
+        bos = tokenizer.bos_token_id
+        use_bos = bos is not None and bos != tokenizer.pad_token_id
+        encode_max = max_length + len(sep) + len(prompt)
+        out = []
+        for q_ids, p_ids in zip(queries, passages):
+            q_cut = _keep(q_ids, q_max, side)
+            p_cut = _keep(p_ids, max_length, side)
+            first = ([bos] if use_bos else []) + q_cut
+            second = _only_second(first, sep + p_cut, encode_max, side)
+            truncated = len(q_cut) < len(q_ids) or len(p_cut) < len(p_ids) or len(second) < len(sep) + len(p_cut)
+            out.append(EncodedPair(first + second + sep + prompt, truncated))
+        return out
+
+
+@dataclass
+class MxbaiV2Template:
+    """mixedbread-ai's mxbai-rerank-v2 layout (``MxbaiRerankV2.prepare_inputs``).
+
+    ``prefix + [tok(instruction line + sep) +] tok("query: " + q)[:3/4 max_length]``, then ``sep +
+    tok("document: " + d)`` cut to what the model's length leaves and then ``only_second`` to
+    ``max_length``, then ``sep + task prompt + suffix``; each segment tokenised on its own.
+    """
+
+    instruction: Optional[str] = None
+    _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
+
+    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+        pairs = _check_pairs(pairs)
+        max_length = _check_max_length(max_length)
+        side = getattr(tokenizer, "truncation_side", "right")
+        prefix, suffix = self._const(tokenizer, MXBAI_V2_PREFIX), self._const(tokenizer, MXBAI_V2_SUFFIX)
+        sep, task = self._const(tokenizer, "\n"), self._const(tokenizer, MXBAI_V2_TASK)
+        predefined = len(prefix) + len(task) + len(suffix) + len(sep)
+        model_max = int(min(getattr(tokenizer, "model_max_length", 1 << 30), 1 << 30))
+        if max_length + predefined > model_max:
+            max_length = model_max - predefined
+        lead = f"instruction: {self.instruction}\n" if self.instruction else ""
+        queries = _tokenize(tokenizer, [lead + "query: " + q for q, _ in pairs])
+        docs = _tokenize(tokenizer, ["document: " + p for _, p in pairs])
+        out = []
+        for q_ids, d_ids in zip(queries, docs):
+            q_cut = _keep(q_ids, max_length * 3 // 4, side)
+            d_cut = _keep(d_ids, min(model_max - len(q_cut) - predefined, max_length), side)
+            second = _only_second(q_cut, sep + d_cut, max_length, side)
+            truncated = len(q_cut) < len(q_ids) or len(d_cut) < len(d_ids) or len(second) < len(sep) + len(d_cut)
+            out.append(EncodedPair(prefix + q_cut + second + sep + task + suffix, truncated))
+        return out
+
+
+@dataclass
+class Qwen3RerankerTemplate:
+    """Qwen3-Reranker's layout (the model card's Transformers code).
+
+    ``tok(prefix) + tok("<Instruct>: {i}\\n<Query>: {q}\\n<Document>: {d}")[:max_length - len(prefix) -
+    len(suffix)] + tok(suffix)``, the suffix ending in the empty think block the score is read after.
+    """
+
+    instruction: str = QWEN3_RERANKER_INSTRUCTION
+    _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
+
+    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+        pairs = _check_pairs(pairs)
+        max_length = _check_max_length(max_length)
+        side = getattr(tokenizer, "truncation_side", "right")
+        prefix = self._const(tokenizer, QWEN3_RERANKER_PREFIX)
+        suffix = self._const(tokenizer, QWEN3_RERANKER_SUFFIX)
+        budget = max_length - len(prefix) - len(suffix)
+        if budget < 1:
+            raise ValueError(
+                f"max_length: {max_length} leaves no room for the query and document after the "
+                f"{len(prefix) + len(suffix)}-token Qwen3-Reranker template"
+            )
+        bodies = _tokenize(
+            tokenizer, [f"<Instruct>: {self.instruction}\n<Query>: {q}\n<Document>: {p}" for q, p in pairs]
+        )
+        return [EncodedPair(prefix + _keep(b, budget, side) + suffix, len(b) > budget) for b in bodies]
+
+
+@dataclass
+class ChatPairTemplate:
+    """A pair rendered through the tokenizer's own chat template (lb-reranker's way, as vLLM's
+    ``LLM.chat`` renders it): a system message, a user message made from ``user`` with ``{query}`` and
+    ``{passage}``, and the generation prompt. The rendered string is tokenised whole, so the ids equal
+    the reference's. When a pair exceeds ``max_length`` its passage is cut at a token boundary (then its
+    query, if the passage is gone) and the message re-rendered, so the chat suffix always stays.
+    """
+
+    system: Optional[str]
+    user: str
+
+    def render(self, tokenizer, query: str, passage: str) -> str:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "tokenizer: this preset renders a chat template, but the tokenizer has none; load the "
+                "tokenizer of the model the preset is for (or set tokenizer.chat_template)"
+            )
+        messages = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [
+            {"role": "user", "content": self.user.format(query=query, passage=passage)}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+        pairs = _check_pairs(pairs)
+        max_length = _check_max_length(max_length)
+        ids = _tokenize(tokenizer, [self.render(tokenizer, q, p) for q, p in pairs])
+        out = []
+        for (q, p), pair_ids in zip(pairs, ids):
+            if len(pair_ids) <= max_length:
+                out.append(EncodedPair(list(pair_ids), False))
+            else:
+                out.append(EncodedPair(self._fit(tokenizer, q, p, max_length), True))
+        return out
+
+    def _fit(self, tokenizer, query: str, passage: str, max_length: int) -> List[int]:
+        side = getattr(tokenizer, "truncation_side", "right")
+        texts = {"passage": passage, "query": query}
+        for part in ("passage", "query"):
+            extra = 0
+            while True:
+                ids = _tokenize(tokenizer, [self.render(tokenizer, texts["query"], texts["passage"])])[0]
+                over = len(ids) - max_length
+                if over <= 0:
+                    return list(ids)
+                part_ids = _tokenize(tokenizer, [texts[part]])[0]
+                if not part_ids:
+                    break
+                # Re-encoding a decoded cut can merge differently at the edge: the loop re-checks the
+                # length, and cuts one token more each time a round trip fails to shrink the text.
+                cut = tokenizer.decode(_keep(part_ids, len(part_ids) - over - extra, side))
+                extra = extra + 1 if cut == texts[part] else 0
+                texts[part] = cut
+        raise ValueError(
+            f"max_length: {max_length} is shorter than the chat template itself ({len(ids)} tokens with an "
+            "empty query and passage)"
+        )
+
+
+@dataclass
+class SegmentTemplate:
+    """A general per-segment layout for custom presets:
+
+    ``[BOS] + tok(prefix) + tok(query_format)[:q] + tok(separator) + tok(passage_format)[:rest] + tok(suffix)``
+
+    where the query may take up to ``query_max_fraction`` of the tokens left after the template's own and
+    the passage takes what remains, so the total never exceeds ``max_length``. ``add_bos``: ``"auto"``
+    adds the tokenizer's BOS when it has one that differs from its pad token.
+    """
+
+    prefix: str = ""
+    query_format: str = "{query}"
+    separator: str = "\n"
+    passage_format: str = "{passage}"
+    suffix: str = ""
+    query_max_fraction: float = 0.75
+    add_bos: object = "auto"
+    _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
+
+    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+        pairs = _check_pairs(pairs)
+        max_length = _check_max_length(max_length)
+        side = getattr(tokenizer, "truncation_side", "right")
+        bos = tokenizer.bos_token_id
+        use_bos = (bos is not None and bos != tokenizer.pad_token_id) if self.add_bos == "auto" else bool(self.add_bos)
+        lead = ([bos] if use_bos else []) + (self._const(tokenizer, self.prefix) if self.prefix else [])
+        sep = self._const(tokenizer, self.separator) if self.separator else []
+        tail = self._const(tokenizer, self.suffix) if self.suffix else []
+        budget = max_length - len(lead) - len(sep) - len(tail)
+        if budget < 2:
+            raise ValueError(f"max_length: {max_length} leaves no room for the query and passage after the template")
+        queries = _tokenize(tokenizer, [self.query_format.format(query=q) for q, _ in pairs])
+        passages = _tokenize(tokenizer, [self.passage_format.format(passage=p) for _, p in pairs])
+        out = []
+        for q_ids, p_ids in zip(queries, passages):
+            q_cut = _keep(q_ids, max(1, int(budget * self.query_max_fraction)), side)
+            p_cut = _keep(p_ids, budget - len(q_cut), side)
+            truncated = len(q_cut) < len(q_ids) or len(p_cut) < len(p_ids)
+            out.append(EncodedPair(lead + q_cut + sep + p_cut + tail, truncated))
+        return out

@@ -1,0 +1,188 @@
+"""High-level inference: ``Reranker`` scores and ranks (query, passage) pairs with a causal-LM reranker."""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from fastrank.data.batching import collate, token_budget_batches
+from fastrank.heads import Preset, get_preset
+from fastrank.models.reranker import CausalLMScorer, unwrap_model
+
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_MAX_TOKENS = 32768  # padded tokens per batch: 64 pairs of 512, or 4 of 8192
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_dtype(dtype):
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype: {dtype!r} is not a torch dtype; use e.g. 'bfloat16', 'float16', 'float32' or 'auto'")
+
+
+def pad_token_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its unk, else its eos (FlagEmbedding's fallback order)."""
+    for name in ("pad_token_id", "unk_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("tokenizer: has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
+
+
+class Reranker:
+    """A causal-LM reranker that scores pairs through fastrank's score head.
+
+    Pairs are tokenised with the preset's layout, sorted by length, cut into batches under a token
+    budget, scored (the backbone once per batch, then only the preset's vocabulary rows at each pair's
+    last real token: no full-vocabulary logits), and returned in input order.
+    """
+
+    def __init__(self, model, tokenizer, preset: Union[str, Preset] = "bge-reranker-v2-gemma"):
+        self.preset = get_preset(preset)
+        self.tokenizer = tokenizer
+        self.model = model.eval()
+        self.pad_token_id = pad_token_id_of(tokenizer)
+        self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
+
+    @classmethod
+    def from_pretrained(cls, path_or_model, preset: Union[str, Preset] = "bge-reranker-v2-gemma", *,
+                        tokenizer=None, dtype="auto", device=None, attn_implementation=None, **model_kwargs):
+        """Load a reranker from a local path or hub name, or wrap an already loaded causal LM.
+
+        Args:
+            path_or_model: a path/name for ``AutoModelForCausalLM.from_pretrained``, or a model instance
+                (PEFT-wrapped models work; their adapters stay active).
+            preset: a name from ``fastrank.presets()`` or a ``fastrank.Preset``.
+            tokenizer: the tokenizer (loaded from the path, or from ``model.name_or_path``, when omitted).
+            dtype: ``"auto"`` (the checkpoint's), or e.g. ``"bfloat16"``, ``torch.float16``.
+            device: where to run (default: CUDA when available, else CPU).
+            attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"flash_attention_2"``, ...).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = _resolve_dtype(dtype)
+        device = torch.device(device) if device is not None else default_device()
+        if isinstance(path_or_model, str):
+            kwargs = dict(model_kwargs)
+            if attn_implementation is not None:
+                kwargs["attn_implementation"] = attn_implementation
+            model = AutoModelForCausalLM.from_pretrained(path_or_model, dtype=dtype, **kwargs)
+            source = path_or_model
+        elif isinstance(path_or_model, torch.nn.Module):
+            model = path_or_model
+            if dtype not in (None, "auto"):
+                model = model.to(dtype)
+            if attn_implementation is not None:
+                unwrap_model(model).set_attn_implementation(attn_implementation)
+            source = getattr(unwrap_model(model), "name_or_path", None)
+        else:
+            raise ValueError(
+                f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}"
+            )
+        if tokenizer is None:
+            if not source:
+                raise ValueError("tokenizer: none given and the model has no name_or_path to load one from")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        return cls(model.to(device), tokenizer, preset)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, pairs: Sequence, max_length: Optional[int] = None):
+        """Token ids of each pair under the preset's layout (``EncodedPair`` list)."""
+        return self.preset.template.encode(self.tokenizer, pairs, max_length or self.preset.max_length)
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: Optional[int] = None,
+              max_tokens: int = DEFAULT_MAX_TOKENS, normalize: bool = False,
+              show_progress: Optional[bool] = None) -> List[float]:
+        """One score per (query, passage) pair, in input order.
+
+        Args:
+            pairs: a list of ``(query, passage)`` pairs (a single pair is accepted too).
+            batch_size: at most this many pairs per forward pass.
+            max_length: the preset's token budget per pair (default: the preset's own); longer pairs
+                are truncated by the preset's rule (passage first, never the template) with a warning.
+            max_tokens: at most this many padded tokens per forward pass.
+            normalize: map scores to [0, 1] as the convention defines (sigmoid for logit conventions).
+            show_progress: a progress bar over pairs; default on when there are more than four batches.
+        """
+        if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
+            pairs = [pairs]
+        pairs = list(pairs)
+        if not pairs:
+            return []
+        encoded = self.encode(pairs, max_length)
+        n_cut = sum(e.truncated for e in encoded)
+        if n_cut:
+            warnings.warn(
+                f"{n_cut} of {len(pairs)} pairs exceeded max_length={max_length or self.preset.max_length} "
+                f"tokens and were truncated by the {self.preset.name!r} preset's rule",
+                stacklevel=3,  # past the inference_mode wrapper, to the caller
+            )
+        return self.score_encoded(
+            [e.input_ids for e in encoded], batch_size=batch_size, max_tokens=max_tokens, normalize=normalize,
+            show_progress=show_progress,
+        )
+
+    @torch.inference_mode()
+    def score_encoded(self, sequences: Sequence[Sequence[int]], *, batch_size: int = DEFAULT_BATCH_SIZE,
+                      max_tokens: int = DEFAULT_MAX_TOKENS, normalize: bool = False,
+                      show_progress: Optional[bool] = None) -> List[float]:
+        """Scores of already tokenised sequences (``encode``'s ids), in input order."""
+        lengths = [len(s) for s in sequences]
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:
+            raise ValueError(f"sequences: {len(empty)} are empty (first at index {empty[0]})")
+        batches = token_budget_batches(lengths, batch_size, max_tokens)
+        show = show_progress if show_progress is not None else len(batches) > 4
+        scores = torch.empty(len(sequences), dtype=torch.float32)
+        device = self.device
+        side = getattr(self.tokenizer, "padding_side", "right")
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(sequences), unit="pair", desc="scoring", disable=not show) as bar:
+            for idx in batches:
+                batch = collate([sequences[i] for i in idx], self.pad_token_id, side, device=device, indices=idx)
+                out = self.scorer(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    normalize=normalize,
+                )
+                scores[torch.tensor(idx)] = out.float().cpu()
+                bar.update(len(idx))
+        return scores.tolist()
+
+    def rank(self, query: str, documents: Sequence, *, top_k: Optional[int] = None, normalize: bool = False,
+             **score_kwargs) -> List[dict]:
+        """Documents for ``query``, best first: ``[{"index", "relevance_score", "document"}, ...]``.
+
+        ``documents`` are strings or ``{"text": ...}`` dicts (returned as given); ``top_k`` keeps the best k.
+        """
+        if not isinstance(query, str):
+            raise ValueError(f"query: must be a string, got {type(query).__name__}")
+        documents = list(documents)
+        if not documents:
+            raise ValueError("documents: the list is empty; give at least one document to rank")
+        texts = []
+        for i, doc in enumerate(documents):
+            text = doc.get("text") if isinstance(doc, dict) else doc
+            if not isinstance(text, str):
+                raise ValueError(f"documents[{i}]: expected a string or a {{'text': ...}} dict, got {type(doc).__name__}")
+            texts.append(text)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k: must be a positive int or None, got {top_k!r}")
+        scores = self.score([(query, t) for t in texts], normalize=normalize, **score_kwargs)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        if top_k is not None:
+            order = order[:top_k]
+        return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in order]
