@@ -115,13 +115,36 @@ def _graph_time(fn: Callable[[], object]) -> Optional[float]:
         return None
 
 
+def _time_end_to_end(fn: Callable[[], object], device: torch.device, repeats: int):
+    """Wall-clock median of whole runs (each long: seconds), synchronising the device around each."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return statistics.median(times), times[0], times[-1]
+
+
 def measure(provider: str, fn: Callable[[], object], device: torch.device, *, repeats: int = 20,
-            warmup: int = 1, min_seconds: float = 1.0) -> Measurement:
+            warmup: int = 1, min_seconds: float = 1.0, end_to_end: bool = False) -> Measurement:
     """Run ``fn`` (which must do all the work of one call, backward included) and measure it.
 
     On CPU it runs at least 3 and at most ``repeats`` timed calls, stopping once ``min_seconds`` passed.
+    ``end_to_end``: ``fn`` is a whole job (seconds long, host work included): one warm-up, one run for the
+    peak, then ``repeats`` wall-clock runs; no CUDA-graph timing.
     """
     try:
+        if end_to_end:
+            for _ in range(warmup):
+                fn()
+            peak = peak_bytes(fn, device)
+            p50, lo, hi = _time_end_to_end(fn, device, repeats)
+            return Measurement(provider, p50, lo, hi, peak)
         if device.type == "cuda":
             import triton.testing
 

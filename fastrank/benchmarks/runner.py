@@ -10,11 +10,13 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from fastrank.benchmarks import score_head
+from fastrank.benchmarks import rerank, score_head
 from fastrank.benchmarks.harness import MEMORY_FLOOR, environment, format_bytes, measure, ratio
 
 # op name -> module with quick_cases(device), full_cases(device), providers(case, device), case_dict(case)
-OPS = {"score_head": score_head}
+OPS = {"score_head": score_head, "rerank": rerank}
+# Whole jobs (seconds per call, host work included) rather than kernels.
+END_TO_END = {"rerank": {"cuda": dict(warmup=1, repeats=3), "cpu": dict(warmup=0, repeats=1)}}
 
 
 def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
@@ -35,7 +37,16 @@ def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
             if log:
                 log(f"[{op} {i + 1}/{len(cases)}] {case.label()}")
             fns = module.providers(case, device)
-            measured = [measure(name, fn, device) for name, fn in fns.items()]
+            e2e = END_TO_END.get(op, {}).get(device.type)
+            measured = [
+                measure(name, fn, device, end_to_end=True, **e2e) if e2e else measure(name, fn, device)
+                for name, fn in fns.items()
+            ]
+            items = getattr(module, "items_per_call", None)
+            if items is not None:
+                for m in measured:
+                    if m.time_ms:
+                        m.extra["items_per_second"] = items(case) / (m.time_ms / 1e3)
             del fns
             gc.collect()
             if device.type == "cuda":
@@ -83,8 +94,15 @@ def format_table(results: dict) -> str:
     for entry in results["cases"]:
         case = entry["case"]
         label = f"{case['mode']} N={case['n']} T={case['t']} {case['dtype']}"
+        if "layers" in case:
+            label = f"{case['n']} pairs L<={case['t']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
         ours = next(m for m in entry["measurements"] if m["provider"] == "fastrank")
-        ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}" if ours["time_ms"] is not None else ours["error"]
+        if ours["time_ms"] is None:
+            ours_txt = ours["error"]
+        elif "items_per_second" in ours.get("extra", {}):
+            ours_txt = f"{ours['extra']['items_per_second']:.1f} pairs/s, {format_bytes(ours['peak_bytes'])}"
+        else:
+            ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}"
         for m in entry["measurements"]:
             if m["provider"] == "fastrank":
                 continue

@@ -1,0 +1,160 @@
+"""End-to-end reranking: score a list of (query, passage) pairs, from text to scores.
+
+Model: Qwen2.5-0.5B's shape built from its config with random weights (no download), with a byte-level
+BPE tokenizer built in code; the bge-reranker-v2-gemma preset's layout and "Yes"-logit convention. Every
+provider tokenises, batches, runs the model and returns one score per pair in input order:
+
+- ``hf_full_logits``: plain transformers as FlagEmbedding drives it: pairs sorted by length, fixed batches,
+  padded to a multiple of 8, ``model(**batch).logits`` (``[B, L, V]``), the last real token's "Yes" logit.
+- ``hf_logits_to_keep``: the same with left padding and ``logits_to_keep=1``: full-vocabulary logits at the
+  last position only.
+- ``flagembedding``: ``FlagEmbedding.FlagLLMReranker.compute_score`` itself (when the package is installed),
+  loading the same weights from disk.
+- ``fastrank``: ``fastrank.Reranker.score``: token-budget batches, backbone only, score_head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict
+
+import torch
+
+import fastrank
+from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
+from fastrank.data.batching import collate
+from fastrank.inference import pad_token_id_of
+
+PRESET = "bge-reranker-v2-gemma"
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str  # "e2e"
+    n: int  # pairs
+    t: int  # max_length
+    layers: int
+    dtype: str
+    batch_size: int
+
+    def label(self) -> str:
+        return f"rerank {self.n} pairs max_length={self.t} batch={self.batch_size} layers={self.layers} {self.dtype}"
+
+
+def quick_cases(device: torch.device):
+    if device.type == "cuda":
+        return [Case("e2e", 1024, 512, 24, "bfloat16", 64)]
+    # CPU: the full vocabulary with 2 of the 24 layers; few, short pairs so full logits stay affordable
+    # (one full-logit batch of 8 x 128 tokens is 78 MB of fp32 logits and about 3 s on 2 cores).
+    return [Case("e2e", 16, 128, 2, "float32", 8)]
+
+
+def full_cases(device: torch.device):
+    if device.type == "cuda":
+        return [Case("e2e", 1024, 512, 24, "bfloat16", 64), Case("e2e", 1024, 1024, 24, "bfloat16", 32)]
+    return [Case("e2e", 1024, 512, 2, "float32", 16)]
+
+
+def case_dict(case: Case) -> dict:
+    return asdict(case)
+
+
+_CACHE: Dict[tuple, tuple] = {}
+
+
+def _setup(case: Case, device: torch.device):
+    key = (case.layers, case.dtype, str(device))
+    if key not in _CACHE:
+        _CACHE.clear()
+        tokenizer = build_tokenizer(padding_side="right")
+        config = qwen25_config(num_layers=case.layers, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = build_causal_lm(config, dtype=getattr(torch, case.dtype), device=device)
+        _CACHE[key] = (model, tokenizer, None)
+    return _CACHE[key]
+
+
+def _saved_copy(case: Case, device: torch.device):
+    """The model saved to disk, for FlagEmbedding (which only loads from a path)."""
+    model, tokenizer, path = _CACHE[(case.layers, case.dtype, str(device))]
+    if path is None:
+        path = tempfile.mkdtemp(prefix="fastrank-bench-")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        _CACHE[(case.layers, case.dtype, str(device))] = (model, tokenizer, path)
+    return path
+
+
+def _hf_scores(model, tokenizer, pairs, case: Case, logits_to_keep: bool):
+    """FlagEmbedding's loop on plain transformers (sorted by length, fixed batches, full-logit forward)."""
+    template = fastrank.get_preset(PRESET).template
+    yes = fastrank.get_preset(PRESET).convention.token_ids(tokenizer)[0]
+    encoded = [e.input_ids for e in template.encode(tokenizer, pairs, case.t)]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    scores = torch.empty(len(encoded))
+    pad = pad_token_id_of(tokenizer)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(order), case.batch_size):
+            idx = order[start : start + case.batch_size]
+            side = "left" if logits_to_keep else "right"
+            batch = collate([encoded[i] for i in idx], pad, side, device=device)
+            if logits_to_keep:
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1).logits[:, -1]
+            else:
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                last = batch.attention_mask.sum(1) - 1  # right padding, as FlagEmbedding's pooling assumes
+                logits = logits[torch.arange(len(idx), device=device), last]
+            scores[torch.tensor(idx)] = logits[:, yes].float().cpu()
+    return scores.tolist()
+
+
+def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object]]:
+    model, tokenizer, _ = _setup(case, device)
+    pairs = synthetic_pairs(case.n, seed=0)
+    fns = {
+        "hf_full_logits": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=False),
+        "hf_logits_to_keep": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=True),
+    }
+    try:
+        import FlagEmbedding  # noqa: F401
+
+        have_flag = True
+    except Exception as e:  # noqa: BLE001 - not installed, or an incompatible dependency
+        print(f"(flagembedding provider skipped: {type(e).__name__}: {e})", file=sys.stderr)
+        have_flag = False
+    if have_flag:
+        from FlagEmbedding import FlagLLMReranker
+
+        path = _saved_copy(case, device)
+        reference = FlagLLMReranker(
+            path, use_bf16=case.dtype == "bfloat16", use_fp16=case.dtype == "float16", devices=[str(device)],
+            batch_size=case.batch_size,
+        )
+        reference.model.to(device)
+
+        def flagembedding():
+            with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+                return reference.compute_score([list(p) for p in pairs], max_length=case.t)
+
+        fns["flagembedding"] = flagembedding
+    reranker = fastrank.Reranker(model, tokenizer, PRESET)
+
+    def ours():
+        with warnings.catch_warnings():  # the truncation notice; every provider truncates the same pairs
+            warnings.simplefilter("ignore", UserWarning)
+            return reranker.score(
+                pairs, batch_size=case.batch_size, max_length=case.t, max_tokens=case.batch_size * case.t,
+                show_progress=False,
+            )
+
+    fns["fastrank"] = ours
+    return fns
+
+
+def items_per_call(case: Case) -> int:
+    return case.n
