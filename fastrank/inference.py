@@ -10,6 +10,7 @@ import torch
 from fastrank.data.batching import collate, token_budget_batches
 from fastrank.heads import Preset, get_preset
 from fastrank.models.reranker import CausalLMScorer, unwrap_model
+from fastrank.utils import value_checks
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_TOKENS = 32768  # padded tokens per batch: 64 pairs of 512, or 4 of 8192
@@ -144,12 +145,15 @@ class Reranker:
             raise ValueError(f"sequences: {len(empty)} are empty (first at index {empty[0]})")
         batches = token_budget_batches(lengths, batch_size, max_tokens)
         show = show_progress if show_progress is not None else len(batches) > 4
-        scores = torch.empty(len(sequences), dtype=torch.float32)
         device = self.device
+        scores = torch.empty(len(sequences), dtype=torch.float32, device=device)
         side = getattr(self.tokenizer, "padding_side", "right")
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(sequences), unit="pair", desc="scoring", disable=not show) as bar:
+        # No host sync inside the loop: scores stay on the device until the end, and the value checks are
+        # off because these batches are built here (no empty rows), so the host prepares batch i+1 while
+        # the device computes batch i.
+        with tqdm(total=len(sequences), unit="pair", desc="scoring", disable=not show) as bar, value_checks(False):
             for idx in batches:
                 batch = collate([sequences[i] for i in idx], self.pad_token_id, side, device=device, indices=idx)
                 out = self.scorer(
@@ -158,9 +162,10 @@ class Reranker:
                     position_ids=batch.position_ids,
                     normalize=normalize,
                 )
-                scores[torch.tensor(idx)] = out.float().cpu()
+                rows = torch.tensor(idx)
+                scores[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = out.float()
                 bar.update(len(idx))
-        return scores.tolist()
+        return scores.cpu().tolist()
 
     def rank(self, query: str, documents: Sequence, *, top_k: Optional[int] = None, normalize: bool = False,
              **score_kwargs) -> List[dict]:

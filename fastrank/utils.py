@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
@@ -47,10 +49,28 @@ def select_backend(tensor: torch.Tensor) -> str:
     return backend
 
 
+_LOCAL = threading.local()
+
+
 def checks_enabled() -> bool:
     """Data-dependent input checks (empty rows, positions outside their sequence) cost one device-to-host
-    copy of a few bytes per call. They are on unless ``FASTRANK_CHECKS=0``."""
+    copy of a few bytes per call. They are on unless ``FASTRANK_CHECKS=0`` or inside ``value_checks(False)``."""
+    override = getattr(_LOCAL, "checks", None)
+    if override is not None:
+        return override
     return os.environ.get("FASTRANK_CHECKS", "1").lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the read-back value checks on or off in this thread, for code that builds its inputs itself
+    (fastrank's own batches cannot hold an empty row) and must not sync the device per call."""
+    previous = getattr(_LOCAL, "checks", None)
+    _LOCAL.checks = bool(enabled)
+    try:
+        yield
+    finally:
+        _LOCAL.checks = previous
 
 
 def can_sync(tensor: torch.Tensor) -> bool:

@@ -89,18 +89,18 @@ def _train_step(model, batch, token, checkpointing):
     if logits.shape[1] == 1:
         score = logits[:, -1, token]
     else:
-        score = logits[torch.arange(logits.shape[0]), _last(batch["attention_mask"]), token]
-    (score * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        score = logits[torch.arange(logits.shape[0], device=logits.device), _last(batch["attention_mask"]), token]
+    (score * torch.tensor([1.0, -2.0, 0.5], device=score.device)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     if checkpointing:
         model.gradient_checkpointing_disable()
     return grads
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(backend):
-    model = tiny_causal_lm("llama")
+def test_gradient_checkpointing_gives_the_same_gradients(backend, device):
+    model = tiny_causal_lm("llama").to(device)
     tokenizer = tiny_tokenizer("llama")
-    batch = _batch(tokenizer, "right", "cpu")
+    batch = _batch(tokenizer, "right", device)
     token = tokenizer.convert_tokens_to_ids("Yes")
     want = _train_step(model, batch, token, checkpointing=False)
     fastrank.patch(model, "bge-reranker-v2-gemma", tokenizer=tokenizer)
@@ -121,13 +121,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend):
         assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, what=name)
 
 
-def test_lora_adapter(backend):
+def test_lora_adapter(backend, device):
     peft = pytest.importorskip("peft")
-    model = tiny_causal_lm("qwen2")
+    model = tiny_causal_lm("qwen2").to(device)
     tokenizer = tiny_tokenizer("qwen2")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     lora = peft.get_peft_model(model, config)
-    batch = _batch(tokenizer, "left", "cpu")
+    batch = _batch(tokenizer, "left", device)
     token = tokenizer.convert_tokens_to_ids("Yes")
     want = _train_step(lora, batch, token, checkpointing=False)
     fastrank.patch(lora, "bge-reranker-v2-gemma", tokenizer=tokenizer)

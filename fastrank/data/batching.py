@@ -64,7 +64,11 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str =
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
     batch = Batch(ids, mask, positions, list(indices) if indices is not None else list(range(n)))
     if device is not None:
-        batch.input_ids = batch.input_ids.to(device, non_blocking=True)
-        batch.attention_mask = batch.attention_mask.to(device, non_blocking=True)
-        batch.position_ids = batch.position_ids.to(device, non_blocking=True)
+        device = torch.device(device)
+        # Pinned host memory makes the copies truly asynchronous: the host can build the next batch while
+        # the device runs this one.
+        pin = device.type == "cuda"
+        for name in ("input_ids", "attention_mask", "position_ids"):
+            tensor = getattr(batch, name)
+            setattr(batch, name, (tensor.pin_memory() if pin else tensor).to(device, non_blocking=pin))
     return batch
