@@ -114,47 +114,62 @@ class Reranker:
                 are truncated by the preset's rule (passage first, never the template) with a warning.
             max_tokens: at most this many padded tokens per forward pass.
             normalize: map scores to [0, 1] as the convention defines (sigmoid for logit conventions).
-            show_progress: a progress bar over pairs; default on when there are more than four batches.
+            show_progress: a progress bar over pairs; default on for more than ``4 * batch_size`` pairs.
         """
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
             pairs = [pairs]
         pairs = list(pairs)
         if not pairs:
             return []
-        encoded = self.encode(pairs, max_length)
-        n_cut = sum(e.truncated for e in encoded)
+        scores = torch.empty(len(pairs), dtype=torch.float32, device=self.device)
+        # Tokenise a chunk while the device scores the previous one: the loop below never waits for the
+        # device, so tokenisation (host) and the forward passes (device) overlap. Within a chunk, pairs
+        # are sorted by length and batched under the token budget.
+        chunk = max(4 * batch_size, 256)
+        show = show_progress if show_progress is not None else len(pairs) > 4 * batch_size
+        n_cut = 0
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(pairs), unit="pair", desc="scoring", disable=not show) as bar:
+            for start in range(0, len(pairs), chunk):
+                encoded = self.encode(pairs[start : start + chunk], max_length)
+                n_cut += sum(e.truncated for e in encoded)
+                self._enqueue([e.input_ids for e in encoded], start, scores, batch_size, max_tokens, normalize, bar)
         if n_cut:
             warnings.warn(
                 f"{n_cut} of {len(pairs)} pairs exceeded max_length={max_length or self.preset.max_length} "
                 f"tokens and were truncated by the {self.preset.name!r} preset's rule",
                 stacklevel=3,  # past the inference_mode wrapper, to the caller
             )
-        return self.score_encoded(
-            [e.input_ids for e in encoded], batch_size=batch_size, max_tokens=max_tokens, normalize=normalize,
-            show_progress=show_progress,
-        )
+        return scores.cpu().tolist()
 
     @torch.inference_mode()
     def score_encoded(self, sequences: Sequence[Sequence[int]], *, batch_size: int = DEFAULT_BATCH_SIZE,
                       max_tokens: int = DEFAULT_MAX_TOKENS, normalize: bool = False,
                       show_progress: Optional[bool] = None) -> List[float]:
         """Scores of already tokenised sequences (``encode``'s ids), in input order."""
+        scores = torch.empty(len(sequences), dtype=torch.float32, device=self.device)
+        show = show_progress if show_progress is not None else len(sequences) > 4 * batch_size
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(sequences), unit="pair", desc="scoring", disable=not show) as bar:
+            self._enqueue(sequences, 0, scores, batch_size, max_tokens, normalize, bar)
+        return scores.cpu().tolist()
+
+    def _enqueue(self, sequences, offset, scores, batch_size, max_tokens, normalize, bar):
+        """Launch the batches of ``sequences`` and write their scores into ``scores[offset:]`` on the device.
+
+        No host sync: the scores stay on the device, batches go up through pinned memory, and the value
+        checks are off because fastrank builds these batches itself (no empty rows).
+        """
         lengths = [len(s) for s in sequences]
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
-            raise ValueError(f"sequences: {len(empty)} are empty (first at index {empty[0]})")
-        batches = token_budget_batches(lengths, batch_size, max_tokens)
-        show = show_progress if show_progress is not None else len(batches) > 4
-        device = self.device
-        scores = torch.empty(len(sequences), dtype=torch.float32, device=device)
+            raise ValueError(f"sequences: {len(empty)} are empty (first at index {offset + empty[0]})")
+        device = scores.device
         side = getattr(self.tokenizer, "padding_side", "right")
-        from tqdm.auto import tqdm
-
-        # No host sync inside the loop: scores stay on the device until the end, and the value checks are
-        # off because these batches are built here (no empty rows), so the host prepares batch i+1 while
-        # the device computes batch i.
-        with tqdm(total=len(sequences), unit="pair", desc="scoring", disable=not show) as bar, value_checks(False):
-            for idx in batches:
+        with value_checks(False):
+            for idx in token_budget_batches(lengths, batch_size, max_tokens):
                 batch = collate([sequences[i] for i in idx], self.pad_token_id, side, device=device, indices=idx)
                 out = self.scorer(
                     input_ids=batch.input_ids,
@@ -162,10 +177,9 @@ class Reranker:
                     position_ids=batch.position_ids,
                     normalize=normalize,
                 )
-                rows = torch.tensor(idx)
+                rows = torch.tensor(idx) + offset
                 scores[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = out.float()
                 bar.update(len(idx))
-        return scores.cpu().tolist()
 
     def rank(self, query: str, documents: Sequence, *, top_k: Optional[int] = None, normalize: bool = False,
              **score_kwargs) -> List[dict]:

@@ -16,7 +16,7 @@ from fastrank.benchmarks.harness import MEMORY_FLOOR, environment, format_bytes,
 # op name -> module with quick_cases(device), full_cases(device), providers(case, device), case_dict(case)
 OPS = {"score_head": score_head, "rerank": rerank}
 # Whole jobs (seconds per call, host work included) rather than kernels.
-END_TO_END = {"rerank": {"cuda": dict(warmup=1, repeats=3), "cpu": dict(warmup=0, repeats=1)}}
+END_TO_END = {"rerank": {"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)}}
 
 
 def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
