@@ -125,7 +125,7 @@ class Reranker:
         # Tokenise a chunk while the device scores the previous one: the loop below never waits for the
         # device, so tokenisation (host) and the forward passes (device) overlap. Within a chunk, pairs
         # are sorted by length and batched under the token budget.
-        chunk = max(4 * batch_size, 256)
+        chunk = max(16 * batch_size, 1024)
         show = show_progress if show_progress is not None else len(pairs) > 4 * batch_size
         n_cut = 0
         from tqdm.auto import tqdm
