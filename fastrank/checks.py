@@ -8,7 +8,7 @@ resolved rows and read back once per call; ``FASTRANK_CHECKS=0`` skips that read
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 

@@ -43,16 +43,9 @@ def _parse_rerank_line(text: str):
     if not isinstance(query, str):
         raise ValueError("'query' must be a string")
     if "documents" in record:
-        docs = record["documents"]
-        if not isinstance(docs, list) or not docs:
-            raise ValueError("'documents' must be a non-empty list")
-        texts = []
-        for j, doc in enumerate(docs):
-            doc_text = doc.get("text") if isinstance(doc, dict) else doc
-            if not isinstance(doc_text, str):
-                raise ValueError(f"documents[{j}] must be a string or an object with a string 'text'")
-            texts.append(doc_text)
-        return record, [(query, t) for t in texts], "documents"
+        from fastrank.inference import document_texts
+
+        return record, [(query, t) for t in document_texts(record["documents"])], "documents"
     if isinstance(record.get("document"), str):
         return record, [(query, record["document"])], "pair"
     raise ValueError("needs 'documents' (a list) or 'document' (a string) next to 'query'")

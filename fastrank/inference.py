@@ -37,6 +37,19 @@ def pad_token_id_of(tokenizer) -> int:
     raise ValueError("tokenizer: has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
 
 
+def document_texts(documents) -> List[str]:
+    """The text of each document (a string or a ``{"text": ...}`` dict), checked: a non-empty list."""
+    if not isinstance(documents, list) or not documents:
+        raise ValueError("documents: must be a non-empty list; give at least one document to rank")
+    texts = []
+    for i, doc in enumerate(documents):
+        text = doc.get("text") if isinstance(doc, dict) else doc
+        if not isinstance(text, str):
+            raise ValueError(f"documents[{i}]: expected a string or a {{'text': ...}} dict, got {type(doc).__name__}")
+        texts.append(text)
+    return texts
+
+
 class Reranker:
     """A causal-LM reranker that scores pairs through fastrank's score head.
 
@@ -190,14 +203,7 @@ class Reranker:
         if not isinstance(query, str):
             raise ValueError(f"query: must be a string, got {type(query).__name__}")
         documents = list(documents)
-        if not documents:
-            raise ValueError("documents: the list is empty; give at least one document to rank")
-        texts = []
-        for i, doc in enumerate(documents):
-            text = doc.get("text") if isinstance(doc, dict) else doc
-            if not isinstance(text, str):
-                raise ValueError(f"documents[{i}]: expected a string or a {{'text': ...}} dict, got {type(doc).__name__}")
-            texts.append(text)
+        texts = document_texts(documents)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k: must be a positive int or None, got {top_k!r}")
         scores = self.score([(query, t) for t in texts], normalize=normalize, **score_kwargs)

@@ -196,7 +196,6 @@ def lse_backward_chunked(
     # In half precision the probabilities enter the backward GEMMs in the input dtype (as Liger's fused
     # linear cross-entropy does): relative error 2^-8 per term, accumulated in fp32.
     p_dtype = h.dtype if h.dtype in (torch.float16, torch.bfloat16) and h.is_cuda else acc
-    h_acc = h.to(acc)
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
         w_chunk = weight[v0:v1]

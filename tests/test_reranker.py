@@ -61,7 +61,7 @@ def test_rank_shape_and_order(device):
 
 def test_input_errors(device):
     reranker = fastrank.Reranker(tiny_causal_lm("qwen2").to(device), tiny_tokenizer("qwen2"), "qwen3-reranker")
-    with pytest.raises(ValueError, match="^documents: the list is empty"):
+    with pytest.raises(ValueError, match="^documents: must be a non-empty list"):
         reranker.rank("q", [])
     with pytest.raises(ValueError, match="^top_k"):
         reranker.rank("q", ["a"], top_k=0)

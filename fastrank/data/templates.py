@@ -62,6 +62,11 @@ def _check_max_length(max_length) -> int:
     return max_length
 
 
+def _encode_inputs(tokenizer, pairs, max_length):
+    """Checked pairs and max_length, and the side the tokenizer truncates from."""
+    return _check_pairs(pairs), _check_max_length(max_length), getattr(tokenizer, "truncation_side", "right")
+
+
 def _tokenize(tokenizer, texts: Sequence[str]) -> List[List[int]]:
     if not texts:
         return []
@@ -121,9 +126,7 @@ class FlagLLMTemplate:
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
 
     def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
-        pairs = _check_pairs(pairs)
-        max_length = _check_max_length(max_length)
-        side = getattr(tokenizer, "truncation_side", "right")
+        pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         q_max = self.query_max_length or max_length * 3 // 4
         queries = _tokenize(tokenizer, [self.query_instruction + q for q, _ in pairs])
         passages = _tokenize(tokenizer, [self.passage_instruction + p for _, p in pairs])
@@ -156,9 +159,7 @@ class MxbaiV2Template:
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
 
     def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
-        pairs = _check_pairs(pairs)
-        max_length = _check_max_length(max_length)
-        side = getattr(tokenizer, "truncation_side", "right")
+        pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         prefix, suffix = self._const(tokenizer, MXBAI_V2_PREFIX), self._const(tokenizer, MXBAI_V2_SUFFIX)
         sep, task = self._const(tokenizer, "\n"), self._const(tokenizer, MXBAI_V2_TASK)
         predefined = len(prefix) + len(task) + len(suffix) + len(sep)
@@ -190,9 +191,7 @@ class Qwen3RerankerTemplate:
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
 
     def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
-        pairs = _check_pairs(pairs)
-        max_length = _check_max_length(max_length)
-        side = getattr(tokenizer, "truncation_side", "right")
+        pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         prefix = self._const(tokenizer, QWEN3_RERANKER_PREFIX)
         suffix = self._const(tokenizer, QWEN3_RERANKER_SUFFIX)
         budget = max_length - len(prefix) - len(suffix)
@@ -287,9 +286,7 @@ class SegmentTemplate:
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
 
     def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
-        pairs = _check_pairs(pairs)
-        max_length = _check_max_length(max_length)
-        side = getattr(tokenizer, "truncation_side", "right")
+        pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         bos = tokenizer.bos_token_id
         use_bos = (bos is not None and bos != tokenizer.pad_token_id) if self.add_bos == "auto" else bool(self.add_bos)
         lead = ([bos] if use_bos else []) + (self._const(tokenizer, self.prefix) if self.prefix else [])
