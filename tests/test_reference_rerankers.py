@@ -24,19 +24,33 @@ LONG = synthetic_pairs(4, seed=2, query_words=(60, 90), passage_words=(150, 300)
 MAX_LENGTH = 64
 
 
-@pytest.fixture(scope="module", params=["qwen2", "gemma"])
-def saved_model(request, tmp_path_factory):
-    """A tiny causal LM and its tokenizer saved to disk, as the reference packages load them."""
-    arch = request.param
-    path = tmp_path_factory.mktemp(f"tiny-{arch}")
-    model = tiny_causal_lm(arch)
-    tiny_tokenizer(arch).save_pretrained(path)
-    model.save_pretrained(path)
-    # Both sides use the tokenizer as loaded back from disk (for a Qwen2 folder, transformers rebuilds it
-    # as a Qwen2Tokenizer with Qwen's own pre-tokenizer).
-    from transformers import AutoTokenizer
+_SAVED = {}
 
-    return arch, str(path), model, AutoTokenizer.from_pretrained(path)
+
+def _saved(arch, tmp_path_factory):
+    """A tiny causal LM and its tokenizer saved to disk, as the reference packages load them."""
+    if arch not in _SAVED:
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model = tiny_causal_lm(arch)
+        tiny_tokenizer(arch).save_pretrained(path)
+        model.save_pretrained(path)
+        # Both sides use the tokenizer as loaded back from disk (for a Qwen2 folder, transformers rebuilds
+        # it as a Qwen2Tokenizer with Qwen's own pre-tokenizer).
+        from transformers import AutoTokenizer
+
+        _SAVED[arch] = (arch, str(path), model, AutoTokenizer.from_pretrained(path))
+    return _SAVED[arch]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama", "gemma", "mistral"])
+def saved_model(request, tmp_path_factory):
+    return _saved(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory):
+    """The Qwen-family presets (mxbai-v2, Qwen3-Reranker, lb-reranker) are Qwen models."""
+    return _saved("qwen2", tmp_path_factory)
 
 
 def _real_ids(input_ids, attention_mask):
@@ -85,12 +99,10 @@ def _prepare_for_model_shim(tokenizer):
 
 
 @pytest.mark.parametrize("pairs", [SHORT, LONG], ids=["short", "long"])
-def test_mxbai_rerank_v2(saved_model, pairs):
+def test_mxbai_rerank_v2(qwen_model, pairs):
     mxbai = pytest.importorskip("mxbai_rerank")
     pytest.importorskip("FlagEmbedding")
-    arch, path, model, tokenizer = saved_model
-    if arch != "qwen2":
-        pytest.skip("mxbai-rerank-v2 is a Qwen2.5 model")
+    arch, path, model, tokenizer = qwen_model
     reference = mxbai.MxbaiRerankV2(path, device="cpu", torch_dtype=torch.float32, max_length=MAX_LENGTH)
     _prepare_for_model_shim(reference.tokenizer)
     want = reference.predict([q for q, _ in pairs], [p for _, p in pairs])
@@ -99,12 +111,10 @@ def test_mxbai_rerank_v2(saved_model, pairs):
     assert_close(torch.tensor(got), want, atol=1e-5, rtol=1e-5)
 
 
-def test_qwen3_reranker_model_card_code(saved_model):
+def test_qwen3_reranker_model_card_code(qwen_model):
     """The Qwen3-Reranker card's code: fixed prefix/suffix ids around the formatted body, truncated body,
     left padding, log-softmax over [no, yes] at the last position."""
-    arch, path, model, tokenizer = saved_model
-    if arch != "qwen2":
-        pytest.skip("Qwen3-Reranker uses a Qwen tokenizer")
+    arch, path, model, tokenizer = qwen_model
     max_length = 96
     prefix = (
         "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
@@ -132,11 +142,9 @@ def test_qwen3_reranker_model_card_code(saved_model):
     assert_close(torch.tensor(got), want, atol=1e-5, rtol=1e-5)
 
 
-def test_lb_reranker_card(saved_model):
+def test_lb_reranker_card(qwen_model):
     """lb-reranker's card: chat template with its system message, then sum_d d * p(d) over the full softmax."""
-    arch, path, model, tokenizer = saved_model
-    if arch != "qwen2":
-        pytest.skip("lb-reranker is a Qwen2.5 model")
+    arch, path, model, tokenizer = qwen_model
     system = (
         "Given a query and a piece of text, output a score of 1-7 based on how related the query is to the text. "
         "1 means least related and 7 is most related."
@@ -152,10 +160,8 @@ def test_lb_reranker_card(saved_model):
     assert_close(torch.tensor(got), torch.stack(want), atol=1e-6, rtol=1e-5)
 
 
-def test_chat_template_truncation_keeps_the_suffix(saved_model):
-    arch, path, model, tokenizer = saved_model
-    if arch != "qwen2":
-        pytest.skip("chat-template presets are Qwen models")
+def test_chat_template_truncation_keeps_the_suffix(qwen_model):
+    arch, path, model, tokenizer = qwen_model
     preset = fastrank.get_preset("lb-reranker")
     encoded = preset.template.encode(tokenizer, LONG, 120)
     suffix = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]

@@ -15,8 +15,10 @@ provider tokenises, batches, runs the model and returns one score per pair in in
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
+import shutil
 import sys
 import tempfile
 import warnings
@@ -83,6 +85,7 @@ def _saved_copy(case: Case, device: torch.device):
     model, tokenizer, path = _CACHE[(case.layers, case.dtype, str(device))]
     if path is None:
         path = tempfile.mkdtemp(prefix="fastrank-bench-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)  # about 1 GB of weights
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         _CACHE[(case.layers, case.dtype, str(device))] = (model, tokenizer, path)
