@@ -1,11 +1,11 @@
 """fastrank: fused Triton kernels for LLM rerankers and embedders.
 
-Ops:        score_head, ScoreHeadOutput
+Ops:        score_head, ScoreHeadOutput, pool
 Rerankers:  Reranker, patch, unpatch, presets, get_preset, register_preset, Preset,
             Convention, yes_logit, yes_no, token_diff, digit_ev
 """
 
-from fastrank.functional import ScoreHeadOutput, score_head
+from fastrank.functional import ScoreHeadOutput, pool, score_head
 from fastrank.heads import (
     Convention,
     Preset,
@@ -31,6 +31,7 @@ __all__ = [
     "digit_ev",
     "get_preset",
     "patch",
+    "pool",
     "presets",
     "register_preset",
     "score_head",

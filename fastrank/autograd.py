@@ -59,3 +59,35 @@ class ScoreHeadFunction(torch.autograd.Function):
             grad_out, grad_lse, ctx.hidden_meta, gathered, weight, bias, lse, rows, ctx.config, needs
         )
         return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+class PoolFunction(torch.autograd.Function):
+    """pool's autograd on the Triton path (the reference path is differentiable by torch itself).
+
+    Inputs: hidden, attention_mask, input_ids, cu_seqlens (each or None), a ``PoolConfig``. Outputs: the
+    pooled (and normalised) ``[N, H]`` fp32 and the per-sequence status (non-differentiable). Saves only
+    ``[N, H]`` tensors and the counts: never the hidden states.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, attention_mask, input_ids, cu_seqlens, config):
+        from fastrank.kernels.pool import pool_forward
+
+        out, count, status, pooled, norm = pool_forward(
+            hidden, attention_mask, input_ids, cu_seqlens, config, needs_grad=ctx.needs_input_grad[0]
+        )
+        ctx.config = config
+        ctx.hidden_meta = (hidden.shape, hidden.dtype, hidden.device)
+        ctx.save_for_backward(out, pooled, norm, count, attention_mask, input_ids, cu_seqlens)
+        ctx.mark_non_differentiable(status)
+        return out, status
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_status):
+        from fastrank.kernels.pool import pool_backward
+
+        out, pooled, norm, count, attention_mask, input_ids, cu_seqlens = ctx.saved_tensors
+        grad = pool_backward(
+            grad_out, ctx.hidden_meta, out, pooled, norm, count, attention_mask, input_ids, cu_seqlens, ctx.config
+        )
+        return grad, None, None, None, None

@@ -217,3 +217,102 @@ def raise_on_invalid_rows(rows: torch.Tensor, config: ScoreHeadConfig, attention
             f"positions: positions[{i}]={int(positions[i])} is outside {where}; "
             f"{len(outside)} sequence(s) affected, first {outside[:8]}"
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# pool
+# ------------------------------------------------------------------------------------------------
+def check_pool_inputs(hidden, attention_mask, mode, normalize, token_ids, input_ids, last_k, cu_seqlens):
+    """Validate and normalise pool's arguments. Returns ``(config, hidden, attention_mask, input_ids,
+    cu_seqlens)`` with packed ``[1, M, H]`` viewed as ``[M, H]`` and packed input_ids as ``[M]``."""
+    from fastrank.reference import POOL_MODES, PoolConfig
+
+    _require_tensor("hidden", hidden, "[N, T, H] or packed [M, H]")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden: must be float16, bfloat16 or float32, got {_dtype_name(hidden.dtype)}")
+    if mode not in POOL_MODES:
+        raise ValueError(f"mode: {mode!r} is not a pooling mode; choose from {', '.join(POOL_MODES)}")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize: must be True or False, got {normalize!r}")
+    if mode != "special" and (token_ids is not None or last_k is not None):
+        raise ValueError(f"token_ids/last_k: only mode='special' uses them (mode is {mode!r})")
+    ids = ()
+    if mode == "special":
+        if (token_ids is None) == (last_k is None):
+            raise ValueError(
+                "token_ids: mode='special' pools either the positions of token_ids (with input_ids) or the last_k "
+                "real tokens; give exactly one of token_ids and last_k"
+            )
+        if last_k is not None and (isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1):
+            raise ValueError(f"last_k: must be a positive int, got {last_k!r}")
+        if token_ids is not None:
+            ids = normalize_token_ids(token_ids, vocab=1 << 62)
+            if input_ids is None:
+                raise ValueError("input_ids: mode='special' with token_ids needs the input_ids to find them in")
+
+    packed = cu_seqlens is not None
+    if packed:
+        if hidden.dim() == 3 and hidden.shape[0] == 1:
+            hidden = hidden[0]
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden: packed input (cu_seqlens given) must be [M, H] or [1, M, H], got shape {tuple(hidden.shape)}")
+        if attention_mask is not None:
+            raise ValueError("attention_mask: cannot be combined with cu_seqlens; packed sequences are delimited by cu_seqlens")
+        cu_seqlens = _integer_tensor("cu_seqlens", cu_seqlens, hidden.device, "[N + 1]")
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens: must be 1-D [N + 1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+        _same_device("cu_seqlens", cu_seqlens, hidden)
+        shape_ids = (hidden.shape[0],)
+    else:
+        if hidden.dim() != 3:
+            raise ValueError(
+                f"hidden: must be [N, T, H] (or packed [M, H] with cu_seqlens), got shape {tuple(hidden.shape)}"
+            )
+        if attention_mask is not None:
+            _require_tensor("attention_mask", attention_mask, "[N, T]")
+            if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+                raise ValueError(
+                    f"attention_mask: shape {tuple(attention_mask.shape)} does not match hidden's [N, T] = {tuple(hidden.shape[:2])}"
+                )
+            _same_device("attention_mask", attention_mask, hidden)
+        shape_ids = tuple(hidden.shape[:2])
+    if input_ids is not None:
+        input_ids = _integer_tensor("input_ids", input_ids, hidden.device, "[N, T] or packed [M]")
+        if packed and input_ids.dim() == 2 and input_ids.shape[0] == 1:
+            input_ids = input_ids[0]
+        if tuple(input_ids.shape) != shape_ids:
+            raise ValueError(f"input_ids: shape {tuple(input_ids.shape)} does not match hidden's {shape_ids}")
+        _same_device("input_ids", input_ids, hidden)
+    config = PoolConfig(mode=mode, normalize=normalize, token_ids=ids, last_k=last_k)
+    return config, hidden, attention_mask, input_ids, cu_seqlens
+
+
+def raise_on_pool_status(status: torch.Tensor, config, cu_seqlens) -> None:
+    """Read pool's per-sequence status back (one small copy) and raise on the first problem."""
+    if status.numel() == 0:
+        return
+    codes = status.cpu()
+    if int(codes.min()) >= 0:
+        return
+
+    def rows(code):
+        found = (codes == code).nonzero().flatten().tolist()
+        return found, f"{found[:8]}{'...' if len(found) > 8 else ''}"
+
+    bad_cu, text = rows(-4)
+    if bad_cu:
+        raise ValueError(f"cu_seqlens: is not a partition of the packed rows (it must start at 0, never decrease "
+                         f"and end at M); sequences {text} fall outside")
+    empty, text = rows(-1)
+    if empty:
+        arg = "cu_seqlens" if cu_seqlens is not None else "attention_mask"
+        raise ValueError(f"{arg}: sequence(s) {text} have no real token; every row needs at least one to pool")
+    absent, text = rows(-2)
+    if absent:
+        raise ValueError(
+            f"token_ids: none of {list(config.token_ids)} occurs among the real tokens of sequence(s) {text}; "
+            "add the special tokens to every input (and check truncation did not cut them)"
+        )
+    short, text = rows(-3)
+    if short:
+        raise ValueError(f"last_k: sequence(s) {text} have fewer than last_k={config.last_k} real tokens to pool")

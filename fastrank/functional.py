@@ -6,8 +6,14 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fastrank.checks import check_score_head_inputs, raise_on_invalid_rows
-from fastrank.autograd import ScoreHeadFunction
+from fastrank.autograd import PoolFunction, ScoreHeadFunction
+from fastrank.checks import (
+    check_pool_inputs,
+    check_score_head_inputs,
+    raise_on_invalid_rows,
+    raise_on_pool_status,
+)
+from fastrank.reference import pool_reference
 from fastrank.utils import can_sync, checks_enabled, select_backend
 
 
@@ -82,3 +88,51 @@ def score_head(
     if checks_enabled() and can_sync(hidden):
         raise_on_invalid_rows(rows, config, attention_mask, positions, cu_seqlens)
     return ScoreHeadOutput(out, lse) if return_lse else out
+
+
+def pool(
+    hidden: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    mode: str = "mean",
+    normalize: bool = False,
+    token_ids=None,
+    input_ids: Optional[torch.Tensor] = None,
+    last_k: Optional[int] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pool each sequence's hidden states into one vector, optionally L2-normalised, accumulated in fp32.
+
+    Args:
+        hidden: ``[N, T, H]`` padded (either padding side), or packed ``[M, H]`` (also ``[1, M, H]``) with
+            ``cu_seqlens``; float16, bfloat16 or float32.
+        attention_mask: ``[N, T]``, nonzero = real token (padded input; without it every token is real).
+        mode: ``"cls"`` (first real token), ``"mean"`` (mean over real tokens), ``"last"`` (last real
+            token) or ``"special"`` (mean over the positions holding one of ``token_ids`` in
+            ``input_ids``, or over the last ``last_k`` real tokens, as LLARA averages ``<s1>..<s8>``).
+        normalize: divide by the L2 norm (``torch.nn.functional.normalize`` semantics, eps 1e-12).
+        token_ids: for ``"special"``: the vocabulary ids whose positions are pooled (1 to 16 ids).
+        input_ids: for ``"special"`` with ``token_ids``: ``[N, T]`` (or packed ``[M]``) token ids.
+        last_k: for ``"special"``: pool the last k real tokens instead of looking ids up.
+        cu_seqlens: ``[N + 1]`` offsets of packed sequences.
+
+    Returns:
+        fp32 ``[N, H]``. Differentiable with respect to ``hidden``; only the pooled positions receive
+        gradient.
+
+    Raises:
+        ValueError: naming the argument, for a row with no real token, a special token absent from a
+            row, ``last_k`` larger than a row, an inconsistent ``cu_seqlens``, or a shape, dtype or device
+            problem. As with score_head, value checks read a few bytes back once per call
+            (``FASTRANK_CHECKS=0`` skips them; an invalid row is then NaN).
+    """
+    config, hidden, attention_mask, input_ids, cu_seqlens = check_pool_inputs(
+        hidden, attention_mask, mode, normalize, token_ids, input_ids, last_k, cu_seqlens
+    )
+    if select_backend(hidden) == "triton":
+        out, status = PoolFunction.apply(hidden, attention_mask, input_ids, cu_seqlens, config)
+    else:
+        out, status = pool_reference(hidden, attention_mask, input_ids, cu_seqlens, config)
+    if checks_enabled() and can_sync(hidden):
+        raise_on_pool_status(status, config, cu_seqlens)
+    return out

@@ -288,3 +288,85 @@ def score_head_backward_reference(grad_out, grad_lse, hidden_meta, h, weight, bi
     shape, dtype = hidden_meta
     grad_hidden = scatter_rows(shape, dtype, rows, grad_h, config.packed) if need_h else None
     return grad_hidden, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------------------
+# pool
+# ------------------------------------------------------------------------------------------------
+POOL_MODES = ("cls", "mean", "last", "special")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The static part of a pool call."""
+
+    mode: str  # cls | mean | last | special
+    normalize: bool
+    token_ids: tuple = ()  # special: pool the positions holding these ids
+    last_k: Optional[int] = None  # special: pool the last k real tokens instead
+
+    @property
+    def mode_code(self) -> int:
+        if self.mode == "special":
+            return 4 if self.last_k else 3
+        return {"cls": 0, "mean": 1, "last": 2}[self.mode]
+
+
+def pool_weights(hidden, attention_mask, input_ids, cu_seqlens, config: PoolConfig):
+    """The rows each sequence pools, and its status, on the reference path.
+
+    Returns ``(sel, status)``: ``sel`` is ``[N, T]`` (padded) or ``[N, M]`` (packed) bool, True on the rows
+    the mode selects; ``status`` ``[N]`` int32 uses the codes of ``fastrank.kernels.pool`` (0 = fine).
+    """
+    device = hidden.device
+    if cu_seqlens is not None:
+        cu = cu_seqlens.long()
+        total, n = hidden.shape[0], cu.shape[0] - 1
+        starts, ends = cu[:-1], cu[1:]
+        seq = torch.arange(n, device=device)
+        ok = (starts >= 0) & (ends >= starts) & (ends <= total)
+        ok &= (seq != 0) | (cu[0] == 0)
+        ok &= (seq != n - 1) | (cu[-1] == total)
+        steps = torch.arange(total, device=device)
+        real = (steps[None, :] >= starts[:, None]) & (steps[None, :] < ends[:, None]) & ok[:, None]
+        tokens = input_ids.reshape(1, -1).expand(n, -1) if input_ids is not None else None
+    else:
+        n, t = hidden.shape[0], hidden.shape[1]
+        ok = None
+        steps = torch.arange(t, device=device)
+        real = (attention_mask != 0) if attention_mask is not None else torch.ones(n, t, dtype=torch.bool, device=device)
+        tokens = input_ids
+    if config.mode == "mean":
+        sel = real
+    elif config.mode == "cls":
+        sel = real & (steps[None, :] == torch.where(real, steps, real.shape[1]).amin(1)[:, None])
+    elif config.mode == "last" or config.last_k:
+        last = torch.where(real, steps, -1).amax(1)[:, None]
+        k = config.last_k or 1
+        sel = real & (steps[None, :] > last - k) & (steps[None, :] <= last)
+    else:
+        sel = real & torch.isin(tokens, torch.tensor(config.token_ids, device=device))
+    count = sel.sum(1)
+    status = torch.where(count == 0, -1, 0)
+    if config.mode == "special" and config.last_k:
+        status = torch.where((count > 0) & (count < config.last_k), -3, status)
+    elif config.mode == "special":
+        status = torch.where((count == 0) & real.any(1), -2, status)
+    if ok is not None:
+        status = torch.where(ok, status, -4)
+    return sel, status.to(torch.int32)
+
+
+def pool_reference(hidden, attention_mask, input_ids, cu_seqlens, config: PoolConfig):
+    """Pooling in plain torch (differentiable by autograd). Returns ``(out fp32 [N, H], status [N])``."""
+    sel, status = pool_weights(hidden, attention_mask, input_ids, cu_seqlens, config)
+    acc = accumulate_dtype(hidden.dtype)
+    # Only the selected rows are gathered, so whatever padding holds (even NaN) never reaches the result,
+    # as in the kernel, which does not read it at all.
+    seq, pos = sel.nonzero(as_tuple=True)
+    rows = hidden[pos] if cu_seqlens is not None else hidden[seq, pos]
+    summed = torch.zeros(sel.shape[0], hidden.shape[-1], dtype=acc, device=hidden.device).index_add(0, seq, rows.to(acc))
+    out = summed / sel.sum(1, keepdim=True).to(acc)  # an invalid sequence divides 0 by 0: NaN, visible
+    if config.normalize:
+        out = torch.nn.functional.normalize(out, dim=-1)
+    return out, status

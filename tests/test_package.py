@@ -67,3 +67,14 @@ def test_benchmark_providers_compute_the_same_thing(mode):
     for name, got in results.items():
         for a, b in zip(got if isinstance(got, tuple) else (got,), ours if isinstance(ours, tuple) else (ours,)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} differs from fastrank")
+
+
+@pytest.mark.parametrize("mode", ["mean_fwd", "mean_train", "special_fwd", "special_train"])
+def test_pool_benchmark_providers_agree(mode):
+    from fastrank.benchmarks import pool as bench_pool
+
+    case = bench_pool.Case(mode=mode, n=3, t=16, hidden=8, dtype="float32")
+    fns = bench_pool.providers(case, torch.device("cpu"))
+    got, want = fns["fastrank"](), fns["torch_unfused"]()
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -10,11 +10,11 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from fastrank.benchmarks import rerank, score_head
+from fastrank.benchmarks import pool, rerank, score_head
 from fastrank.benchmarks.harness import MEMORY_FLOOR, environment, format_bytes, measure, ratio
 
 # op name -> module with quick_cases(device), full_cases(device), providers(case, device), case_dict(case)
-OPS = {"score_head": score_head, "rerank": rerank}
+OPS = {"score_head": score_head, "pool": pool, "rerank": rerank}
 # Whole jobs (seconds per call, host work included) rather than kernels.
 END_TO_END = {"rerank": {"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)}}
 
