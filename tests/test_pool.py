@@ -151,7 +151,7 @@ def test_pool_gradients(backend, device, dtype, mode, kw, normalize):
 
 
 def test_packed_gradients(backend, device):
-    lengths, h = [4, 1, 6], 16
+    h = 16  # sequences of 4, 1 and 6 rows
     cu = torch.tensor([0, 4, 5, 11], device=device)
     flat = torch.randn(11, h, device=device, requires_grad=True)
     g = torch.randn(3, h, device=device)
