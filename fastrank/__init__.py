@@ -3,6 +3,7 @@
 Ops:        score_head, ScoreHeadOutput, pool
 Rerankers:  Reranker, patch, unpatch, presets, get_preset, register_preset, Preset,
             Convention, yes_logit, yes_no, token_diff, digit_ev
+Embedders:  Embedder, BiEncoder, LlaraEncoder
 """
 
 from fastrank.functional import ScoreHeadOutput, pool, score_head
@@ -17,13 +18,16 @@ from fastrank.heads import (
     yes_logit,
     yes_no,
 )
-from fastrank.inference import Reranker
-from fastrank.models import patch, unpatch
+from fastrank.inference import Embedder, Reranker
+from fastrank.models import BiEncoder, LlaraEncoder, patch, unpatch
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "BiEncoder",
     "Convention",
+    "Embedder",
+    "LlaraEncoder",
     "Preset",
     "Reranker",
     "ScoreHeadOutput",

@@ -106,6 +106,80 @@ def cmd_rerank(args) -> int:
     return 1 if errors else 0
 
 
+def _read_texts(path: str, fmt: str):
+    """(line number, text or None, error or None) per non-empty input line."""
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    if fmt == "auto":
+        fmt = "jsonl" if path.endswith((".jsonl", ".json")) else "text"
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if fmt == "text":
+            out.append((number, line, None, None))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            out.append((number, None, None, f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        text = record.get("text") if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            out.append((number, None, None, "expected a JSON string or an object with a string 'text'"))
+            continue
+        out.append((number, text, record.get("id") if isinstance(record, dict) else None, None))
+    return out
+
+
+def cmd_encode(args) -> int:
+    import numpy as np
+
+    from fastrank.inference import Embedder
+
+    items = _read_texts(args.input, args.format)
+    where = "<stdin>" if args.input == "-" else args.input
+    errors = [(n, err) for n, _, _, err in items if err]
+    for n, err in errors:
+        print(f"{where}:{n}: {err}", file=sys.stderr)
+    good = [(n, text, rid) for n, text, rid, err in items if not err]
+    normalize = None if args.normalize is None else args.normalize == "yes"
+    embedder = Embedder.from_pretrained(
+        args.model, kind=args.kind, pooling=args.pooling, normalize=normalize, max_length=args.max_length,
+        dtype=args.dtype, device=args.device,
+    )
+    method = embedder.encode_queries if args.queries else embedder.encode_corpus
+    vectors = method([t for _, t, _ in good], batch_size=args.batch_size, max_tokens=args.max_tokens,
+                     show_progress=False if args.no_progress else None) if good else np.zeros((0, embedder.dim), "float32")
+    if args.output.endswith(".npy"):
+        if errors:
+            print(f"{len(errors)} bad lines were left out of {args.output}; its rows follow the good lines in order",
+                  file=sys.stderr)
+        np.save(args.output, vectors)
+    else:
+        out = sys.stdout if args.output == "-" else open(args.output, "w")
+        try:
+            rows = {n: v for (n, _, _), v in zip(good, vectors)}
+            for n, text, rid, err in items:
+                record = {"line": n}
+                if rid is not None:
+                    record["id"] = rid
+                if err:
+                    record["error"] = err
+                else:
+                    record["embedding"] = [round(float(x), 7) for x in rows[n]]
+                out.write(json.dumps(record) + "\n")
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    if errors:
+        print(f"{len(errors)} of {len(items)} lines could not be encoded (see above); the others were", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def cmd_demo_model(args) -> int:
     from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config
 
@@ -163,6 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2, ...")
     rerank.add_argument("--no-progress", action="store_true", help="no progress bar")
     rerank.set_defaults(func=cmd_rerank)
+
+    enc = sub.add_parser(
+        "encode",
+        help="embed texts (JSONL or one text per line) with a bi-encoder or LLARA into .npy or JSONL",
+        description="Reads texts (a .jsonl/.json input is JSONL: strings or {\"text\": ..., \"id\": ...}; anything "
+        "else is one text per line) and writes embeddings in input order: a .npy matrix, or JSONL records "
+        "{\"line\", \"embedding\"}. A bad JSONL line is reported with its number and the others are still "
+        "encoded; the exit status is then 1.",
+    )
+    enc.add_argument("--model", required=True, help="local path or hub name (sentence-transformers or HF folder)")
+    enc.add_argument("--input", default="-", help="input file (default: stdin)")
+    enc.add_argument("--format", choices=["auto", "jsonl", "text"], default="auto", help="input format (default: by extension)")
+    enc.add_argument("--output", default="-", help="output .npy or JSONL file (default: JSONL on stdout)")
+    enc.add_argument("--kind", choices=["auto", "bi", "llara"], default="auto", help="embedder kind (default: from the folder)")
+    enc.add_argument("--pooling", choices=["cls", "mean", "last"], default=None, help="override the folder's pooling")
+    enc.add_argument("--normalize", choices=["yes", "no"], default=None, help="override the folder's normalisation")
+    enc.add_argument("--queries", action="store_true", help="encode as queries (query instruction / LLARA query suffix)")
+    enc.add_argument("--batch-size", type=int, default=64, help="texts per forward pass at most (default 64)")
+    enc.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per forward pass at most")
+    enc.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the folder's)")
+    enc.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    enc.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    enc.set_defaults(func=cmd_encode)
 
     demo = sub.add_parser(
         "demo-model",

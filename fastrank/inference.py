@@ -50,6 +50,26 @@ def document_texts(documents) -> List[str]:
     return texts
 
 
+def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_side, bar, compute):
+    """Launch length-sorted, token-budget batches of ``sequences`` and write ``compute(batch)`` row by row
+    into ``out[offset:]`` on the device.
+
+    No host sync: results stay on the device, batches go up through pinned memory, and score_head's and
+    pool's value checks are off because these batches are built here (no empty rows).
+    """
+    lengths = [len(s) for s in sequences]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise ValueError(f"sequences: {len(empty)} are empty (first at index {offset + empty[0]})")
+    device = out.device
+    with value_checks(False):
+        for idx in token_budget_batches(lengths, batch_size, max_tokens):
+            batch = collate([sequences[i] for i in idx], pad_id, padding_side, device=device, indices=idx)
+            rows = torch.tensor(idx) + offset
+            out[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = compute(batch).float()
+            bar.update(len(idx))
+
+
 class Reranker:
     """A causal-LM reranker that scores pairs through fastrank's score head.
 
@@ -170,29 +190,13 @@ class Reranker:
         return scores.cpu().tolist()
 
     def _enqueue(self, sequences, offset, scores, batch_size, max_tokens, normalize, bar):
-        """Launch the batches of ``sequences`` and write their scores into ``scores[offset:]`` on the device.
-
-        No host sync: the scores stay on the device, batches go up through pinned memory, and the value
-        checks are off because fastrank builds these batches itself (no empty rows).
-        """
-        lengths = [len(s) for s in sequences]
-        empty = [i for i, n in enumerate(lengths) if n == 0]
-        if empty:
-            raise ValueError(f"sequences: {len(empty)} are empty (first at index {offset + empty[0]})")
-        device = scores.device
         side = getattr(self.tokenizer, "padding_side", "right")
-        with value_checks(False):
-            for idx in token_budget_batches(lengths, batch_size, max_tokens):
-                batch = collate([sequences[i] for i in idx], self.pad_token_id, side, device=device, indices=idx)
-                out = self.scorer(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids,
-                    normalize=normalize,
-                )
-                rows = torch.tensor(idx) + offset
-                scores[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = out.float()
-                bar.update(len(idx))
+        run_batches(
+            sequences, offset, scores, batch_size, max_tokens, self.pad_token_id, side, bar,
+            lambda b: self.scorer(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, normalize=normalize
+            ),
+        )
 
     def rank(self, query: str, documents: Sequence, *, top_k: Optional[int] = None, normalize: bool = False,
              **score_kwargs) -> List[dict]:
@@ -211,3 +215,141 @@ class Reranker:
         if top_k is not None:
             order = order[:top_k]
         return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in order]
+
+
+class Embedder:
+    """Encode texts with a ``BiEncoder`` (BGE, sentence-transformers models) or a ``LlaraEncoder``.
+
+    Texts are tokenised, sorted by length within windows of 1024, batched under a token budget, encoded
+    (backbone once per batch, then the fused pool), and returned in input order; the next window is
+    tokenised while the device encodes the current one.
+    """
+
+    def __init__(self, encoder):
+        from fastrank.models.embedder import BiEncoder, LlaraEncoder
+
+        if not isinstance(encoder, (BiEncoder, LlaraEncoder)):
+            raise ValueError(f"encoder: expected a fastrank BiEncoder or LlaraEncoder, got {type(encoder).__name__}")
+        self.encoder = encoder.eval()
+        self.tokenizer = encoder.tokenizer
+        self.pad_token_id = pad_token_id_of(self.tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path_or_model, *, kind: str = "auto", tokenizer=None, pooling: Optional[str] = None,
+                        normalize: Optional[bool] = None, query_instruction: Optional[str] = None,
+                        passage_instruction: Optional[str] = None, max_length: Optional[int] = None,
+                        dtype="auto", device=None, attn_implementation=None) -> "Embedder":
+        """Load an embedder from a folder (a sentence-transformers or fastrank folder, or any HF model), or
+        wrap a loaded model.
+
+        Args:
+            path_or_model: a local path / hub name, or a model instance (``AutoModel`` or causal LM).
+            kind: ``"bi"`` (pooled last hidden state), ``"llara"`` (LLARA's special-token mean) or ``"auto"``
+                (the folder's fastrank settings, else ``"bi"``).
+            pooling, normalize, query_instruction, passage_instruction, max_length: override what the folder
+                says (sentence-transformers' pooling config, Normalize module, prompts and max_seq_length;
+                defaults ``cls``, normalised, no instructions, 512).
+            dtype, device, attn_implementation: as for ``Reranker.from_pretrained``.
+        """
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        from fastrank.models.embedder import BiEncoder, LlaraEncoder, read_embedder_settings
+
+        if kind not in ("auto", "bi", "llara"):
+            raise ValueError(f"kind: must be 'auto', 'bi' or 'llara', got {kind!r}")
+        dtype = _resolve_dtype(dtype)
+        device = torch.device(device) if device is not None else default_device()
+        settings = read_embedder_settings(path_or_model) if isinstance(path_or_model, str) else {}
+        if kind == "auto":
+            kind = settings.get("kind", "bi")
+        settings.pop("kind", None)
+        if isinstance(path_or_model, str):
+            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            loader = AutoModelForCausalLM if kind == "llara" else AutoModel
+            model = loader.from_pretrained(path_or_model, dtype=dtype, **kwargs)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path_or_model)
+        elif isinstance(path_or_model, torch.nn.Module):
+            model = path_or_model if dtype in (None, "auto") else path_or_model.to(dtype)
+            if tokenizer is None:
+                source = getattr(unwrap_model(model), "name_or_path", None)
+                if not source:
+                    raise ValueError("tokenizer: none given and the model has no name_or_path to load one from")
+                tokenizer = AutoTokenizer.from_pretrained(source)
+        else:
+            raise ValueError(f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}")
+        if kind == "llara":
+            keep = {k: settings[k] for k in ("normalize", "temperature", "query_max_length", "passage_max_length") if k in settings}
+            if normalize is not None:
+                keep["normalize"] = normalize
+            if max_length is not None:
+                keep["query_max_length"] = keep["passage_max_length"] = max_length
+            encoder = LlaraEncoder(model, tokenizer, **keep)
+        else:
+            overrides = dict(pooling=pooling, normalize=normalize, query_instruction=query_instruction,
+                             passage_instruction=passage_instruction, max_length=max_length)
+            settings.update({k: v for k, v in overrides.items() if v is not None})
+            if not settings.get("normalize", True):
+                settings["temperature"] = 1.0
+            encoder = BiEncoder(model, tokenizer, **settings)
+        return cls(encoder.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return unwrap_model(self.encoder.model).config.hidden_size
+
+    @torch.inference_mode()
+    def encode(self, texts, *, kind: str = "passage", batch_size: int = DEFAULT_BATCH_SIZE,
+               max_length: Optional[int] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+               normalize: Optional[bool] = None, prompt: Optional[str] = None, convert_to: str = "numpy",
+               show_progress: Optional[bool] = None):
+        """Embeddings of ``texts`` in input order: ``[N, H]`` fp32 (a single string gives ``[H]``).
+
+        Args:
+            texts: a string or a list of strings.
+            kind: ``"query"`` or ``"passage"`` (LLARA uses a different suffix for each).
+            batch_size / max_tokens: at most this many texts and padded tokens per forward pass.
+            max_length: tokens per text (default: the encoder's); longer texts are truncated, as
+                sentence-transformers does.
+            normalize: override the encoder's L2 normalisation.
+            prompt: a string prepended to every text (an instruction).
+            convert_to: ``"numpy"`` (an ``np.ndarray`` on the host) or ``"torch"`` (a tensor on the device).
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"texts[{i}]: expected a string, got {type(t).__name__}")
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to: must be 'numpy' or 'torch', got {convert_to!r}")
+        if prompt:
+            texts = [prompt + t for t in texts]
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
+        window = max(16 * batch_size, 1024)
+        show = show_progress if show_progress is not None else len(texts) > 4 * batch_size
+        side = getattr(self.tokenizer, "padding_side", "right")
+        from tqdm.auto import tqdm
+
+        def compute(batch):
+            return self.encoder.encode({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, normalize)
+
+        with tqdm(total=len(texts), unit="text", desc="encoding", disable=not show) as bar:
+            for start in range(0, len(texts), window):
+                sequences = self.encoder.tokenize(texts[start : start + window], kind, max_length)
+                run_batches(sequences, start, out, batch_size, max_tokens, self.pad_token_id, side, bar, compute)
+        if single:
+            out = out[0]
+        return out.cpu().numpy() if convert_to == "numpy" else out
+
+    def encode_queries(self, queries, **kwargs):
+        """``encode(kind="query")`` with the encoder's query instruction prepended (unless ``prompt`` is given)."""
+        kwargs.setdefault("prompt", self.encoder.instruction("query"))
+        return self.encode(queries, kind="query", **kwargs)
+
+    def encode_corpus(self, corpus, **kwargs):
+        """``encode(kind="passage")`` with the encoder's passage instruction prepended (unless ``prompt`` is given)."""
+        kwargs.setdefault("prompt", self.encoder.instruction("passage"))
+        return self.encode(corpus, kind="passage", **kwargs)

@@ -10,13 +10,16 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from fastrank.benchmarks import pool, rerank, score_head
+from fastrank.benchmarks import encode, pool, rerank, score_head
 from fastrank.benchmarks.harness import MEMORY_FLOOR, environment, format_bytes, measure, ratio
 
 # op name -> module with quick_cases(device), full_cases(device), providers(case, device), case_dict(case)
-OPS = {"score_head": score_head, "pool": pool, "rerank": rerank}
+OPS = {"score_head": score_head, "pool": pool, "rerank": rerank, "encode": encode}
 # Whole jobs (seconds per call, host work included) rather than kernels.
-END_TO_END = {"rerank": {"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)}}
+END_TO_END = {
+    "rerank": {"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)},
+    "encode": {"cuda": dict(warmup=1, repeats=3), "cpu": dict(warmup=0, repeats=1)},
+}
 
 
 def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
@@ -95,12 +98,14 @@ def format_table(results: dict) -> str:
         case = entry["case"]
         label = f"{case['mode']} N={case['n']} T={case['t']} {case['dtype']}"
         if "layers" in case:
-            label = f"{case['n']} pairs L<={case['t']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
+            what = "pairs" if entry["op"] == "rerank" else f"{case['mode']} texts"
+            label = f"{case['n']} {what} L<={case['t']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
         ours = next(m for m in entry["measurements"] if m["provider"] == "fastrank")
         if ours["time_ms"] is None:
             ours_txt = ours["error"]
         elif "items_per_second" in ours.get("extra", {}):
-            ours_txt = f"{ours['extra']['items_per_second']:.1f} pairs/s, {format_bytes(ours['peak_bytes'])}"
+            unit = "pairs/s" if entry["op"] == "rerank" else "texts/s"
+            ours_txt = f"{ours['extra']['items_per_second']:.1f} {unit}, {format_bytes(ours['peak_bytes'])}"
         else:
             ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}"
         for m in entry["measurements"]:

