@@ -71,20 +71,23 @@ def test_save_loads_in_sentence_transformers(tmp_path, minilm_path, st_model):
     )
 
 
-def _tiny_bert(device):
-    from transformers import BertConfig, BertModel
+def _tiny_bert(device, arch="bert"):
+    from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=1031, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                        max_position_embeddings=128, pad_token_id=0)
-    return BertModel(config).eval().to(device)
+    kw = dict(vocab_size=1031, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+              max_position_embeddings=128)
+    if arch == "xlm-roberta":  # positions count from padding_idx + 1, derived from input_ids
+        return XLMRobertaModel(XLMRobertaConfig(pad_token_id=1, **kw)).eval().to(device)
+    return BertModel(BertConfig(pad_token_id=0, **kw)).eval().to(device)
 
 
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_bert_biencoder_matches_formula(backend, device, pooling):
-    model = _tiny_bert(device)
+def test_bert_biencoder_matches_formula(backend, device, pooling, arch):
+    model = _tiny_bert(device, arch)
     seqs = [[3, 10, 11, 12, 4], [3, 20, 4], [3, 30, 31, 32, 33, 34, 4]]
-    batch = collate(seqs, 0, "right", device=device)
+    batch = collate(seqs, model.config.pad_token_id, "right", device=device)
     encoder = fastrank.BiEncoder(model, pooling=pooling, normalize=True)
     got = encoder.encode({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
     with torch.no_grad():
@@ -143,6 +146,7 @@ def test_llara_matches_reference(backend, device, kind):
     want = torch.nn.functional.normalize(hs[:, -8:, :].double().mean(1), dim=-1)
 
     embedder = fastrank.Embedder(encoder)
+    model.lm_head.forward = None  # the LM head must never run (calling it would fail)
     got = embedder.encode(texts, kind=kind, convert_to="torch")  # this tokenizer pads right
     assert_close(got, want, atol=1e-5, rtol=1e-5, what="right padding")
     tokenizer.padding_side = "left"
