@@ -1,12 +1,12 @@
 """fastrank: fused Triton kernels for LLM rerankers and embedders.
 
-Ops:        score_head, ScoreHeadOutput, pool
+Ops:        score_head, ScoreHeadOutput, pool, contrastive_loss, ContrastiveLoss
 Rerankers:  Reranker, patch, unpatch, presets, get_preset, register_preset, Preset,
             Convention, yes_logit, yes_no, token_diff, digit_ev
 Embedders:  Embedder, BiEncoder, LlaraEncoder
 """
 
-from fastrank.functional import ScoreHeadOutput, pool, score_head
+from fastrank.functional import ContrastiveLoss, ScoreHeadOutput, contrastive_loss, pool, score_head
 from fastrank.heads import (
     Convention,
     Preset,
@@ -25,6 +25,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BiEncoder",
+    "ContrastiveLoss",
     "Convention",
     "Embedder",
     "LlaraEncoder",
@@ -32,6 +33,7 @@ __all__ = [
     "Reranker",
     "ScoreHeadOutput",
     "__version__",
+    "contrastive_loss",
     "digit_ev",
     "get_preset",
     "patch",

@@ -91,3 +91,55 @@ class PoolFunction(torch.autograd.Function):
             grad_out, ctx.hidden_meta, out, pooled, norm, count, attention_mask, input_ids, cu_seqlens, ctx.config
         )
         return grad, None, None, None, None
+
+
+def _contrastive_impl(backend: str):
+    if backend == "triton":
+        from fastrank.kernels.contrastive import contrastive_backward, contrastive_forward
+
+        def forward(q, p, targets, teacher, config):
+            return contrastive_forward(q, p, targets, teacher, config.temperature, config.group_size, config.in_batch)
+
+        def backward(q, p, targets, teacher, stats, row_grad, config, need_q, need_p):
+            return contrastive_backward(q, p, targets, teacher, stats, row_grad, config.temperature,
+                                        config.group_size, config.in_batch, need_q, need_p)
+
+        return forward, backward
+    from fastrank.reference import contrastive_backward_reference, contrastive_forward_reference
+
+    return contrastive_forward_reference, contrastive_backward_reference
+
+
+class ContrastiveFunction(torch.autograd.Function):
+    """contrastive_loss's autograd, shared by both paths.
+
+    Inputs: q ``[B, D]``, p ``[P, D]``, targets ``[B]`` int64, teacher ``[B, G]`` fp32 probabilities (or
+    None), a ``ContrastiveConfig`` and the backend name. Outputs: the scalar loss (fp32) and the per-row
+    log-sum-exp ``[B]`` (non-differentiable). Saves q, p and four fp32 numbers per row: never ``[B, P]``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, p, targets, teacher, config, backend):
+        forward, backward = _contrastive_impl(backend)
+        stats = forward(q, p, targets, teacher, config)
+        per_row = stats[:, 0] - stats[:, 1]
+        if teacher is not None:
+            per_row = per_row + stats[:, 2] - stats[:, 3]  # -sum_g t_g log softmax_group(s)_g, as sum_g t_g = 1
+        loss = per_row.float().mean()
+        lse = stats[:, 0].float()
+        ctx.config = config
+        ctx.backward_impl = backward
+        ctx.save_for_backward(q, p, targets, teacher, stats)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        q, p, targets, teacher, stats = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        # d mean / d row = 1 / B; the upstream scalar gradient stays on the device (no host read).
+        row_grad = (grad_loss.float() / q.shape[0]).expand(q.shape[0]).contiguous()
+        dq, dp = ctx.backward_impl(q, p, targets, teacher, stats, row_grad, ctx.config,
+                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dq, dp, None, None, None, None

@@ -316,3 +316,78 @@ def raise_on_pool_status(status: torch.Tensor, config, cu_seqlens) -> None:
     short, text = rows(-3)
     if short:
         raise ValueError(f"last_k: sequence(s) {text} have fewer than last_k={config.last_k} real tokens to pool")
+
+
+# ------------------------------------------------------------------------------------------------
+# contrastive loss
+# ------------------------------------------------------------------------------------------------
+def check_contrastive_inputs(q, p, temperature, group_size, in_batch, targets, teacher_scores, return_lse):
+    """Validate contrastive_loss's arguments. Returns ``(config, targets int64 [B], teacher fp32 probs or None)``."""
+    from fastrank.reference import ContrastiveConfig
+
+    _require_tensor("q", q, "[B, D]")
+    _require_tensor("p", p, "[P, D]")
+    for name, t in (("q", q), ("p", p)):
+        if t.dim() != 2:
+            raise ValueError(f"{name}: must be 2-D ({'[B, D]' if name == 'q' else '[P, D]'}), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: must be float16, bfloat16 or float32, got {_dtype_name(t.dtype)}")
+    if p.dtype != q.dtype:
+        raise ValueError(f"p: dtype {_dtype_name(p.dtype)} differs from q's {_dtype_name(q.dtype)}; cast one of them")
+    _same_device("p", p, q)
+    b, d = q.shape
+    n = p.shape[0]
+    if p.shape[1] != d:
+        raise ValueError(f"p: has D={p.shape[1]} but q has D={d}; both must come from the same encoder")
+    if b == 0:
+        raise ValueError("q: the batch is empty (B=0)")
+    if n == 0:
+        raise ValueError("p: there are no passages (P=0)")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature: must be a positive number, got {temperature!r}")
+    if not isinstance(in_batch, bool) or not isinstance(return_lse, bool):
+        raise ValueError("in_batch / return_lse: must be True or False")
+    if group_size is None:
+        if n % b:
+            raise ValueError(
+                f"group_size: P={n} passages are not a multiple of B={b} queries; pass group_size (and targets)"
+            )
+        group_size = n // b
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: must be a positive int, got {group_size!r}")
+    if n % group_size:
+        raise ValueError(f"p: P={n} passages are not divisible by group_size={group_size}")
+    if targets is None:
+        if b * group_size > n:
+            raise ValueError(
+                f"targets: the default targets i*G need P >= B*G = {b * group_size}, but P={n}; pass targets"
+            )
+        targets = torch.arange(b, device=q.device, dtype=torch.long) * group_size
+    else:
+        targets = _integer_tensor("targets", targets, q.device, "[B]")
+        if targets.dim() != 1 or targets.shape[0] != b:
+            raise ValueError(f"targets: must be 1-D [B] with B={b}, got shape {tuple(targets.shape)}")
+        _same_device("targets", targets, q)
+        targets = targets.long().contiguous()
+        lo, hi = (int(v) for v in torch.stack([targets.min(), targets.max()]).tolist())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"targets: {bad} is out of range for P={n} passages (each target indexes a row of p)")
+    teacher = None
+    if teacher_scores is not None:
+        if isinstance(teacher_scores, (list, tuple)):
+            teacher_scores = torch.tensor(teacher_scores, dtype=torch.float32, device=q.device)
+        _require_tensor("teacher_scores", teacher_scores, "[B, G]")
+        if teacher_scores.numel() == b * group_size and teacher_scores.dim() == 1:
+            teacher_scores = teacher_scores.view(b, group_size)
+        if tuple(teacher_scores.shape) != (b, group_size):
+            raise ValueError(
+                f"teacher_scores: must be [B, G] = {(b, group_size)} (one score per passage of each query's group), "
+                f"got shape {tuple(teacher_scores.shape)}"
+            )
+        _same_device("teacher_scores", teacher_scores, q)
+        # FlagEmbedding's distillation target: softmax of the raw teacher scores, no temperature.
+        teacher = torch.softmax(teacher_scores.detach().float(), dim=-1).contiguous()
+    config = ContrastiveConfig(temperature=float(temperature), group_size=group_size, in_batch=in_batch,
+                               return_lse=return_lse)
+    return config, targets, teacher

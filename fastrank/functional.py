@@ -6,8 +6,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fastrank.autograd import PoolFunction, ScoreHeadFunction
+from fastrank.autograd import ContrastiveFunction, PoolFunction, ScoreHeadFunction
 from fastrank.checks import (
+    check_contrastive_inputs,
     check_pool_inputs,
     check_score_head_inputs,
     raise_on_invalid_rows,
@@ -136,3 +137,67 @@ def pool(
     if checks_enabled() and can_sync(hidden):
         raise_on_pool_status(status, config, cu_seqlens)
     return out
+
+
+def contrastive_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    temperature: float,
+    group_size: Optional[int] = None,
+    in_batch: bool = True,
+    targets: Optional[torch.Tensor] = None,
+    teacher_scores=None,
+    return_lse: bool = False,
+):
+    """Softmax cross-entropy of ``q @ p.T / temperature`` against each query's positive, without ever
+    holding the ``[B, P]`` score matrix (or its gradient).
+
+    Args:
+        q: query embeddings ``[B, D]`` (fp16, bf16 or fp32; normalise them first for cosine similarity).
+        p: passage embeddings ``[P, D]``, same dtype: each query's group of ``group_size`` passages, one
+            positive then its negatives, contiguous (``P = B * G``), or a larger set such as passages
+            gathered across devices (then give ``targets``).
+        temperature: the divisor of the similarities (> 0), e.g. 0.02 for normalised BGE embeddings;
+            ``1 / scale`` of sentence-transformers' MultipleNegativesRankingLoss.
+        group_size: passages per query (``G``); default ``P // B``.
+        in_batch: score each query against all ``P`` passages (in-batch negatives); ``False`` scores it
+            against its own group only.
+        targets: ``[B]`` column of each query's positive; default ``i * G``. A query's own group is the
+            ``G`` columns from ``(target // G) * G``.
+        teacher_scores: ``[B, G]`` raw teacher scores of each query's group: adds FlagEmbedding's
+            distillation term ``-mean_i sum_g softmax(teacher)_ig * log_softmax(own-group scores)_ig``.
+        return_lse: also return the per-row log-sum-exp over the candidates ``[B]`` (fp32, not
+            differentiable).
+
+    Returns:
+        the fp32 scalar loss (mean over queries), or ``(loss, lse)``. Differentiable in ``q`` and ``p``.
+
+    Raises:
+        ValueError: naming the argument: P not divisible by G, targets out of range, temperature <= 0,
+            mismatched D, dtype or device, bad teacher_scores shape.
+    """
+    config, targets, teacher = check_contrastive_inputs(
+        q, p, temperature, group_size, in_batch, targets, teacher_scores, return_lse
+    )
+    backend = select_backend(q)
+    loss, lse = ContrastiveFunction.apply(q, p, targets, teacher, config, backend)
+    return (loss, lse) if return_lse else loss
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """``contrastive_loss`` as a module: ``ContrastiveLoss(temperature, group_size=None, in_batch=True)``,
+    called as ``loss(q, p, targets=None, teacher_scores=None)``."""
+
+    def __init__(self, temperature: float = 0.02, group_size: Optional[int] = None, in_batch: bool = True):
+        super().__init__()
+        self.temperature = temperature
+        self.group_size = group_size
+        self.in_batch = in_batch
+
+    def forward(self, q, p, targets=None, teacher_scores=None):
+        return contrastive_loss(q, p, temperature=self.temperature, group_size=self.group_size,
+                                in_batch=self.in_batch, targets=targets, teacher_scores=teacher_scores)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, group_size={self.group_size}, in_batch={self.in_batch}"

@@ -370,3 +370,79 @@ def pool_reference(hidden, attention_mask, input_ids, cu_seqlens, config: PoolCo
     if config.normalize:
         out = torch.nn.functional.normalize(out, dim=-1)
     return out, status
+
+
+# ------------------------------------------------------------------------------------------------
+# contrastive loss
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    temperature: float
+    group_size: int
+    in_batch: bool
+    return_lse: bool
+
+
+def _contrastive_chunk_rows(p_rows: int) -> int:
+    # about 4 Mi fp32 scores per chunk: [rows, P] never grows with the batch
+    return max(1, min(1024, (1 << 22) // max(p_rows, 1)))
+
+
+def _contrastive_scores(q_chunk, p_acc, config):
+    return (q_chunk.to(p_acc.dtype) @ p_acc.t()) / config.temperature
+
+
+def _group_masks(targets, group_size, n_cols, device):
+    group_lo = (targets // group_size) * group_size
+    cols = torch.arange(n_cols, device=device)
+    return (cols[None, :] >= group_lo[:, None]) & (cols[None, :] < group_lo[:, None] + group_size), group_lo
+
+
+def contrastive_forward_reference(q, p, targets, teacher, config: ContrastiveConfig):
+    """Per-row statistics ``[B, 4]`` (as the kernel's), computed ``_contrastive_chunk_rows`` rows at a time."""
+    acc = accumulate_dtype(q.dtype)
+    p_acc = p.to(acc)
+    b = q.shape[0]
+    stats = torch.zeros((b, 4), dtype=acc, device=q.device)
+    step = _contrastive_chunk_rows(p.shape[0])
+    for r0 in range(0, b, step):
+        rows = slice(r0, min(b, r0 + step))
+        s = _contrastive_scores(q[rows], p_acc, config)
+        in_group, _ = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
+        cand = s if config.in_batch else s.masked_fill(~in_group, float("-inf"))
+        stats[rows, 0] = torch.logsumexp(cand, dim=1)
+        stats[rows, 1] = s.gather(1, targets[rows, None])[:, 0]
+        if teacher is not None:
+            stats[rows, 2] = torch.logsumexp(s.masked_fill(~in_group, float("-inf")), dim=1)
+            group = s[in_group].view(-1, config.group_size)
+            stats[rows, 3] = (group * teacher[rows].to(acc)).sum(1)
+    return stats
+
+
+def contrastive_backward_reference(q, p, targets, teacher, stats, row_grad, config: ContrastiveConfig,
+                                   need_q: bool, need_p: bool):
+    """``(dq, dp)``: the kernel's coefficients ``c`` rebuilt chunk by chunk, then ``c p / tau`` and ``c^T q / tau``."""
+    acc = accumulate_dtype(q.dtype)
+    p_acc = p.to(acc)
+    q_acc = q.to(acc)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device) if need_q else None
+    dp = torch.zeros(p.shape, dtype=acc, device=p.device) if need_p else None
+    step = _contrastive_chunk_rows(p.shape[0])
+    for r0 in range(0, q.shape[0], step):
+        rows = slice(r0, min(q.shape[0], r0 + step))
+        s = _contrastive_scores(q[rows], p_acc, config)
+        in_group, group_lo = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
+        c = torch.exp(s - stats[rows, 0:1])
+        if not config.in_batch:
+            c = c.masked_fill(~in_group, 0.0)
+        c[torch.arange(c.shape[0], device=c.device), targets[rows]] -= 1.0
+        if teacher is not None:
+            kd = torch.exp(s - stats[rows, 2:3]).masked_fill(~in_group, 0.0)
+            kd[in_group] -= teacher[rows].to(acc).reshape(-1)
+            c = c + kd
+        c = c * (row_grad[rows, None].to(acc) / config.temperature)
+        if need_q:
+            dq[rows] = c @ p_acc
+        if need_p:
+            dp += c.t() @ q_acc[rows]
+    return (dq.to(q.dtype) if need_q else None), (dp.to(p.dtype) if need_p else None)

@@ -15,6 +15,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastrank.kernels import contrastive as C  # noqa: E402
 from fastrank.kernels import pool as P  # noqa: E402
 from fastrank.kernels import score_head as S  # noqa: E402
 
@@ -64,6 +65,13 @@ def variants():
                 cfg = dict(MODE=mode, HAS_MASK=has_mask, PACKED=packed, BLOCK_T=32, BLOCK_H=128, BLOCK_K=2)
                 yield P._pool_fwd_kernel, pool_types, cfg
                 yield P._pool_bwd_kernel, pool_types, cfg
+        for fn in (C._contrastive_fwd_kernel, C._contrastive_dq_kernel, C._contrastive_dp_kernel):
+            for in_batch in (True, False):
+                for teacher in (True, False):
+                    block = (64, 64, 64) if dtype == "bf16" else (32, 32, 32)
+                    yield fn, dict(q_ptr=f"*{dtype}", p_ptr=f"*{dtype}", targets_ptr="*i64", inv_tau="fp32"), dict(
+                        IN_BATCH=in_batch, HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32",
+                        BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
     yield S._score_head_lse_merge_kernel, {}, dict(BLOCK_S=512)
     yield P._pool_normalize_kernel, {}, dict(BLOCK_H=1024)
 
@@ -74,7 +82,7 @@ def main() -> int:
         flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK")}
         try:
             triton.compile(ASTSource(fn=fn, signature=signature(fn, types, constexprs), constexprs=constexprs), target=TARGET)
-            print(f"ok   {fn.__name__} {types.get('hidden_ptr', types.get('gathered_ptr', ''))} {flags}")
+            print(f"ok   {fn.__name__} {types.get('hidden_ptr', types.get('gathered_ptr', types.get('q_ptr', '')))} {flags}")
         except Exception as e:  # noqa: BLE001 - report every failing variant
             failures += 1
             print(f"FAIL {fn.__name__} {flags}: {type(e).__name__}: {str(e)[:1500]}")

@@ -78,3 +78,13 @@ def test_pool_benchmark_providers_agree(mode):
     got, want = fns["fastrank"](), fns["torch_unfused"]()
     for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["train", "train_kd"])
+def test_contrastive_benchmark_providers_agree(mode):
+    from fastrank.benchmarks import contrastive as bench_contrastive
+
+    case = bench_contrastive.Case(mode=mode, n=4, t=3, hidden=8, dtype="float32")
+    fns = bench_contrastive.providers(case, torch.device("cpu"))
+    for a, b in zip(fns["fastrank"](), fns["torch"]()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

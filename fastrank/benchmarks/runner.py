@@ -10,11 +10,17 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from fastrank.benchmarks import encode, pool, rerank, score_head
+from fastrank.benchmarks import contrastive, encode, pool, rerank, score_head
 from fastrank.benchmarks.harness import MEMORY_FLOOR, environment, format_bytes, measure, ratio
 
 # op name -> module with quick_cases(device), full_cases(device), providers(case, device), case_dict(case)
-OPS = {"score_head": score_head, "pool": pool, "rerank": rerank, "encode": encode}
+OPS = {
+    "score_head": score_head,
+    "pool": pool,
+    "contrastive": contrastive,
+    "rerank": rerank,
+    "encode": encode,
+}
 # Whole jobs (seconds per call, host work included) rather than kernels.
 END_TO_END = {
     "rerank": {"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)},
@@ -103,6 +109,8 @@ def format_table(results: dict) -> str:
     for entry in results["cases"]:
         case = entry["case"]
         label = f"{case['mode']} N={case['n']} T={case['t']} {case['dtype']}"
+        if entry["op"] == "contrastive":
+            label = f"{case['mode']} B={case['n']} G={case['t']} D={case['hidden']} {case['dtype']}"
         if "layers" in case:
             what = "pairs" if entry["op"] == "rerank" else f"{case['mode']} texts"
             label = f"{case['n']} {what} L<={case['t']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
