@@ -3,7 +3,9 @@
 Ops:        score_head, ScoreHeadOutput, pool, contrastive_loss, ContrastiveLoss
 Rerankers:  Reranker, patch, unpatch, presets, get_preset, register_preset, Preset,
             Convention, yes_logit, yes_no, token_diff, digit_ev
-Embedders:  Embedder, BiEncoder, LlaraEncoder
+Embedders:  Embedder, BiEncoder, LlaraEncoder, EmbedderTrainDataset, EmbedderCollator
+Trainers:   fastrank.integrations.trainer.EmbedderTrainer,
+            fastrank.integrations.sentence_transformers.FusedMultipleNegativesRankingLoss
 """
 
 from fastrank.functional import ContrastiveLoss, ScoreHeadOutput, contrastive_loss, pool, score_head
@@ -18,6 +20,7 @@ from fastrank.heads import (
     yes_logit,
     yes_no,
 )
+from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset
 from fastrank.inference import Embedder, Reranker
 from fastrank.models import BiEncoder, LlaraEncoder, patch, unpatch
 
@@ -28,6 +31,8 @@ __all__ = [
     "ContrastiveLoss",
     "Convention",
     "Embedder",
+    "EmbedderCollator",
+    "EmbedderTrainDataset",
     "LlaraEncoder",
     "Preset",
     "Reranker",

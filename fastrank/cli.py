@@ -180,6 +180,79 @@ def cmd_encode(args) -> int:
     return 1 if errors else 0
 
 
+def _warmup(ratio: float) -> dict:
+    """A warm-up fraction for TrainingArguments: ``warmup_ratio`` before transformers 5.18 or so, a float
+    ``warmup_steps`` after it was folded in there."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    if "warmup_ratio" in inspect.signature(TrainingArguments.__init__).parameters:
+        return {"warmup_ratio": ratio}
+    return {"warmup_steps": ratio}
+
+
+def cmd_train_embedder(args) -> int:
+    import os
+
+    import torch
+    from transformers import TrainingArguments
+
+    from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
+    from fastrank.evaluation import retrieval_metrics
+    from fastrank.inference import Embedder
+    from fastrank.integrations.trainer import EmbedderTrainer
+    from fastrank.models.embedder import BiEncoder, LlaraEncoder
+
+    common = dict(temperature=args.temperature, negatives_cross_device=args.negatives_cross_device,
+                  sub_batch_size=args.sub_batch_size, use_inbatch_neg=not args.no_in_batch_neg)
+    if args.normalize is not None:
+        common["normalize"] = args.normalize == "yes"
+    if args.kind == "llara":
+        encoder = LlaraEncoder.from_pretrained(args.model, query_max_length=args.query_max_len,
+                                               passage_max_length=args.passage_max_len, **common)
+    else:
+        encoder = BiEncoder.from_pretrained(args.model, pooling=args.pooling, query_instruction=args.query_instruction,
+                                            passage_instruction=args.passage_instruction, **common)
+    train = EmbedderTrainDataset(args.data, train_group_size=args.group_size, query_instruction=args.query_instruction,
+                                 passage_instruction=args.passage_instruction,
+                                 max_examples_per_dataset=args.max_examples_per_dataset, seed=args.seed)
+    eval_rows = read_retrieval_jsonl(args.eval, need_negatives=False) if args.eval else None
+    cuda = torch.cuda.is_available()
+    training_args = TrainingArguments(
+        output_dir=args.output, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+        num_train_epochs=args.epochs, max_steps=args.max_steps, **_warmup(args.warmup_ratio),
+        save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16, fp16=args.fp16,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, report_to=[], use_cpu=not cuda,
+        remove_unused_columns=False, disable_tqdm=args.no_progress,
+    )
+    before = None
+    if eval_rows:
+        before = retrieval_metrics(Embedder(encoder.to("cuda" if cuda else "cpu").eval()), eval_rows)
+        print(json.dumps({"before_training": before}), flush=True)
+    trainer = EmbedderTrainer(
+        model=encoder.train(), args=training_args, train_dataset=train,
+        data_collator=EmbedderCollator(encoder, args.query_max_len, args.passage_max_len),
+    )
+    resume = None
+    if args.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(args.output) if os.path.isdir(args.output) else None
+        if resume is None:
+            print(f"--resume: no checkpoint in {args.output}; starting from the beginning", file=sys.stderr)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output)
+    print(f"saved the trained {encoder.kind} embedder to {args.output}", file=sys.stderr)
+    if eval_rows:
+        after = retrieval_metrics(Embedder(encoder.eval()), eval_rows)
+        report = {"before_training": before, "after_training": after}
+        with open(os.path.join(args.output, "eval_results.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print(json.dumps({"after_training": after}), flush=True)
+    return 0
+
+
 def cmd_demo_model(args) -> int:
     from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config
 
@@ -261,6 +334,45 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
     enc.set_defaults(func=cmd_encode)
+
+    te = sub.add_parser(
+        "train-embedder",
+        help="fine-tune a bi-encoder or LLARA on JSONL (query, pos, neg[, pos_scores, neg_scores]) with the fused loss",
+        description="Runs the Hugging Face Trainer with fastrank's contrastive loss: progress bar, checkpoints every "
+        "--save-steps in --output, --resume from the last one, and with --eval a held-out recall@1/@10, MRR@10 and "
+        "NDCG@10 before and after training (printed and written to OUTPUT/eval_results.json).",
+    )
+    te.add_argument("--model", required=True, help="local path or hub name of the model to fine-tune")
+    te.add_argument("--data", required=True, nargs="+", help="training JSONL file(s) or folder(s)")
+    te.add_argument("--output", required=True, help="folder for checkpoints and the final model")
+    te.add_argument("--eval", default=None, help="held-out JSONL (query, pos, neg) for the final metrics")
+    te.add_argument("--kind", choices=["bi", "llara"], default="bi", help="bi-encoder (default) or LLARA")
+    te.add_argument("--pooling", choices=["cls", "mean", "last"], default=None, help="bi-encoder pooling (default: the folder's, else cls)")
+    te.add_argument("--normalize", choices=["yes", "no"], default=None, help="L2-normalise embeddings (default: the folder's, else yes)")
+    te.add_argument("--temperature", type=float, default=0.02, help="similarity temperature (default 0.02; 1.0 without normalisation)")
+    te.add_argument("--group-size", type=int, default=8, help="passages per query: 1 positive + G-1 negatives (default 8)")
+    te.add_argument("--batch-size", type=int, default=8, help="queries per device and step (default 8)")
+    te.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
+    te.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
+    te.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: the epochs)")
+    te.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up fraction (default 0.1)")
+    te.add_argument("--query-max-len", type=int, default=64, help="query tokens (default 64)")
+    te.add_argument("--passage-max-len", type=int, default=256, help="passage tokens (default 256)")
+    te.add_argument("--query-instruction", default=None, help="prepended to every query")
+    te.add_argument("--passage-instruction", default=None, help="prepended to every passage")
+    te.add_argument("--max-examples-per-dataset", type=int, default=None, help="use at most this many lines per file")
+    te.add_argument("--no-in-batch-neg", action="store_true", help="score each query against its own group only")
+    te.add_argument("--negatives-cross-device", action="store_true", help="negatives from every process (torchrun)")
+    te.add_argument("--sub-batch-size", type=int, default=-1, help="encode in chunks of this many texts")
+    te.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
+    te.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default 10)")
+    te.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    te.add_argument("--fp16", action="store_true", help="fp16 mixed precision")
+    te.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    te.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    te.add_argument("--seed", type=int, default=42)
+    te.add_argument("--no-progress", action="store_true", help="no progress bar")
+    te.set_defaults(func=cmd_train_embedder)
 
     demo = sub.add_parser(
         "demo-model",

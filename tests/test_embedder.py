@@ -191,10 +191,11 @@ def test_encode_api(device):
 
 def test_forward_scores_with_temperature(device):
     model = _tiny_bert(device)
-    encoder = fastrank.BiEncoder(model, pooling="cls", temperature=0.05)
+    encoder = fastrank.BiEncoder(model, pooling="cls", temperature=0.05).eval()
     q = collate([[3, 5, 4], [3, 6, 7, 4]], 0, "right", device=device)
     p = collate([[3, 8, 4], [3, 9, 4], [3, 10, 11, 4], [3, 12, 4]], 0, "right", device=device)
     out = encoder(query={"input_ids": q.input_ids, "attention_mask": q.attention_mask},
                   passage={"input_ids": p.input_ids, "attention_mask": p.attention_mask})
-    assert out.scores.shape == (2, 4)
-    assert_close(out.scores, out.q_reps @ out.p_reps.t() / 0.05, atol=1e-5, rtol=1e-6)
+    full = encoder.compute_similarity(out.q_reps, out.p_reps) / 0.05
+    assert out.scores.shape == (2, 2) and out.loss is None  # eval mode: each query's own group, no loss
+    assert_close(out.scores, torch.stack([full[0, :2], full[1, 2:]]), atol=1e-5, rtol=1e-6)

@@ -76,6 +76,10 @@ def _cpu_peak(fn: Callable[[], object]) -> Optional[int]:
     if not _prepare_cpu_memory_tracking():
         return None
     gc.collect()
+    try:  # hand freed heap pages back first, so memory an earlier call left cached counts as this call's
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)

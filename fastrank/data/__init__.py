@@ -1,6 +1,7 @@
 """Prompt templates, tokenisation with per-segment truncation, and batching."""
 
 from fastrank.data.batching import Batch, collate, token_budget_batches
+from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
 from fastrank.data.templates import (
     ChatPairTemplate,
     EncodedPair,
@@ -13,11 +14,14 @@ from fastrank.data.templates import (
 __all__ = [
     "Batch",
     "ChatPairTemplate",
+    "EmbedderCollator",
+    "EmbedderTrainDataset",
     "EncodedPair",
     "FlagLLMTemplate",
     "MxbaiV2Template",
     "Qwen3RerankerTemplate",
     "SegmentTemplate",
     "collate",
+    "read_retrieval_jsonl",
     "token_budget_batches",
 ]

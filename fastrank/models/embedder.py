@@ -41,7 +41,11 @@ def encoder_of(model):
 
 
 class _EmbedderBase(torch.nn.Module):
-    def __init__(self, model, tokenizer, normalize: bool, temperature: float):
+    """What the bi-encoder and LLARA share: encoding (with sub-batches), similarity, and the training
+    forward of the seeds' ``BiEncoderModel`` on fastrank's fused contrastive loss."""
+
+    def __init__(self, model, tokenizer, normalize: bool, temperature: float, negatives_cross_device: bool = False,
+                 sub_batch_size: int = -1, use_inbatch_neg: bool = True):
         super().__init__()
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize: must be True or False, got {normalize!r}")
@@ -55,10 +59,20 @@ class _EmbedderBase(torch.nn.Module):
                 stacklevel=3,
             )
             temperature = 1.0
+        if negatives_cross_device and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError(
+                "negatives_cross_device: needs torch.distributed to be initialised (torchrun, or the HF Trainer "
+                "launched with several processes)"
+            )
+        if not isinstance(sub_batch_size, int) or sub_batch_size == 0:
+            raise ValueError(f"sub_batch_size: must be a positive int, or -1 for no sub-batches, got {sub_batch_size!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.normalize = normalize
         self.temperature = float(temperature)
+        self.negatives_cross_device = bool(negatives_cross_device)
+        self.sub_batch_size = sub_batch_size
+        self.use_inbatch_neg = bool(use_inbatch_neg)
 
     @property
     def backbone(self):
@@ -70,16 +84,78 @@ class _EmbedderBase(torch.nn.Module):
         # No cache: an encoding pass never decodes, and a cache object disables packed-sequence detection.
         return self.backbone(**kwargs, use_cache=False).last_hidden_state
 
+    def encode(self, features, normalize: Optional[bool] = None) -> torch.Tensor:
+        """fp32 ``[N, H]`` embeddings of tokenised ``features`` (a dict of ``input_ids``, ``attention_mask``,
+        ...; or a list of such dicts, concatenated), in chunks of ``sub_batch_size`` rows when set."""
+        if features is None:
+            return None
+        if isinstance(features, (list, tuple)):
+            return torch.cat([self.encode(f, normalize) for f in features], dim=0)
+        n = features["input_ids"].shape[0] if features.get("input_ids") is not None else features["inputs_embeds"].shape[0]
+        if self.sub_batch_size > 0 and n > self.sub_batch_size:
+            return torch.cat([
+                self._embed({k: v[i : i + self.sub_batch_size] if torch.is_tensor(v) else v for k, v in features.items()},
+                            normalize)
+                for i in range(0, n, self.sub_batch_size)
+            ], dim=0)
+        return self._embed(features, normalize)
+
     def compute_similarity(self, q_reps: torch.Tensor, p_reps: torch.Tensor) -> torch.Tensor:
         """Inner products ``q @ p.T`` (cosine similarities when normalised)."""
         return q_reps @ p_reps.t()
 
-    def forward(self, query: Optional[dict] = None, passage: Optional[dict] = None) -> EncoderOutput:
-        """Embeddings of the given features and, with both, ``q @ p.T / temperature``."""
-        q = self.encode(query) if query is not None else None
-        p = self.encode(passage) if passage is not None else None
-        scores = self.compute_similarity(q, p) / self.temperature if q is not None and p is not None else None
-        return EncoderOutput(q_reps=q, p_reps=p, scores=scores)
+    def forward(self, query=None, passage=None, teacher_score=None) -> EncoderOutput:
+        """The seeds' ``BiEncoderModel.forward``.
+
+        ``query`` holds B queries and ``passage`` their groups of G passages (positive first), contiguous.
+        In training mode (``model.train()``) with both, returns the contrastive loss of
+        ``q @ p.T / temperature`` (in-batch negatives unless ``use_inbatch_neg=False``; passages gathered
+        from every process, with gradient, when ``negatives_cross_device``), plus FlagEmbedding's
+        distillation term when ``teacher_score`` (``[B, G]`` or flat, raw teacher scores) is given. The
+        loss is fastrank's fused one: the ``[B, P]`` score matrix is never built. ``scores`` is each
+        query's own group ``[B, G]`` (not the full matrix; use ``compute_similarity`` for that).
+        """
+        from fastrank.functional import contrastive_loss
+
+        q = self.encode(query)
+        p = self.encode(passage)
+        if q is None or p is None:
+            return EncoderOutput(q_reps=q, p_reps=p)
+        b = q.shape[0]
+        if p.shape[0] % b:
+            raise ValueError(
+                f"passage: holds {p.shape[0]} passages for {b} queries; it must hold B * G (each query's group "
+                "of G passages, positive first, contiguous)"
+            )
+        g = p.shape[0] // b
+        scores = (q.detach()[:, None, :] * p.detach().view(b, g, -1)).sum(-1) / self.temperature
+        if not self.training:
+            return EncoderOutput(q_reps=q, p_reps=p, scores=scores)
+        if teacher_score is not None and not torch.is_tensor(teacher_score):
+            teacher_score = torch.tensor(teacher_score, dtype=torch.float32, device=q.device)
+        if teacher_score is not None:
+            teacher_score = teacher_score.to(q.device).float().view(b, g)
+        targets = None
+        candidates = p
+        if self.use_inbatch_neg and self.negatives_cross_device:
+            import torch.distributed.nn.functional as dist_fn
+
+            # Every process's passages, with gradient flowing back to their owners; this process's
+            # queries are rows rank * B .. of the global batch.
+            candidates = torch.cat(dist_fn.all_gather(p.contiguous()), dim=0)
+            rank = torch.distributed.get_rank()
+            targets = (torch.arange(b, device=q.device) + rank * b) * g
+        loss = contrastive_loss(q, candidates.to(q.dtype), temperature=self.temperature, group_size=g,
+                                in_batch=self.use_inbatch_neg, targets=targets, teacher_scores=teacher_score)
+        return EncoderOutput(loss=loss, scores=scores, q_reps=q, p_reps=p)
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        """Delegates to the backbone (the HF Trainer calls this for ``gradient_checkpointing=True``)."""
+        unwrap_model(self.model).gradient_checkpointing_enable(**kwargs)
+
+    def enable_input_require_grads(self):
+        """Delegates to the backbone (LoRA with gradient checkpointing needs it)."""
+        unwrap_model(self.model).enable_input_require_grads()
 
     def _common_config(self) -> dict:
         return {"normalize": self.normalize, "temperature": self.temperature}
@@ -98,21 +174,21 @@ class BiEncoder(_EmbedderBase):
 
     def __init__(self, model, tokenizer=None, *, pooling: str = "cls", normalize: bool = True,
                  temperature: float = 0.02, query_instruction: Optional[str] = None,
-                 passage_instruction: Optional[str] = None, max_length: int = 512):
+                 passage_instruction: Optional[str] = None, max_length: int = 512,
+                 negatives_cross_device: bool = False, sub_batch_size: int = -1, use_inbatch_neg: bool = True):
         if pooling not in BIENCODER_POOLING:
             raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(BIENCODER_POOLING)}")
-        super().__init__(model, tokenizer, normalize, temperature)
+        super().__init__(model, tokenizer, normalize, temperature, negatives_cross_device, sub_batch_size,
+                         use_inbatch_neg)
         self.pooling = pooling
         self.query_instruction = query_instruction
         self.passage_instruction = passage_instruction
         self.max_length = int(max_length)
 
-    def encode(self, features: dict, normalize: Optional[bool] = None) -> torch.Tensor:
-        """fp32 ``[N, H]`` embeddings of tokenised ``features`` (``input_ids``, ``attention_mask``, ...)."""
+    def _embed(self, features: dict, normalize: Optional[bool] = None) -> torch.Tensor:
         hidden = self.hidden_states(features)
-        mask = features.get("attention_mask")
         norm = self.normalize if normalize is None else normalize
-        return F.pool(hidden, mask, mode=self.pooling, normalize=norm)
+        return F.pool(hidden, features.get("attention_mask"), mode=self.pooling, normalize=norm)
 
     def tokenize(self, texts: Sequence[str], kind: str = "passage", max_length: Optional[int] = None) -> List[List[int]]:
         """Token ids of each text with the tokenizer's own special tokens, truncated to ``max_length``."""
@@ -125,9 +201,11 @@ class BiEncoder(_EmbedderBase):
 
     def save(self, path: str) -> None:
         """Write the model, its tokenizer, fastrank's settings and a sentence-transformers layout
-        (``modules.json``, ``1_Pooling``, ``2_Normalize``) so ``SentenceTransformer(path)`` loads it."""
+        (``modules.json``, ``1_Pooling``, ``2_Normalize``) so ``SentenceTransformer(path)`` loads it.
+        A PEFT-wrapped model writes its adapter instead of the full weights (merge it to get a folder
+        sentence-transformers loads alone)."""
         os.makedirs(path, exist_ok=True)
-        unwrap_model(self.model).save_pretrained(path)
+        self.model.save_pretrained(path)  # a PEFT model writes its adapter
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         dim = unwrap_model(self.model).config.hidden_size
@@ -256,8 +334,10 @@ class LlaraEncoder(_EmbedderBase):
     kind = "llara"
 
     def __init__(self, model, tokenizer, *, normalize: bool = True, temperature: float = 0.02,
-                 query_max_length: int = 64, passage_max_length: int = 160):
-        super().__init__(model, tokenizer, normalize, temperature)
+                 query_max_length: int = 64, passage_max_length: int = 160, negatives_cross_device: bool = False,
+                 sub_batch_size: int = -1, use_inbatch_neg: bool = True):
+        super().__init__(model, tokenizer, normalize, temperature, negatives_cross_device, sub_batch_size,
+                         use_inbatch_neg)
         self.query_max_length = int(query_max_length)
         self.passage_max_length = int(passage_max_length)
         self._add_special_tokens()
@@ -294,14 +374,14 @@ class LlaraEncoder(_EmbedderBase):
     def instruction(self, kind: str) -> Optional[str]:
         return None
 
-    def encode(self, features: dict, normalize: Optional[bool] = None) -> torch.Tensor:
+    def _embed(self, features: dict, normalize: Optional[bool] = None) -> torch.Tensor:
         hidden = self.hidden_states(features)
         norm = self.normalize if normalize is None else normalize
         return F.pool(hidden, features.get("attention_mask"), mode="special", last_k=8, normalize=norm)
 
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
-        unwrap_model(self.model).save_pretrained(path)
+        self.model.save_pretrained(path)  # a PEFT model writes its adapter
         self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, FASTRANK_CONFIG), "w") as f:
             json.dump(dict(self._common_config(), kind=self.kind, query_max_length=self.query_max_length,
