@@ -1,16 +1,26 @@
 """contrastive_loss: in-batch softmax cross-entropy over q @ p.T / tau without the [B, P] score matrix.
 
-Forward: one program per block of BLOCK_M query rows walks the passage tiles, computing each tile of
-scores ``s = q p^T / tau`` in fp32 (tensor cores on half inputs) and keeping, per row, an online
-log-sum-exp over the candidates (all passages, or the row's own group), the score of its target, and,
-with teacher scores, the log-sum-exp over its own group and the teacher-weighted sum of its group's
-scores. Only these four fp32 numbers per row are written; the loss is assembled from them in torch.
+Forward: a program owns BLOCK_M query rows and one slice of the passages (the slices split P so that the
+grid fills the GPU when B alone does not), computes each tile of scores ``s = q p^T / tau`` in fp32
+(tensor cores on half inputs) and keeps, per row, an online log-sum-exp over the candidates (all
+passages, or the row's own group), the score of its target, and, with teacher scores, the log-sum-exp over
+its own group and the teacher-weighted sum of its group's scores. Only these fp32 numbers per row and
+slice are written; the slices are merged and the loss assembled in torch.
 
-Backward (Inf-CL's scheme): the coefficient of each score, ``c = (softmax - onehot) + (group softmax -
-teacher)``, is rebuilt tile by tile from the saved row statistics. One kernel owns blocks of query rows and
-accumulates ``dq = c p / tau``; another owns blocks of passage rows and accumulates ``dp = c^T q / tau``;
-each program writes only its own rows, so there are no atomics. A program's accumulator is a [BLOCK, D]
-fp32 slab it updates in place chunk by chunk over D (it stays in L2), so D may be any size.
+Backward, in-batch: the coefficient of each score, ``c = (softmax - onehot) + (group softmax - teacher)``,
+is rebuilt tile by tile from the saved row statistics, one chunk of passage columns at a time: a kernel
+recomputes the chunk's score tiles and writes ``c * row_grad / tau`` for all B rows and the chunk's columns
+(``[B, P_chunk]``, by default at most 2^24 entries: 32 MiB in bf16 where torch holds ``[B, P]`` several
+times over); then ``dp[chunk] = c^T q`` is final and ``dq += c p[chunk]`` accumulates in fp32 ``[B, D]``,
+both on the vendor GEMM. Each score tile is computed twice in all (forward, backward) and each product
+once, with no atomics: four GEMM-sized passes where eager torch does three plus several full passes
+over the fp32 score matrix.
+
+Backward, own group only: the candidates form a band (each row's G passages), so one kernel owns blocks of
+query rows and accumulates ``dq = c p / tau`` and another owns blocks of passage rows and accumulates
+``dp = c^T q / tau``, each visiting only the tiles that meet the band; each writes only its own rows. A
+program's accumulator is a [BLOCK, D] fp32 slab it updates in place chunk by chunk over D (it stays in
+L2), so D may be any size.
 """
 
 from __future__ import annotations
@@ -47,23 +57,25 @@ def _score_tile(q_ptr, p_ptr, offs_m, m_mask, offs_n, n_mask, D, stride_qm, stri
 
 @triton.jit
 def _contrastive_fwd_kernel(
-    q_ptr, p_ptr, targets_ptr, teacher_ptr, stats_ptr,
-    B, P, D, G, inv_tau,
-    stride_qm, stride_pn, stride_tm, stride_sm,
+    q_ptr, p_ptr, targets_ptr, teacher_ptr, part_ptr,
+    B, P, D, G, inv_tau, cols_per_split,
+    stride_qm, stride_pn, stride_tm, stride_ps, stride_pm,
     IN_BATCH: tl.constexpr, HAS_TEACHER: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """stats[i] = (lse over the candidates, target score, lse over the own group, sum_g t_ig s_i,group+g)."""
+    """part[split, i] = over this split's passages: (lse over the candidates, target score, lse over the own
+    group, sum_g t_ig s_i,group+g). A split holding none of a row's group gives -inf / 0 there."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < B
     target = tl.load(targets_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     group_lo = (target // G) * G
     group_hi = group_lo + G
     if IN_BATCH:
-        col_lo = 0
-        col_hi = P
-    else:  # the block's rows only ever look at their own groups
+        col_lo = split * cols_per_split
+        col_hi = tl.minimum(col_lo + cols_per_split, P)
+    else:  # the block's rows only ever look at their own groups (one split)
         col_lo = tl.min(tl.where(m_mask, group_lo, P), axis=0)
         col_hi = tl.max(tl.where(m_mask, group_hi, 0), axis=0)
 
@@ -97,7 +109,7 @@ def _contrastive_fwd_kernel(
             t = tl.load(teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
                         mask=in_group & n_mask[None, :] & m_mask[:, None], other=0.0)
             kd += tl.sum(t * tl.where(in_group, s, 0.0), axis=1)
-    base = stats_ptr + offs_m.to(tl.int64) * stride_sm
+    base = part_ptr + split * stride_ps + offs_m.to(tl.int64) * stride_pm
     tl.store(base + 0, m_i + tl.log(l_i), mask=m_mask)
     tl.store(base + 1, pos, mask=m_mask)
     if HAS_TEACHER:
@@ -123,6 +135,38 @@ def _coef_tile(s, offs_m, m_mask, offs_n, n_mask, target, group_lo, group_hi, ls
         c += tl.where(in_group & valid, tl.exp(s - lse_g[:, None]) - t, 0.0)
     return c * row_scale[:, None]
 
+
+
+@triton.jit
+def _contrastive_coef_kernel(
+    q_ptr, p_ptr, targets_ptr, teacher_ptr, stats_ptr, grad_ptr, c_ptr,
+    B, P, D, G, inv_tau, col0, cols,
+    stride_qm, stride_pn, stride_tm, stride_sm, stride_cm,
+    HAS_TEACHER: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """c[i, j - col0] = row_grad_i / tau * d loss_i / d s_ij for all query rows and the chunk's passage columns
+    [col0, col0 + cols) of the in-batch loss, in c's dtype."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < B
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = col0 + offs_c
+    n_mask = (offs_c < cols) & (offs_n < P)
+    target = tl.load(targets_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    group_lo = (target // G) * G
+    group_hi = group_lo + G
+    base = stats_ptr + offs_m.to(tl.int64) * stride_sm
+    lse = tl.load(base + 0, mask=m_mask, other=0.0)
+    lse_g = tl.load(base + 2, mask=m_mask & HAS_TEACHER, other=0.0)
+    row_scale = tl.load(grad_ptr + offs_m, mask=m_mask, other=0.0) * inv_tau
+    s = _score_tile(q_ptr, p_ptr, offs_m, m_mask, offs_n, n_mask, D, stride_qm, stride_pn, inv_tau,
+                    DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+    c = _coef_tile(s, offs_m, m_mask, offs_n, n_mask, target, group_lo, group_hi, lse, lse_g, teacher_ptr,
+                   stride_tm, row_scale, True, HAS_TEACHER)
+    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_c[None, :], c.to(c_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
 
 @triton.jit
 def _contrastive_dq_kernel(
@@ -233,13 +277,28 @@ def _contrastive_dp_kernel(
 # drivers
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _config(dtype: torch.dtype, d: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
+def _config(dtype: torch.dtype, d: int, device: torch.device = torch.device("cpu")):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the score-tile kernels."""
     if _INTERPRET:
         return 16, 16, min(32, max(16, next_power_of_2(d))), 1, 1
     if dtype == torch.float32:
-        return 32, 32, 32, 4, 2
-    return 64, 64, 64, 4, 2
+        return 64, 64, 32, 4, 3
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    if major >= 9:
+        # H100, B=4096 P=32768 D=1024 (bench/tune_contrastive.py, bench/results/tune_contrastive-h100.log):
+        # the forward's score GEMM runs at 400 TFLOP/s with 256 x 128 tiles (0.69 ms, 128 x 128: 0.88 ms).
+        # Its 3 stages need 144 KiB of shared memory, which Hopper has.
+        return 256, 128, 64, 8, 3
+    if major == 8:
+        return 128, 128, 64, 8, 3
+    return 64, 128, 64, 4, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreted: two "SMs" so that the tests run the split-and-merge path
 
 
 def _dot_fp32(dtype) -> bool:
@@ -247,31 +306,104 @@ def _dot_fp32(dtype) -> bool:
     return _INTERPRET or dtype == torch.float32
 
 
+# Entries of one backward chunk of coefficients [B, P_chunk]: 2^24 is 32 MiB in bf16, a sixteenth of the
+# fp32 [B, P] that torch holds at B=4096, P=32768, and wide enough that each chunk's GEMMs stay efficient.
+CHUNK_ENTRIES = 1 << 24
+
+
 def contrastive_forward(q, p, targets, teacher, temperature: float, group_size: int, in_batch: bool):
     """Per-row statistics ``[B, 4]`` fp32: (lse over candidates, target score, lse over own group, teacher-
     weighted sum of own-group scores); the last two are zero without teacher scores."""
     b, d = q.shape
     n = p.shape[0]
-    stats = torch.zeros((b, 4), dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d, warps, stages = _config(q.dtype, d)
+    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device)
+    row_blocks = cdiv(b, block_m)
+    splits = 1
+    if in_batch:  # split the passages until the grid covers every SM twice
+        splits = max(1, min(cdiv(n, block_n), cdiv(2 * _num_sms(q.device), max(row_blocks, 1))))
+    cols_per_split = cdiv(cdiv(n, splits), block_n) * block_n
+    splits = max(1, cdiv(n, cols_per_split))
+    part = torch.zeros((splits, b, 4), dtype=torch.float32, device=q.device)
     if b:
-        _contrastive_fwd_kernel[(cdiv(b, block_m),)](
-            q, p, targets, teacher, stats,
-            b, n, d, group_size, 1.0 / temperature,
-            q.stride(0), p.stride(0), teacher.stride(0) if teacher is not None else 0, stats.stride(0),
+        _contrastive_fwd_kernel[(row_blocks, splits)](
+            q, p, targets, teacher, part,
+            b, n, d, group_size, 1.0 / temperature, cols_per_split,
+            q.stride(0), p.stride(0), teacher.stride(0) if teacher is not None else 0,
+            part.stride(0), part.stride(1),
             IN_BATCH=in_batch, HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )
+    if splits == 1:
+        return part[0]
+    stats = torch.zeros((b, 4), dtype=torch.float32, device=q.device)
+    stats[:, 0] = torch.logsumexp(part[:, :, 0], dim=0)
+    stats[:, 1] = part[:, :, 1].sum(0)
+    if teacher is not None:
+        stats[:, 2] = torch.logsumexp(part[:, :, 2], dim=0)
+        stats[:, 3] = part[:, :, 3].sum(0)
     return stats
+
+
+def _mm_fp32(a, b):
+    """``a @ b`` with an fp32 result: half inputs on CUDA keep cuBLAS's fp32 accumulator (no rounding)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 def contrastive_backward(q, p, targets, teacher, stats, row_grad, temperature: float, group_size: int,
                          in_batch: bool, need_q: bool, need_p: bool):
     """``(dq, dp)`` in q's and p's dtypes for per-row upstream gradients ``row_grad`` ``[B]`` fp32."""
+    if in_batch:
+        return _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, group_size,
+                                  need_q, need_p)
+    return _backward_own_group(q, p, targets, teacher, stats, row_grad, temperature, group_size,
+                               need_q, need_p)
+
+
+def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, group_size, need_q, need_p):
     b, d = q.shape
     n = p.shape[0]
-    block_m, block_n, block_d, warps, stages = _config(q.dtype, d)
-    common = dict(IN_BATCH=in_batch, HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
+    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device)
+    # Half inputs: the coefficients are rounded once to the input dtype, as flash attention does with its
+    # probabilities before the dV and dQ products; the products accumulate in fp32. The interpreter keeps
+    # fp32 coefficients (its bf16 stores are not to be trusted).
+    c_dtype = torch.float32 if (_INTERPRET or q.dtype == torch.float32) else q.dtype
+    chunk = max(block_n, (CHUNK_ENTRIES // max(b, 1)) // block_n * block_n)
+    dq = torch.zeros((b, d), dtype=torch.float32, device=q.device) if need_q else None
+    dp = torch.empty((n, d), dtype=p.dtype, device=p.device) if need_p else None
+    if need_p and b == 0:
+        dp.zero_()
+    if b == 0 or n == 0:
+        return (dq.to(q.dtype) if need_q else None), dp
+    c = torch.empty((b, min(chunk, n)), dtype=c_dtype, device=q.device)
+    t_stride = teacher.stride(0) if teacher is not None else 0
+    for col0 in range(0, n, chunk):
+        cols = min(chunk, n - col0)
+        c_view = c[:, :cols]
+        _contrastive_coef_kernel[(cdiv(b, block_m), cdiv(cols, block_n))](
+            q, p, targets, teacher, stats, row_grad, c_view,
+            b, n, d, group_size, 1.0 / temperature, col0, cols,
+            q.stride(0), p.stride(0), t_stride, stats.stride(0), c_view.stride(0),
+            HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        )
+        p_chunk = p[col0:col0 + cols]
+        if need_p:
+            if c_dtype == p.dtype:
+                torch.mm(c_view.t(), q, out=dp[col0:col0 + cols])
+            else:
+                dp[col0:col0 + cols] = (c_view.t() @ q.to(c_dtype)).to(p.dtype)
+        if need_q:
+            dq += _mm_fp32(c_view, p_chunk.to(c_dtype) if c_dtype != p.dtype else p_chunk)
+    return (dq.to(q.dtype) if need_q else None), dp
+
+
+def _backward_own_group(q, p, targets, teacher, stats, row_grad, temperature, group_size, need_q, need_p):
+    b, d = q.shape
+    n = p.shape[0]
+    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device)
+    common = dict(IN_BATCH=False, HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     t_stride = teacher.stride(0) if teacher is not None else 0
     dq = dp = None

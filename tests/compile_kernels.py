@@ -65,13 +65,18 @@ def variants():
                 cfg = dict(MODE=mode, HAS_MASK=has_mask, PACKED=packed, BLOCK_T=32, BLOCK_H=128, BLOCK_K=2)
                 yield P._pool_fwd_kernel, pool_types, cfg
                 yield P._pool_bwd_kernel, pool_types, cfg
-        for fn in (C._contrastive_fwd_kernel, C._contrastive_dq_kernel, C._contrastive_dp_kernel):
+        block = (128, 128, 64) if dtype == "bf16" else (64, 64, 32)
+        types = dict(q_ptr=f"*{dtype}", p_ptr=f"*{dtype}", targets_ptr="*i64", inv_tau="fp32")
+        for teacher in (True, False):
             for in_batch in (True, False):
-                for teacher in (True, False):
-                    block = (64, 64, 64) if dtype == "bf16" else (32, 32, 32)
-                    yield fn, dict(q_ptr=f"*{dtype}", p_ptr=f"*{dtype}", targets_ptr="*i64", inv_tau="fp32"), dict(
-                        IN_BATCH=in_batch, HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32",
-                        BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
+                yield C._contrastive_fwd_kernel, types, dict(
+                    IN_BATCH=in_batch, HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32",
+                    BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
+            yield C._contrastive_coef_kernel, dict(types, c_ptr=f"*{dtype}"), dict(
+                HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32", BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
+            for fn in (C._contrastive_dq_kernel, C._contrastive_dp_kernel):
+                yield fn, types, dict(IN_BATCH=False, HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32",
+                                      BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
     yield S._score_head_lse_merge_kernel, {}, dict(BLOCK_S=512)
     yield P._pool_normalize_kernel, {}, dict(BLOCK_H=1024)
 
