@@ -4,7 +4,8 @@ Ops:        score_head, ScoreHeadOutput, pool, contrastive_loss, ContrastiveLoss
 Rerankers:  Reranker, patch, unpatch, presets, get_preset, register_preset, Preset,
             Convention, yes_logit, yes_no, token_diff, digit_ev
 Embedders:  Embedder, BiEncoder, LlaraEncoder, EmbedderTrainDataset, EmbedderCollator
-Trainers:   fastrank.integrations.trainer.EmbedderTrainer,
+Training:   LLMRerankerModel, RerankTrainDataset, RerankCollator
+Trainers:   fastrank.integrations.trainer.EmbedderTrainer, fastrank.integrations.trainer.RerankerTrainer,
             fastrank.integrations.sentence_transformers.FusedMultipleNegativesRankingLoss
 """
 
@@ -21,8 +22,9 @@ from fastrank.heads import (
     yes_no,
 )
 from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset
+from fastrank.data.reranker import RerankCollator, RerankTrainDataset
 from fastrank.inference import Embedder, Reranker
-from fastrank.models import BiEncoder, LlaraEncoder, patch, unpatch
+from fastrank.models import BiEncoder, LlaraEncoder, LLMRerankerModel, patch, unpatch
 
 __version__ = "0.2.0"
 
@@ -33,8 +35,11 @@ __all__ = [
     "Embedder",
     "EmbedderCollator",
     "EmbedderTrainDataset",
+    "LLMRerankerModel",
     "LlaraEncoder",
     "Preset",
+    "RerankCollator",
+    "RerankTrainDataset",
     "Reranker",
     "ScoreHeadOutput",
     "__version__",

@@ -277,19 +277,21 @@ def _contrastive_dp_kernel(
 # drivers
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _config(dtype: torch.dtype, d: int, device: torch.device = torch.device("cpu")):
+def _config(dtype: torch.dtype, d: int, device: torch.device = torch.device("cpu"), teacher: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the score-tile kernels."""
     if _INTERPRET:
         return 16, 16, min(32, max(16, next_power_of_2(d))), 1, 1
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    if major >= 9:
+    if major >= 9 and not teacher:
         # H100, B=4096 P=32768 D=1024 (bench/tune_contrastive.py, bench/results/tune_contrastive-h100.log):
         # the forward's score GEMM runs at 400 TFLOP/s with 256 x 128 tiles (0.69 ms, 128 x 128: 0.88 ms).
         # Its 3 stages need 144 KiB of shared memory, which Hopper has.
         return 256, 128, 64, 8, 3
-    if major == 8:
+    if major >= 8:
+        # With teacher scores the kernels carry a second online log-sum-exp and the teacher tile: 256-row
+        # tiles ran 5x slower on the H100 (bench/results/contrastive-h100.json, train_kd), 128 rows do not.
         return 128, 128, 64, 8, 3
     return 64, 128, 64, 4, 2
 
@@ -316,7 +318,7 @@ def contrastive_forward(q, p, targets, teacher, temperature: float, group_size: 
     weighted sum of own-group scores); the last two are zero without teacher scores."""
     b, d = q.shape
     n = p.shape[0]
-    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device)
+    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device, teacher is not None)
     row_blocks = cdiv(b, block_m)
     splits = 1
     if in_batch:  # split the passages until the grid covers every SM twice
@@ -364,7 +366,7 @@ def contrastive_backward(q, p, targets, teacher, stats, row_grad, temperature: f
 def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, group_size, need_q, need_p):
     b, d = q.shape
     n = p.shape[0]
-    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device)
+    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device, teacher is not None)
     # Half inputs: the coefficients are rounded once to the input dtype, as flash attention does with its
     # probabilities before the dV and dQ products; the products accumulate in fp32. The interpreter keeps
     # fp32 coefficients (its bf16 stores are not to be trusted).
@@ -402,7 +404,7 @@ def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, gro
 def _backward_own_group(q, p, targets, teacher, stats, row_grad, temperature, group_size, need_q, need_p):
     b, d = q.shape
     n = p.shape[0]
-    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device)
+    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device, teacher is not None)
     common = dict(IN_BATCH=False, HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     t_stride = teacher.stride(0) if teacher is not None else 0

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from fastrank.benchmarks import contrastive, embedder_train, encode, pool, rerank, score_head
+from fastrank.benchmarks import contrastive, embedder_train, encode, pool, reranker_train, rerank, score_head
 from fastrank.benchmarks.harness import MEMORY_FLOOR, environment, format_bytes, measure, ratio
 
 # op name -> module with quick_cases(device), full_cases(device), providers(case, device), case_dict(case)
@@ -21,12 +21,14 @@ OPS = {
     "rerank": rerank,
     "encode": encode,
     "embedder_train": embedder_train,
+    "reranker_train": reranker_train,
 }
 # Whole jobs (seconds per call, host work included) rather than kernels.
 END_TO_END = {
     "rerank": {"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)},
     "encode": {"cuda": dict(warmup=1, repeats=3), "cpu": dict(warmup=0, repeats=1)},
     "embedder_train": {"cuda": dict(warmup=2, repeats=10), "cpu": dict(warmup=1, repeats=3)},
+    "reranker_train": {"cuda": dict(warmup=2, repeats=10), "cpu": dict(warmup=1, repeats=3)},
 }
 
 
@@ -115,6 +117,8 @@ def format_table(results: dict) -> str:
             label = f"{case['mode']} B={case['n']} G={case['t']} D={case['hidden']} {case['dtype']}"
         if entry["op"] == "embedder_train":
             label = f"step B={case['n']} G={case['t']} L<={case['batch_size']} {case['dtype']}"
+        elif entry["op"] == "reranker_train":
+            label = f"{case['mode']} B={case['n']} G={case['t']} L<={case['batch_size']} {case['layers']}l {case['dtype']}"
         elif "layers" in case:
             what = "pairs" if entry["op"] == "rerank" else f"{case['mode']} texts"
             label = f"{case['n']} {what} L<={case['t']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
@@ -122,7 +126,7 @@ def format_table(results: dict) -> str:
         if ours["time_ms"] is None:
             ours_txt = ours["error"]
         elif "items_per_second" in ours.get("extra", {}):
-            unit = {"rerank": "pairs/s", "embedder_train": "queries/s"}.get(entry["op"], "texts/s")
+            unit = {"rerank": "pairs/s", "embedder_train": "queries/s", "reranker_train": "pairs/s"}.get(entry["op"], "texts/s")
             ours_txt = f"{ours['extra']['items_per_second']:.1f} {unit}, {format_bytes(ours['peak_bytes'])}"
         else:
             ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}"

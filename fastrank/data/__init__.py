@@ -2,6 +2,7 @@
 
 from fastrank.data.batching import Batch, collate, token_budget_batches
 from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
+from fastrank.data.reranker import RerankCollator, RerankTrainDataset
 from fastrank.data.templates import (
     ChatPairTemplate,
     EncodedPair,
@@ -20,6 +21,8 @@ __all__ = [
     "FlagLLMTemplate",
     "MxbaiV2Template",
     "Qwen3RerankerTemplate",
+    "RerankCollator",
+    "RerankTrainDataset",
     "SegmentTemplate",
     "collate",
     "read_retrieval_jsonl",

@@ -79,9 +79,10 @@ def read_retrieval_jsonl(data, max_examples_per_dataset: Optional[int] = None, n
                     raise ValueError(f"{where}: 'neg' must be a list of strings")
                 if need_negatives and not neg:
                     raise ValueError(f"{where}: 'neg' is empty; a group needs negatives (or train_group_size=1)")
-                if record.get("prompt") is not None and not isinstance(record["prompt"], str):
-                    raise ValueError(f"{where}: 'prompt' must be a string")
-                record = dict(record, neg=neg)
+                for key in ("prompt", "query_prompt", "passage_prompt"):
+                    if record.get(key) is not None and not isinstance(record[key], str):
+                        raise ValueError(f"{where}: '{key}' must be a string")
+                record = dict(record, neg=neg, _where=where)
                 record["pos_scores"] = _check_scores(record, "pos_scores", "pos", where)
                 record["neg_scores"] = _check_scores(record, "neg_scores", "neg", where)
                 if (record["pos_scores"] is None) != (record["neg_scores"] is None):
