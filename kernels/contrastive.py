@@ -296,6 +296,9 @@ def _config(dtype: torch.dtype, d: int, device: torch.device = torch.device("cpu
     return 64, 128, 64, 4, 2
 
 
+_BAND_CONFIG_INTERPRET = (16, 16, 16, 1, 1)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -404,7 +407,10 @@ def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, gro
 def _backward_own_group(q, p, targets, teacher, stats, row_grad, temperature, group_size, need_q, need_p):
     b, d = q.shape
     n = p.shape[0]
-    block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device, teacher is not None)
+    # The band's work is O(B * G * D): small tiles suffice, and the fp32 slab tiles of the dq / dp kernels
+    # would not fit in shared memory at the in-batch tile shapes (288 KiB at 256 x 128 on the H100).
+    block_m, block_n, block_d, warps, stages = _BAND_CONFIG_INTERPRET if _INTERPRET else (
+        (32, 32, 32, 4, 2) if q.dtype == torch.float32 else (64, 64, 64, 4, 2))
     common = dict(IN_BATCH=False, HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     t_stride = teacher.stride(0) if teacher is not None else 0

@@ -319,7 +319,7 @@ def test_trainer_raises_held_out_mrr(tmp_path):
     model = fastrank.LLMRerankerModel(lm, tok, train_group_size=4)
     reranker = fastrank.Reranker(lm, tok, "bge-reranker-v2-gemma")
     before = reranking_metrics(reranker, held_out)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=2e-3,
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=5e-4,
                              max_steps=400, logging_steps=60, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                              disable_tqdm=True)
     data = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=4, query_max_len=16,
