@@ -96,6 +96,27 @@ def read_retrieval_jsonl(data, max_examples_per_dataset: Optional[int] = None, n
     return records
 
 
+def sample_group(record: dict, group_size: int, key, with_scores: bool):
+    """(passages, teacher scores or None) of one record's group: one positive drawn at random, then
+    ``group_size - 1`` negatives without replacement (the negative list repeated first when it is too
+    short), positive first. The draw is a pure function of ``key`` (a tuple of ints), so an item is the
+    same in every worker and process for a given (seed, epoch, index)."""
+    rng = random.Random(hash(key))
+    p = rng.randrange(len(record["pos"]))
+    passages = [record["pos"][p]]
+    scores = [record["pos_scores"][p]] if with_scores else None
+    if group_size > 1:
+        neg_index = list(range(len(record["neg"])))
+        need = group_size - 1
+        if len(neg_index) < need:
+            neg_index = neg_index * math.ceil(need / len(neg_index))
+        for n in rng.sample(neg_index, need):
+            passages.append(record["neg"][n])
+            if scores is not None:
+                scores.append(record["neg_scores"][n])
+    return passages, scores
+
+
 class EmbedderTrainDataset(torch.utils.data.Dataset):
     """Query / passage-group items for contrastive embedder training (see the module docstring).
 
@@ -129,19 +150,7 @@ class EmbedderTrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         record = self.records[index]
-        rng = random.Random(hash((self.seed, self.epoch, index)))
-        p = rng.randrange(len(record["pos"]))
-        chosen = [record["pos"][p]]
-        scores = [record["pos_scores"][p]] if self.has_teacher else None
-        if self.group_size > 1:
-            neg_index = list(range(len(record["neg"])))
-            need = self.group_size - 1
-            if len(neg_index) < need:
-                neg_index = neg_index * math.ceil(need / len(neg_index))
-            for n in rng.sample(neg_index, need):
-                chosen.append(record["neg"][n])
-                if scores is not None:
-                    scores.append(record["neg_scores"][n])
+        chosen, scores = sample_group(record, self.group_size, (self.seed, self.epoch, index), self.has_teacher)
         instruction = record.get("prompt") if record.get("prompt") is not None else self.query_instruction
         return {
             "query": instruction + record["query"],

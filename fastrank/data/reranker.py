@@ -25,13 +25,11 @@ the score is read at the last real token.
 
 from __future__ import annotations
 
-import math
-import random
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastrank.data.embedder import read_retrieval_jsonl
+from fastrank.data.embedder import read_retrieval_jsonl, sample_group
 from fastrank.data.templates import FLAG_LLM_PROMPT, _keep, _only_second
 
 IGNORE_INDEX = -100
@@ -119,19 +117,7 @@ class RerankTrainDataset(torch.utils.data.Dataset):
     def sample(self, index: int):
         """(query, passages, teacher scores or None) of item ``index``: the positive first."""
         record = self.records[index]
-        rng = random.Random(hash((self.seed, self.epoch, index)))
-        p = rng.randrange(len(record["pos"]))
-        passages = [record["pos"][p]]
-        scores = [record["pos_scores"][p]] if self.has_teacher else None
-        if self.group_size > 1:
-            neg_index = list(range(len(record["neg"])))
-            need = self.group_size - 1
-            if len(neg_index) < need:
-                neg_index = neg_index * math.ceil(need / len(neg_index))
-            for n in rng.sample(neg_index, need):
-                passages.append(record["neg"][n])
-                if scores is not None:
-                    scores.append(record["neg_scores"][n])
+        passages, scores = sample_group(record, self.group_size, (self.seed, self.epoch, index), self.has_teacher)
         return record["query"], passages, scores
 
     def encode_pairs(self, query: str, passages: Sequence[str], record: Optional[dict] = None):
