@@ -62,9 +62,12 @@ def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_
     if empty:
         raise ValueError(f"sequences: {len(empty)} are empty (first at index {offset + empty[0]})")
     device = out.device
+    # Widths rounded up to a multiple of 8 keep GPU matmul and attention tiles aligned; on a CPU those
+    # columns are plain extra work (17% of MiniLM's encode time on texts of ~54 tokens), so none there.
+    multiple = 8 if device.type == "cuda" else 1
     with value_checks(False):
-        for idx in token_budget_batches(lengths, batch_size, max_tokens):
-            batch = collate([sequences[i] for i in idx], pad_id, padding_side, device=device, indices=idx)
+        for idx in token_budget_batches(lengths, batch_size, max_tokens, multiple):
+            batch = collate([sequences[i] for i in idx], pad_id, padding_side, multiple, device=device, indices=idx)
             rows = torch.tensor(idx) + offset
             out[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = compute(batch).float()
             bar.update(len(idx))
