@@ -50,6 +50,18 @@ def document_texts(documents) -> List[str]:
     return texts
 
 
+def sort_window(batch_size: int, device: torch.device) -> int:
+    """How many inputs are tokenised, sorted by length and batched together.
+
+    On CUDA the loop never waits for the device, so the next window is tokenised while the device runs
+    this one; small windows keep that overlap from the start (1024 was measured best on an H100). A CPU
+    runs each batch as it is launched, so there is nothing to overlap and a larger window only packs
+    better: on the encode benchmark's texts, padding is 12.6% of the tokens with windows of 1024 and 3.7%
+    with windows of 4096.
+    """
+    return max(16 * batch_size, 1024 if device.type == "cuda" else 4096)
+
+
 def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_side, bar, compute):
     """Launch length-sorted, token-budget batches of ``sequences`` and write ``compute(batch)`` row by row
     into ``out[offset:]`` on the device.
@@ -161,7 +173,7 @@ class Reranker:
         # Tokenise a chunk while the device scores the previous one: the loop below never waits for the
         # device, so tokenisation (host) and the forward passes (device) overlap. Within a chunk, pairs
         # are sorted by length and batched under the token budget.
-        chunk = max(16 * batch_size, 1024)
+        chunk = sort_window(batch_size, self.device)
         show = show_progress if show_progress is not None else len(pairs) > 4 * batch_size
         n_cut = 0
         from tqdm.auto import tqdm
@@ -223,9 +235,9 @@ class Reranker:
 class Embedder:
     """Encode texts with a ``BiEncoder`` (BGE, sentence-transformers models) or a ``LlaraEncoder``.
 
-    Texts are tokenised, sorted by length within windows of 1024, batched under a token budget, encoded
-    (backbone once per batch, then the fused pool), and returned in input order; the next window is
-    tokenised while the device encodes the current one.
+    Texts are tokenised, sorted by length within windows (``sort_window``: 1024 texts on CUDA, 4096 on a
+    CPU), batched under a token budget, encoded (backbone once per batch, then the fused pool), and
+    returned in input order; on CUDA the next window is tokenised while the device encodes the current one.
     """
 
     def __init__(self, encoder):
@@ -331,7 +343,7 @@ class Embedder:
         if prompt:
             texts = [prompt + t for t in texts]
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
-        window = max(16 * batch_size, 1024)
+        window = sort_window(batch_size, self.device)
         show = show_progress if show_progress is not None else len(texts) > 4 * batch_size
         side = getattr(self.tokenizer, "padding_side", "right")
         from tqdm.auto import tqdm
