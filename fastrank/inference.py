@@ -54,10 +54,10 @@ def sort_window(batch_size: int, device: torch.device) -> int:
     """How many inputs are tokenised, sorted by length and batched together.
 
     On CUDA the loop never waits for the device, so the next window is tokenised while the device runs
-    this one; small windows keep that overlap from the start (on an H100, 1024 beat 256 by packing better). A CPU
-    runs each batch as it is launched, so there is nothing to overlap and a larger window only packs
-    better: on the encode benchmark's texts, padding is 12.6% of the tokens with windows of 1024 and 3.7%
-    with windows of 4096.
+    this one; small windows keep that overlap from the start (on an H100, 1024 beat 256 by packing
+    better). A CPU runs each batch as it is launched, so there is nothing to overlap and a larger window
+    only packs better: on the encode benchmark's texts, padding is 12.6% of the tokens with windows of
+    1024 and 3.7% with windows of 4096.
     """
     return max(16 * batch_size, 1024 if device.type == "cuda" else 4096)
 
