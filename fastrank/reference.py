@@ -389,7 +389,7 @@ def _contrastive_chunk_rows(p_rows: int) -> int:
 
 
 def _contrastive_scores(q_chunk, p_acc, config):
-    return (q_chunk.to(p_acc.dtype) @ p_acc.t()) / config.temperature
+    return (q_chunk.to(p_acc.dtype) @ p_acc.t()).div_(config.temperature)
 
 
 def _group_masks(targets, group_size, n_cols, device):
@@ -408,7 +408,9 @@ def contrastive_forward_reference(q, p, targets, teacher, config: ContrastiveCon
     for r0 in range(0, b, step):
         rows = slice(r0, min(b, r0 + step))
         s = _contrastive_scores(q[rows], p_acc, config)
-        in_group, _ = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
+        # [rows, P] group masks only where a mode reads them: in-batch CE without a teacher never does
+        if not config.in_batch or teacher is not None:
+            in_group, _ = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
         cand = s if config.in_batch else s.masked_fill(~in_group, float("-inf"))
         stats[rows, 0] = torch.logsumexp(cand, dim=1)
         stats[rows, 1] = s.gather(1, targets[rows, None])[:, 0]
@@ -431,18 +433,22 @@ def contrastive_backward_reference(q, p, targets, teacher, stats, row_grad, conf
     for r0 in range(0, q.shape[0], step):
         rows = slice(r0, min(q.shape[0], r0 + step))
         s = _contrastive_scores(q[rows], p_acc, config)
-        in_group, group_lo = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
-        c = torch.exp(s - stats[rows, 0:1])
-        if not config.in_batch:
-            c = c.masked_fill(~in_group, 0.0)
-        c[torch.arange(c.shape[0], device=c.device), targets[rows]] -= 1.0
-        if teacher is not None:
-            kd = torch.exp(s - stats[rows, 2:3]).masked_fill(~in_group, 0.0)
+        if not config.in_batch or teacher is not None:
+            in_group, _ = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
+        kd = None
+        if teacher is not None:  # before s becomes c in place below
+            kd = torch.exp(s - stats[rows, 2:3]).masked_fill_(~in_group, 0.0)
             kd[in_group] -= teacher[rows].to(acc).reshape(-1)
-            c = c + kd
-        c = c * (row_grad[rows, None].to(acc) / config.temperature)
+        # c is built in s's storage: each [rows, P] temporary is a full pass over memory on the CPU
+        c = s.sub_(stats[rows, 0:1]).exp_()
+        if not config.in_batch:
+            c.masked_fill_(~in_group, 0.0)
+        c[torch.arange(c.shape[0], device=c.device), targets[rows]] -= 1.0
+        if kd is not None:
+            c += kd
+        c *= row_grad[rows, None].to(acc) / config.temperature
         if need_q:
             dq[rows] = c @ p_acc
         if need_p:
-            dp += c.t() @ q_acc[rows]
+            dp.addmm_(c.t(), q_acc[rows])
     return (dq.to(q.dtype) if need_q else None), (dp.to(p.dtype) if need_p else None)
