@@ -393,9 +393,10 @@ def _contrastive_scores(q_chunk, p_acc, config):
 
 
 def _group_masks(targets, group_size, n_cols, device):
+    """``[rows, n_cols]`` bool: True on the columns of each row's own group (the one holding its target)."""
     group_lo = (targets // group_size) * group_size
     cols = torch.arange(n_cols, device=device)
-    return (cols[None, :] >= group_lo[:, None]) & (cols[None, :] < group_lo[:, None] + group_size), group_lo
+    return (cols[None, :] >= group_lo[:, None]) & (cols[None, :] < group_lo[:, None] + group_size)
 
 
 def contrastive_forward_reference(q, p, targets, teacher, config: ContrastiveConfig):
@@ -410,7 +411,7 @@ def contrastive_forward_reference(q, p, targets, teacher, config: ContrastiveCon
         s = _contrastive_scores(q[rows], p_acc, config)
         # [rows, P] group masks only where a mode reads them: in-batch CE without a teacher never does
         if not config.in_batch or teacher is not None:
-            in_group, _ = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
+            in_group = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
         cand = s if config.in_batch else s.masked_fill(~in_group, float("-inf"))
         stats[rows, 0] = torch.logsumexp(cand, dim=1)
         stats[rows, 1] = s.gather(1, targets[rows, None])[:, 0]
@@ -434,7 +435,7 @@ def contrastive_backward_reference(q, p, targets, teacher, stats, row_grad, conf
         rows = slice(r0, min(q.shape[0], r0 + step))
         s = _contrastive_scores(q[rows], p_acc, config)
         if not config.in_batch or teacher is not None:
-            in_group, _ = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
+            in_group = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
         kd = None
         if teacher is not None:  # before s becomes c in place below
             kd = torch.exp(s - stats[rows, 2:3]).masked_fill_(~in_group, 0.0)
