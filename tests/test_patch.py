@@ -7,6 +7,7 @@ import torch
 
 import fastrank
 from fastrank.data.batching import collate
+from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import assert_close
 
@@ -122,7 +123,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend, device):
 
 
 def test_lora_adapter(backend, device):
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     model = tiny_causal_lm("qwen2").to(device)
     tokenizer = tiny_tokenizer("qwen2")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -15,6 +15,7 @@ import torch
 
 import fastrank
 from fastrank.benchmarks.synthetic import synthetic_pairs
+from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import assert_close
 
@@ -60,7 +61,7 @@ def _real_ids(input_ids, attention_mask):
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("pairs", [SHORT, LONG], ids=["short", "long"])
 def test_flagembedding_llm_reranker(saved_model, pairs, normalize):
-    FlagEmbedding = pytest.importorskip("FlagEmbedding")
+    FlagEmbedding = require("FlagEmbedding")
     arch, path, model, tokenizer = saved_model
     reference = FlagEmbedding.FlagLLMReranker(path, use_fp16=False, devices=["cpu"], batch_size=4)
     fed = []
@@ -100,8 +101,8 @@ def _prepare_for_model_shim(tokenizer):
 
 @pytest.mark.parametrize("pairs", [SHORT, LONG], ids=["short", "long"])
 def test_mxbai_rerank_v2(qwen_model, pairs):
-    mxbai = pytest.importorskip("mxbai_rerank")
-    pytest.importorskip("FlagEmbedding")
+    mxbai = require("mxbai_rerank")
+    require("FlagEmbedding")
     arch, path, model, tokenizer = qwen_model
     reference = mxbai.MxbaiRerankV2(path, device="cpu", torch_dtype=torch.float32, max_length=MAX_LENGTH)
     _prepare_for_model_shim(reference.tokenizer)

@@ -12,6 +12,7 @@ import socket
 
 import pytest
 import torch
+from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import assert_close
 
@@ -52,7 +53,7 @@ def _grads(model):
 def test_matches_flagembedding_cross_decoder(backend, device, tmp_path, arch, distill):
     """The package layout (left padded, nothing appended): loss, scores and every parameter's gradient equal
     FlagEmbedding's CrossDecoderModel on the same tiny model and batch, in fp32."""
-    pytest.importorskip("FlagEmbedding")
+    require("FlagEmbedding")
     from FlagEmbedding.finetune.reranker.decoder_only.base.modeling import CrossDecoderModel
 
     _write_jsonl(tmp_path / "train.jsonl", _rows(3, negs=5))
@@ -129,7 +130,7 @@ def test_packed_equals_padded(backend, device, tmp_path):
 def test_lora_checkpointing_and_bf16(device, tmp_path):
     """LoRA adapters train (only they get gradients), gradient checkpointing gives the same loss and
     gradients, bf16 runs with fp32 scores, and save writes the adapter that resume loads."""
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     from fastrank.integrations.trainer import load_wrapped_weights
 
     _write_jsonl(tmp_path / "train.jsonl", _rows(2, negs=3, scores=False))
@@ -213,7 +214,7 @@ def test_dataset_layout_budget_and_labels(tmp_path):
 
 def test_dataset_matches_flagembedding_package_dataset(tmp_path):
     """Every pair's ids equal FlagEmbedding's AbsLLMRerankerTrainDataset (package layout) on the same line."""
-    pytest.importorskip("FlagEmbedding")
+    require("FlagEmbedding")
     from FlagEmbedding.abc.finetune.reranker.AbsArguments import AbsRerankerDataArguments
     from FlagEmbedding.abc.finetune.reranker.AbsDataset import AbsLLMRerankerTrainDataset
 
