@@ -4,13 +4,17 @@ provider (the quick GPU case of fastrank/benchmarks/rerank.py).
     python bench/profile_rerank.py
 """
 
+import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastrank.benchmarks import rerank
+from fastrank.benchmarks.harness import cuda_required
 
+if not torch.cuda.is_available():
+    sys.exit(cuda_required(__file__))
 device = torch.device("cuda")
 case = rerank.quick_cases(device)[0]
 fns = rerank.providers(case, device)

@@ -6,8 +6,11 @@ On a slow host every provider of the head stage is launch-bound; this shows wher
 goes (checks, Triton launches, torch ops). Not part of the test suite.
 """
 
-import cProfile, pstats, torch, time, os
+import cProfile, pstats, torch, time, os, sys
+from fastrank.benchmarks.harness import cuda_required
 from fastrank.benchmarks.score_head import Case, providers
+if not torch.cuda.is_available():
+    sys.exit(cuda_required(__file__))
 DEV=torch.device("cuda")
 for mode in ("forward","lse","train","lse_train"):
     fns=providers(Case(mode,64,512,896,151936,"bfloat16"),DEV)

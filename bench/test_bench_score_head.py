@@ -1,4 +1,4 @@
-"""pytest-benchmark view of the score_head microbenchmark (the quick cases of this machine).
+"""pytest-benchmark view of the score_head microbenchmark (its quick GPU cases; skipped without CUDA).
 
     pytest bench/test_bench_score_head.py --benchmark-columns=median,iqr,rounds
 
@@ -10,10 +10,11 @@ one table, and JSON with the GPU name, use `fastrank bench --op score_head [--fu
 import pytest
 import torch
 
-from fastrank.benchmarks.harness import peak_bytes
+from fastrank.benchmarks.harness import cuda_required, peak_bytes
 from fastrank.benchmarks.score_head import providers, quick_cases
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = torch.device("cuda")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=cuda_required(__file__))
 CASES = quick_cases(DEVICE)
 PROVIDERS = ["full_logits", "logits_to_keep", "torch_sliced", "fastrank"]
 
@@ -25,11 +26,8 @@ def test_score_head(benchmark, case, provider):
     if provider not in fns:
         pytest.skip(f"{provider} does not apply to mode {case.mode}")
     fn = fns[provider]
-    if DEVICE.type == "cuda":
-        fn()
-        run = lambda: (fn(), torch.cuda.synchronize())  # noqa: E731
-    else:
-        run = fn
+    fn()
+    run = lambda: (fn(), torch.cuda.synchronize())  # noqa: E731
     benchmark.group = case.label()
     benchmark.extra_info["peak_bytes"] = peak_bytes(fn, DEVICE)
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)

@@ -11,12 +11,19 @@ kernels/contrastive.py; not part of the test suite.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
-import triton.testing
 
-import fastrank
-from fastrank.kernels import contrastive as ck
+from fastrank.benchmarks.harness import cuda_required
+
+if not torch.cuda.is_available():
+    sys.exit(cuda_required(__file__))
+
+import triton.testing  # noqa: E402 - after the check: on a CPU the script says why it stops and nothing else
+
+import fastrank  # noqa: E402
+from fastrank.kernels import contrastive as ck  # noqa: E402
 
 DEV = torch.device("cuda")
 B, G, D, TAU = 4096, 8, 1024, 0.02

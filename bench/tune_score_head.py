@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 import torch
-import triton
-import triton.testing
 
-import fastrank
-from fastrank.kernels import score_head as sh
-from fastrank.reference import lse_forward_chunked
-from fastrank.utils import cdiv
+from fastrank.benchmarks.harness import cuda_required
+
+if not torch.cuda.is_available():
+    sys.exit(cuda_required(__file__))
+
+import triton  # noqa: E402 - after the check: on a CPU the script says why it stops and nothing else
+import triton.testing  # noqa: E402
+
+import fastrank  # noqa: E402
+from fastrank.kernels import score_head as sh  # noqa: E402
+from fastrank.reference import lse_forward_chunked  # noqa: E402
+from fastrank.utils import cdiv  # noqa: E402
 
 H, V = 896, 151936
 DEV = torch.device("cuda")

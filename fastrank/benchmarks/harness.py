@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
+import importlib.util
+import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from types import ModuleType
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -45,6 +50,91 @@ class Measurement:
 
     def to_dict(self):
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Stands in a ``providers()`` dict for a baseline that could not be built; ``reason`` says why, on one line."""
+
+    reason: str
+
+
+class MissingInput(Exception):
+    """What every provider of a case needs (e.g. model weights shipped as a package) cannot be loaded, so the
+    case is reported as not run."""
+
+
+INSTALL_HINT = "pip install 'fastrank[bench]' installs the baselines"
+
+
+def one_line(error: BaseException, limit: int = 160) -> str:
+    """``Type: message`` of an exception: the message's first line, cut to ``limit`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def require_input(module: str, what: str) -> ModuleType:
+    """Import a package every provider of a case needs, or raise :class:`MissingInput` saying which and why."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - as in reference_baseline: any failure while importing it
+        raise MissingInput(f"{what} needs {module}: {one_line(e)} ({INSTALL_HINT})") from e
+
+
+def _source_paths(module: str) -> list:
+    """The directories of a package (with a trailing separator), or the file of a plain module."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [os.path.join(os.path.abspath(d), "") for d in spec.submodule_search_locations]
+    return [os.path.abspath(spec.origin)] if spec.origin else []
+
+
+def _raised_in(error: BaseException, package: str) -> bool:
+    """Whether the innermost frame ``error`` passed through that is either fastrank's (fastrank.kernels
+    included) or ``package``'s is ``package``'s: the reference package failed, not fastrank's code."""
+    theirs = _source_paths(package)
+    ours = _source_paths("fastrank") + _source_paths("fastrank.kernels")
+    owner = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if any(filename.startswith(d) for d in theirs):
+            owner = package
+        elif any(filename.startswith(d) for d in ours):
+            owner = "fastrank"
+    return owner == package
+
+
+def reference_baseline(module: str, build: Callable[[ModuleType], Callable[[], object]]
+                       ) -> Union[Callable[[], object], Unavailable]:
+    """A baseline that runs a third-party reference (FlagEmbedding, sentence-transformers, ...).
+
+    Imports ``module`` and returns ``build(module)``, the baseline's closure, or :class:`Unavailable` with
+    the reason when importing ``module`` raises anything (not only ImportError: a package written for
+    another transformers fails on import with ModuleNotFoundError for a moved module, AttributeError, ...)
+    or when ``build`` fails inside the reference package's own code. Whatever is raised in fastrank's code,
+    this benchmark's included, propagates: that is a bug to see, not a missing baseline.
+    """
+    package = module.split(".")[0]
+    try:
+        imported = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        if isinstance(e, ModuleNotFoundError) and e.name == package:
+            return Unavailable(f"{package} is not installed ({INSTALL_HINT})")
+        return Unavailable(f"{module} does not import: {one_line(e)}")
+    try:
+        return build(imported)
+    except Exception as e:  # noqa: BLE001 - re-raised unless the reference package raised it
+        if _raised_in(e, package):
+            return Unavailable(f"{package} fails to build this baseline: {one_line(e)}")
+        raise
+
+
+def cuda_required(script: str) -> str:
+    """The one line a GPU-only script in bench/ exits with, or its tests skip with, where CUDA is missing."""
+    return f"bench/{os.path.basename(script)} needs a CUDA GPU; on a CPU run `fastrank bench`"
 
 
 _MALLOC_SET = False

@@ -8,8 +8,8 @@ provider tokenises, batches, runs the model and returns one score per pair in in
   padded to a multiple of 8, ``model(**batch).logits`` (``[B, L, V]``), the last real token's "Yes" logit.
 - ``hf_logits_to_keep``: the same with left padding and ``logits_to_keep=1``: full-vocabulary logits at the
   last position only.
-- ``flagembedding``: ``FlagEmbedding.FlagLLMReranker.compute_score`` itself (when the package is installed),
-  loading the same weights from disk.
+- ``flagembedding``: ``FlagEmbedding.FlagLLMReranker.compute_score`` itself, loading the same weights from
+  disk (reported as not run, with the reason, when FlagEmbedding is missing or does not import).
 - ``fastrank``: ``fastrank.Reranker.score``: token-budget batches, backbone only, score_head.
 """
 
@@ -19,15 +19,15 @@ import atexit
 import contextlib
 import io
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Union
 
 import torch
 
 import fastrank
+from fastrank.benchmarks.harness import Unavailable, reference_baseline
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate
 from fastrank.inference import pad_token_id_of
@@ -116,35 +116,30 @@ def _hf_scores(model, tokenizer, pairs, case: Case, logits_to_keep: bool):
     return scores.tolist()
 
 
-def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object]]:
+def _flagembedding(flag, case: Case, device: torch.device, pairs) -> Callable[[], object]:
+    """``FlagLLMReranker.compute_score`` on the same weights, loaded from a saved copy."""
+    path = _saved_copy(case, device)
+    reference = flag.FlagLLMReranker(
+        path, use_bf16=case.dtype == "bfloat16", use_fp16=case.dtype == "float16", devices=[str(device)],
+        batch_size=case.batch_size,
+    )
+    reference.model.to(device)
+
+    def flagembedding():
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+            return reference.compute_score([list(p) for p in pairs], max_length=case.t)
+
+    return flagembedding
+
+
+def providers(case: Case, device: torch.device) -> Dict[str, Union[Callable[[], object], Unavailable]]:
     model, tokenizer, _ = _setup(case, device)
     pairs = synthetic_pairs(case.n, seed=0)
     fns = {
         "hf_full_logits": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=False),
         "hf_logits_to_keep": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=True),
     }
-    try:
-        import FlagEmbedding  # noqa: F401
-
-        have_flag = True
-    except Exception as e:  # noqa: BLE001 - not installed, or an incompatible dependency
-        print(f"(flagembedding provider skipped: {type(e).__name__}: {e})", file=sys.stderr)
-        have_flag = False
-    if have_flag:
-        from FlagEmbedding import FlagLLMReranker
-
-        path = _saved_copy(case, device)
-        reference = FlagLLMReranker(
-            path, use_bf16=case.dtype == "bfloat16", use_fp16=case.dtype == "float16", devices=[str(device)],
-            batch_size=case.batch_size,
-        )
-        reference.model.to(device)
-
-        def flagembedding():
-            with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
-                return reference.compute_score([list(p) for p in pairs], max_length=case.t)
-
-        fns["flagembedding"] = flagembedding
+    fns["flagembedding"] = reference_baseline("FlagEmbedding", lambda flag: _flagembedding(flag, case, device, pairs))
     reranker = fastrank.Reranker(model, tokenizer, PRESET)
 
     def ours():

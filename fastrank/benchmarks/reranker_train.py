@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Union
 
 import torch
 
 import fastrank
+from fastrank.benchmarks.harness import Unavailable, reference_baseline
 from fastrank.benchmarks.synthetic import _WORDS, build_causal_lm, build_tokenizer, qwen25_config
+
+FLAG_MODEL = "FlagEmbedding.finetune.reranker.decoder_only.base.modeling"
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,7 @@ def _batch(case: Case, tokenizer, device):
     return {k: v.to(device) for k, v in batch["pair"].items()}
 
 
-def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object]]:
-    try:
-        from FlagEmbedding.finetune.reranker.decoder_only.base.modeling import CrossDecoderModel
-    except ImportError as e:
-        raise ImportError(f"the reranker training step needs FlagEmbedding ({e.name} is missing)") from e
+def providers(case: Case, device: torch.device) -> Dict[str, Union[Callable[[], object], Unavailable]]:
     tokenizer = build_tokenizer(padding_side="left")
     config = qwen25_config(num_layers=case.layers, pad_token_id=tokenizer.pad_token_id,
                            eos_token_id=tokenizer.eos_token_id, use_cache=False)
@@ -100,14 +99,18 @@ def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pair = _batch(case, tokenizer, device)
     ours = fastrank.LLMRerankerModel(model, tokenizer, train_group_size=case.t).train()
-    reference = CrossDecoderModel(model, tokenizer, train_batch_size=case.n).train()
 
     def fastrank_step():
         model.zero_grad(set_to_none=True)
         ours(pair=pair).loss.backward()
 
-    def flag_step():
-        model.zero_grad(set_to_none=True)
-        reference(pair=pair).loss.backward()
+    def flagembedding(modeling):
+        reference = modeling.CrossDecoderModel(model, tokenizer, train_batch_size=case.n).train()
 
-    return {"flagembedding": flag_step, "fastrank": fastrank_step}
+        def flag_step():
+            model.zero_grad(set_to_none=True)
+            reference(pair=pair).loss.backward()
+
+        return flag_step
+
+    return {"flagembedding": reference_baseline(FLAG_MODEL, flagembedding), "fastrank": fastrank_step}

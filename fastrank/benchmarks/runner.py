@@ -6,14 +6,19 @@ import datetime
 import gc
 import json
 import sys
+import time
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from fastrank.benchmarks import contrastive, embedder_train, encode, pool, reranker_train, rerank, score_head
-from fastrank.benchmarks.harness import MEMORY_FLOOR, environment, format_bytes, measure, ratio
+from fastrank.benchmarks.harness import (
+    MEMORY_FLOOR, MissingInput, Unavailable, environment, format_bytes, measure, ratio,
+)
 
-# op name -> module with quick_cases(device), full_cases(device), providers(case, device), case_dict(case)
+# op name -> module with quick_cases(device), full_cases(device), case_dict(case) and providers(case, device):
+# name -> closure, or Unavailable(reason) for a baseline that could not be built; MissingInput when no
+# provider of the case can run.
 OPS = {
     "score_head": score_head,
     "pool": pool,
@@ -34,7 +39,14 @@ END_TO_END = {
 
 def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
         log: Optional[Callable[[str], None]] = None) -> dict:
-    """Measure every provider of every case; ``log`` receives one progress line per case."""
+    """Measure every provider of every case.
+
+    ``log`` receives progress lines: one per case, one per provider as it starts and one with its elapsed
+    seconds when it is done, and one per baseline that could not be built, with the reason. Such a baseline
+    is listed under the case's ``unavailable`` (name -> reason) and the others are measured; a case whose
+    shared inputs cannot be loaded (:class:`MissingInput`) goes to ``skipped``.
+    """
+    say = log or (lambda line: None)
     results = {
         "environment": environment(device),
         "command": " ".join(sys.argv),
@@ -47,20 +59,27 @@ def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
         module = OPS[op]
         cases = module.full_cases(device) if full else module.quick_cases(device)
         for i, case in enumerate(cases):
-            if log:
-                log(f"[{op} {i + 1}/{len(cases)}] {case.label()}")
+            say(f"[{op} {i + 1}/{len(cases)}] {case.label()}")
+            start = time.perf_counter()
             try:
                 fns = module.providers(case, device)
-            except ImportError as e:  # a baseline's package is not installed: say so and go on
-                if log:
-                    log(f"  skipped: {e} (pip install 'fastrank[bench]' installs the baselines)")
+            except MissingInput as e:
+                say(f"  not run: {e}")
                 results.setdefault("skipped", []).append({"op": op, "case": module.case_dict(case), "reason": str(e)})
                 continue
+            say(f"  inputs and providers ready in {time.perf_counter() - start:.1f} s")
+            unavailable = {name: fn.reason for name, fn in fns.items() if isinstance(fn, Unavailable)}
+            for name, reason in unavailable.items():
+                say(f"  {name}: not run: {reason}")
             e2e = END_TO_END.get(op, {}).get(device.type)
-            measured = [
-                measure(name, fn, device, end_to_end=True, **e2e) if e2e else measure(name, fn, device)
-                for name, fn in fns.items()
-            ]
+            measured = []
+            for name, fn in fns.items():
+                if name in unavailable:
+                    continue
+                say(f"  {name} ...")
+                start = time.perf_counter()
+                measured.append(measure(name, fn, device, end_to_end=True, **e2e) if e2e else measure(name, fn, device))
+                say(f"  {name}: {time.perf_counter() - start:.1f} s")
             items = getattr(module, "items_per_call", None)
             if items is not None:
                 for m in measured:
@@ -84,9 +103,10 @@ def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
                 for m in measured
                 if m.provider != "fastrank"
             }
-            results["cases"].append(
-                {"op": op, "case": module.case_dict(case), "measurements": [m.to_dict() for m in measured], "ratios": ratios}
-            )
+            results["cases"].append({
+                "op": op, "case": module.case_dict(case), "measurements": [m.to_dict() for m in measured],
+                "ratios": ratios, "unavailable": unavailable,
+            })
     return results
 
 
@@ -97,8 +117,23 @@ def _fmt_ratio(r: Optional[float], lower_bound: bool = False) -> str:
     return (">" + text) if lower_bound else text
 
 
+def case_label(op: str, case: dict) -> str:
+    """A case's shape in a few words, as the table and the plot show it."""
+    if op == "contrastive":
+        return f"{case['mode']} B={case['n']} G={case['t']} D={case['hidden']} {case['dtype']}"
+    if op == "embedder_train":
+        return f"step B={case['n']} G={case['t']} L<={case['batch_size']} {case['dtype']}"
+    if op == "reranker_train":
+        return f"{case['mode']} B={case['n']} G={case['t']} L<={case['batch_size']} {case['layers']}l {case['dtype']}"
+    if "layers" in case:
+        what = "pairs" if op == "rerank" else f"{case['mode']} texts"
+        return f"{case['n']} {what} L<={case['t']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
+    return f"{case['mode']} N={case['n']} T={case['t']} {case['dtype']}"
+
+
 def format_table(results: dict) -> str:
-    """One line per (case, baseline): how many times slower / larger the baseline is than fastrank."""
+    """One line per (case, baseline): how many times slower / larger the baseline is than fastrank; a
+    baseline that could not be built, and a case that could not be set up, get a line with the reason."""
     env = results["environment"]
     hw = env.get("gpu") or f"CPU ({env.get('cpu_threads')} threads)"
     lines = [
@@ -111,17 +146,7 @@ def format_table(results: dict) -> str:
         f"{'op':<11} {'case':<36} {'baseline':<15} {'time':>9} {'graph':>9} {'memory':>10}   fastrank: time, peak",
     ]
     for entry in results["cases"]:
-        case = entry["case"]
-        label = f"{case['mode']} N={case['n']} T={case['t']} {case['dtype']}"
-        if entry["op"] == "contrastive":
-            label = f"{case['mode']} B={case['n']} G={case['t']} D={case['hidden']} {case['dtype']}"
-        if entry["op"] == "embedder_train":
-            label = f"step B={case['n']} G={case['t']} L<={case['batch_size']} {case['dtype']}"
-        elif entry["op"] == "reranker_train":
-            label = f"{case['mode']} B={case['n']} G={case['t']} L<={case['batch_size']} {case['layers']}l {case['dtype']}"
-        elif "layers" in case:
-            what = "pairs" if entry["op"] == "rerank" else f"{case['mode']} texts"
-            label = f"{case['n']} {what} L<={case['t']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
+        label = case_label(entry["op"], entry["case"])
         ours = next(m for m in entry["measurements"] if m["provider"] == "fastrank")
         if ours["time_ms"] is None:
             ours_txt = ours["error"]
@@ -130,9 +155,11 @@ def format_table(results: dict) -> str:
             ours_txt = f"{ours['extra']['items_per_second']:.1f} {unit}, {format_bytes(ours['peak_bytes'])}"
         else:
             ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}"
-        for m in entry["measurements"]:
-            if m["provider"] == "fastrank":
-                continue
+        baselines = [m for m in entry["measurements"] if m["provider"] != "fastrank"]
+        if not baselines:  # every baseline was unavailable: fastrank's own numbers still get a line
+            lines.append(f"{entry['op']:<11} {label:<36} {'-':<15} {'-':>9} {'-':>9} {'-':>10}   {ours_txt}")
+            label = ""
+        for m in baselines:
             r = entry["ratios"][m["provider"]]
             if m["error"]:
                 t_txt, g_txt, m_txt = m["error"], "", ""
@@ -144,10 +171,31 @@ def format_table(results: dict) -> str:
             )
             ours_txt = ""
             label = ""
+        for name, reason in entry.get("unavailable", {}).items():
+            lines.append(f"{entry['op']:<11} {label:<36} {name:<15} not run: {reason}")
+            label = ""
+    for skipped in results.get("skipped", []):
+        label = case_label(skipped["op"], skipped["case"])
+        lines.append(f"{skipped['op']:<11} {label:<36} {'(all)':<15} not run: {skipped['reason']}")
     return "\n".join(lines)
 
 
 def write_json(results: dict, path: str) -> None:
+    """Save the results of :func:`run` (read back by :func:`read_json`)."""
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
         f.write("\n")
+
+
+def read_json(path: str) -> dict:
+    """Results saved by :func:`write_json` (``fastrank bench --json``); ValueError naming the file otherwise."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(results, dict) or not {"environment", "cases"} <= results.keys():
+        raise ValueError(f"{path}: not the output of `fastrank bench --json` (no 'environment' and 'cases')")
+    return results

@@ -1,0 +1,208 @@
+"""`fastrank bench`'s runner, plot and flags: baselines that cannot be built, progress lines, the figure."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import fastrank
+from fastrank.benchmarks import embedder_train, pool, runner
+from fastrank.benchmarks.harness import MissingInput, reference_baseline, require_input
+from fastrank.cli import main
+
+CPU = torch.device("cpu")
+CASE = pool.Case("mean_fwd", 2, 4, 8, "float32")
+# what FlagEmbedding 1.3 raises on import under transformers 5.24
+MOVED_MODULE = ("raise ModuleNotFoundError(\"No module named 'transformers.modeling_attn_mask_utils'\", "
+                "name='transformers.modeling_attn_mask_utils')\n")
+
+
+def _package(root, name, source):
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text(source)
+
+
+def _fake_op(monkeypatch, providers):
+    """Register op "fake": one tiny pool-shaped case whose providers() is ``providers``."""
+    module = types.SimpleNamespace(
+        quick_cases=lambda device: [CASE], full_cases=lambda device: [CASE], case_dict=asdict,
+        providers=lambda case, device: providers(),
+    )
+    monkeypatch.setitem(runner.OPS, "fake", module)
+
+
+def _double():
+    x = torch.ones(64)
+    return lambda: x * 2
+
+
+def test_unavailable_baselines_get_a_row_with_the_reason_and_the_rest_are_measured(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _package(tmp_path, "bench_moved_dep", MOVED_MODULE)
+    _package(tmp_path, "bench_odd_error", "raise AttributeError('transformers has no attribute X\\nmore detail')\n")
+    _package(tmp_path, "bench_fails_to_build", "def make():\n    raise RuntimeError('needs transformers<5')\n")
+    _fake_op(monkeypatch, lambda: {
+        "torch_ok": _double(),
+        "missing": reference_baseline("bench_no_such_package", lambda m: m.run),
+        "moved": reference_baseline("bench_moved_dep.sub", lambda m: m.run),
+        "odd": reference_baseline("bench_odd_error", lambda m: m.run),
+        "build": reference_baseline("bench_fails_to_build", lambda m: m.make()),
+        "fastrank": _double(),
+    })
+    lines = []
+    results = runner.run(["fake"], CPU, log=lines.append)
+
+    entry = results["cases"][0]
+    assert [m["provider"] for m in entry["measurements"]] == ["torch_ok", "fastrank"]
+    assert all(m["time_ms"] is not None for m in entry["measurements"])
+    assert list(entry["ratios"]) == ["torch_ok"]
+    reasons = entry["unavailable"]
+    assert list(reasons) == ["missing", "moved", "odd", "build"]
+    assert reasons["missing"] == "bench_no_such_package is not installed (pip install 'fastrank[bench]' installs the baselines)"
+    assert reasons["moved"] == ("bench_moved_dep.sub does not import: "
+                                "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'")
+    assert reasons["odd"] == "bench_odd_error does not import: AttributeError: transformers has no attribute X"
+    assert reasons["build"] == "bench_fails_to_build fails to build this baseline: RuntimeError: needs transformers<5"
+
+    table = runner.format_table(results).splitlines()
+    for name, reason in reasons.items():
+        assert sum(name in line and f"not run: {reason}" in line for line in table) == 1
+    assert any("torch_ok" in line and "ms," in line for line in table)  # ratios and fastrank's time
+    # progress: every provider by name before it runs, then with its seconds
+    for name in ("torch_ok", "fastrank"):
+        assert f"  {name} ..." in lines
+        assert any(line.startswith(f"  {name}: ") and line.endswith(" s") for line in lines)
+    assert any(line.startswith("  moved: not run: ") for line in lines)
+
+    path = tmp_path / "results.json"
+    runner.write_json(results, str(path))
+    assert runner.read_json(str(path))["cases"][0]["unavailable"] == reasons
+
+
+def test_errors_in_fastrank_code_surface(monkeypatch):
+    def bad_build(json_module):
+        return fastrank.pool(torch.ones(2, 3, 4), torch.ones(2, 3), mode="no_such_mode")
+
+    with pytest.raises(ValueError, match="no_such_mode"):  # raised in fastrank, not in the reference package
+        reference_baseline("json", bad_build)
+
+    def broken_providers():
+        raise ImportError("cannot import name 'helper' from 'fastrank.utils'")
+
+    _fake_op(monkeypatch, broken_providers)
+    with pytest.raises(ImportError, match="helper"):  # not a missing baseline: the run stops
+        runner.run(["fake"], CPU)
+
+
+def test_missing_shared_input_reports_the_case_as_not_run(monkeypatch):
+    _fake_op(monkeypatch, lambda: {"fastrank": require_input("bench_no_weights_package", "the fake case")})
+    lines = []
+    results = runner.run(["fake"], CPU, log=lines.append)
+    assert results["cases"] == []
+    (skipped,) = results["skipped"]
+    assert skipped["reason"].startswith("the fake case needs bench_no_weights_package: ModuleNotFoundError")
+    table = runner.format_table(results)
+    assert f"(all)           not run: {skipped['reason']}" in table
+    assert any(line.startswith("  not run: the fake case") for line in lines)
+    with pytest.raises(MissingInput):
+        require_input("bench_no_weights_package", "x")
+
+
+def test_flagembedding_failing_to_import_leaves_fastrank_measured(monkeypatch, tmp_path):
+    """The embedder step with FlagEmbedding as it fails under transformers 5.24: a row, fastrank still timed."""
+    for name in [m for m in sys.modules if m == "FlagEmbedding" or m.startswith("FlagEmbedding.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _package(tmp_path, "FlagEmbedding", MOVED_MODULE)
+    tiny = embedder_train.Case("step", 2, 2, 6, "float32", 16)
+    monkeypatch.setattr(embedder_train, "quick_cases", lambda device: [tiny])
+    results = runner.run(["embedder_train"], CPU)
+    entry = results["cases"][0]
+    assert [m["provider"] for m in entry["measurements"]] == ["fastrank"]
+    assert entry["measurements"][0]["time_ms"] > 0
+    assert "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'" in entry["unavailable"]["flagembedding"]
+    table = runner.format_table(results)
+    assert "queries/s" in table and "flagembedding   not run: FlagEmbedding." in table
+
+
+def _results():
+    """A small saved run: two cases, a lower-bound memory ratio, an out-of-memory and an unavailable baseline."""
+    def m(provider, time_ms, peak, error=None):
+        return {"provider": provider, "time_ms": time_ms, "time_ms_p20": time_ms, "time_ms_p80": time_ms,
+                "peak_bytes": peak, "graph_time_ms": None, "error": error, "extra": {}}
+
+    def r(time, memory, lower=False):
+        return {"time": time, "graph_time": None, "memory": memory, "memory_is_lower_bound": lower}
+
+    return {
+        "environment": {"torch": torch.__version__, "fastrank": "0.0-test", "cpu_threads": 2, "triton": None},
+        "command": "fastrank bench", "timestamp": "2026-01-01T00:00:00+00:00",
+        "cases": [
+            {"op": "pool", "case": asdict(CASE), "measurements": [m("torch_unfused", 2.0, 4 << 20), m("fastrank", 1.0, 1 << 19)],
+             "ratios": {"torch_unfused": r(2.0, 4.0, True)}, "unavailable": {}},
+            {"op": "score_head", "case": {"mode": "forward", "n": 4, "t": 32, "dtype": "float32"},
+             "measurements": [m("full_logits", 30.0, 1 << 30), m("logits_to_keep", None, None, "out of memory"),
+                              m("fastrank", 2.0, 1 << 10)],
+             "ratios": {"full_logits": r(15.0, 1e6), "logits_to_keep": r(None, None)},
+             "unavailable": {"flagembedding": "FlagEmbedding does not import: ModuleNotFoundError: ..."}},
+        ],
+    }
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastrank.benchmarks.plot import plot, plot_results
+
+    out = tmp_path / "ratios.png"
+    plot([_results()], str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = tmp_path / "r.json"
+    runner.write_json(_results(), str(saved))
+    plot_results([str(saved), str(saved)], str(tmp_path / "two.png"))
+    assert (tmp_path / "two.png").stat().st_size > 0
+
+
+def test_bench_from_json_prints_the_table_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    saved = tmp_path / "r.json"
+    runner.write_json(_results(), str(saved))
+    out = tmp_path / "fig.png"
+    assert main(["bench", "--from-json", str(saved), "--plot", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "flagembedding   not run: FlagEmbedding does not import" in printed.out
+    assert "out of memory" in printed.out and ">4x" in printed.out
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--from-json", "r.json", "--op", "pool", "--full"], "--from-json shows saved results; --op, --full only apply"),
+    (["--from-json", "missing.json"], "--from-json missing.json: no such file"),
+    (["--from-json", "other.json"], "--from-json other.json: not the output of `fastrank bench --json`"),
+    (["--from-json", "broken.json"], "--from-json broken.json: not JSON"),
+])
+def test_bench_flag_errors(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.json").write_text(json.dumps({"cases": []}))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        main(["--traceback", "bench", *argv])
+
+
+def test_bench_plot_needs_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ValueError, match=r"^--plot needs matplotlib, which is not installed: pip install matplotlib$"):
+        main(["--traceback", "bench", "--op", "pool", "--plot", str(tmp_path / "r.png")])  # before anything runs
+
+
+def test_bench_plot_path_is_checked_before_the_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(ValueError, match=r"^--plot .*r\.txt: cannot write a figure of type 'txt'; use \.png"):
+        main(["--traceback", "bench", "--op", "pool", "--plot", str(tmp_path / "r.txt")])
+    with pytest.raises(ValueError, match=r"^--plot .*r\.png: the folder .*no_dir does not exist"):
+        main(["--traceback", "bench", "--op", "pool", "--plot", str(tmp_path / "no_dir" / "r.png")])
