@@ -28,10 +28,10 @@ def _require_tensor(name: str, value, what: str) -> torch.Tensor:
     return value
 
 
-def _same_device(name: str, tensor: torch.Tensor, ref: torch.Tensor) -> None:
+def _same_device(name: str, tensor: torch.Tensor, ref: torch.Tensor, ref_name: str = "hidden") -> None:
     if tensor.device != ref.device:
         raise ValueError(
-            f"{name}: is on {tensor.device} but hidden is on {ref.device}; move it with .to({str(ref.device)!r})"
+            f"{name}: is on {tensor.device} but {ref_name} is on {ref.device}; move it with .to({str(ref.device)!r})"
         )
 
 
@@ -334,7 +334,7 @@ def check_contrastive_inputs(q, p, temperature, group_size, in_batch, targets, t
             raise ValueError(f"{name}: must be float16, bfloat16 or float32, got {_dtype_name(t.dtype)}")
     if p.dtype != q.dtype:
         raise ValueError(f"p: dtype {_dtype_name(p.dtype)} differs from q's {_dtype_name(q.dtype)}; cast one of them")
-    _same_device("p", p, q)
+    _same_device("p", p, q, "q")
     b, d = q.shape
     n = p.shape[0]
     if p.shape[1] != d:
@@ -367,7 +367,7 @@ def check_contrastive_inputs(q, p, temperature, group_size, in_batch, targets, t
         targets = _integer_tensor("targets", targets, q.device, "[B]")
         if targets.dim() != 1 or targets.shape[0] != b:
             raise ValueError(f"targets: must be 1-D [B] with B={b}, got shape {tuple(targets.shape)}")
-        _same_device("targets", targets, q)
+        _same_device("targets", targets, q, "q")
         targets = targets.long().contiguous()
         lo, hi = (int(v) for v in torch.stack([targets.min(), targets.max()]).tolist())
         if lo < 0 or hi >= n:
@@ -385,7 +385,7 @@ def check_contrastive_inputs(q, p, temperature, group_size, in_batch, targets, t
                 f"teacher_scores: must be [B, G] = {(b, group_size)} (one score per passage of each query's group), "
                 f"got shape {tuple(teacher_scores.shape)}"
             )
-        _same_device("teacher_scores", teacher_scores, q)
+        _same_device("teacher_scores", teacher_scores, q, "q")
         # FlagEmbedding's distillation target: softmax of the raw teacher scores, no temperature.
         teacher = torch.softmax(teacher_scores.detach().float(), dim=-1).contiguous()
     config = ContrastiveConfig(temperature=float(temperature), group_size=group_size, in_batch=in_batch,

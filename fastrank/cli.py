@@ -4,35 +4,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
 def _device(name: str):
-    import torch
+    from fastrank.models.loading import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is visible to torch on this machine")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def cmd_bench(args) -> int:
-    from fastrank.benchmarks.runner import OPS, format_table, run, write_json
+    from fastrank.benchmarks.runner import OPS, format_table, read_json, run, write_json
 
-    device = _device(args.device)
-    ops = args.op or list(OPS)
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    results = run(ops, device, full=args.full, log=log)
-    print(format_table(results))
+    if args.plot:  # checked before a run of minutes rather than after it
+        from fastrank.benchmarks.plot import MATPLOTLIB_MISSING, check_output
+
+        try:
+            check_output(args.plot)
+        except ImportError:
+            raise ValueError(f"--plot {MATPLOTLIB_MISSING}") from None
+        except ValueError as e:
+            raise ValueError(f"--plot {e}") from None
+    if args.from_json:
+        given = [flag for flag, value in (("--op", args.op), ("--full", args.full), ("--json", args.json)) if value]
+        if given:
+            raise ValueError(f"--from-json shows saved results; {', '.join(given)} only apply to a new run: drop them")
+        try:
+            all_results = [read_json(path) for path in args.from_json]
+        except ValueError as e:
+            raise ValueError(f"--from-json {e}") from None
+    else:
+        device = _device(args.device)
+        log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        all_results = [run(args.op or list(OPS), device, full=args.full, log=log)]
+    print("\n\n".join(format_table(results) for results in all_results))
     if args.json:
-        write_json(results, args.json)
+        write_json(all_results[0], args.json)
         print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from fastrank.benchmarks.plot import plot
+
+        try:
+            plot(all_results, args.plot)
+        except ValueError as e:
+            raise ValueError(f"--plot {args.plot}: {e}") from None
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _input_lines(path: str):
+    """(where, lines) of ``path`` ("-" is stdin), for messages of the form ``where:line: ...``."""
+    if path == "-":
+        return "<stdin>", sys.stdin.read().splitlines()
+    if not os.path.isfile(path):
+        raise ValueError(f"--input: there is no file {path}")
+    with open(path) as f:
+        return path, f.read().splitlines()
 
 
 def _parse_rerank_line(text: str):
     """One JSONL line -> (record, [(query, passage)], kind) or raise ValueError with the reason."""
+    if not text.strip():
+        raise ValueError("empty line: nothing to score (remove it, or put a JSON object on it)")
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
@@ -51,24 +85,22 @@ def _parse_rerank_line(text: str):
     raise ValueError("needs 'documents' (a list) or 'document' (a string) next to 'query'")
 
 
-def cmd_rerank(args) -> int:
-    from fastrank.inference import Reranker
+def _open_output(path: str):
+    return sys.stdout if path == "-" else open(path, "w")
 
-    if args.input == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        with open(args.input) as f:
-            lines = f.read().splitlines()
+
+def cmd_rerank(args) -> int:
+    from fastrank.inference import Reranker, best_first
+
+    where, lines = _input_lines(args.input)
     parsed, errors = [], 0
     for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
         try:
             parsed.append((number, *_parse_rerank_line(text)))
         except ValueError as e:
             parsed.append((number, None, str(e), "error"))
             errors += 1
-            print(f"{'<stdin>' if args.input == '-' else args.input}:{number}: {e}", file=sys.stderr)
+            print(f"{where}:{number}: {e}", file=sys.stderr)
 
     pairs = [pair for _, _, p, kind in parsed if kind != "error" for pair in p]
     scores = []
@@ -80,7 +112,7 @@ def cmd_rerank(args) -> int:
             pairs, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
             normalize=args.normalize, show_progress=False if args.no_progress else None,
         )
-    out = sys.stdout if args.output == "-" else open(args.output, "w")
+    out = _open_output(args.output)
     try:
         cursor = 0
         for number, record, payload, kind in parsed:
@@ -95,29 +127,27 @@ def cmd_rerank(args) -> int:
                 if kind == "pair":
                     result["score"] = mine[0]
                 else:
-                    order = sorted(range(len(mine)), key=lambda i: -mine[i])[: args.top_k]
-                    result["results"] = [{"index": i, "relevance_score": mine[i]} for i in order]
+                    result["results"] = [{"index": i, "relevance_score": mine[i]} for i in best_first(mine, args.top_k)]
             out.write(json.dumps(result) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()
     if errors:
-        print(f"{errors} of {len(parsed)} lines could not be scored (see above); the others were", file=sys.stderr)
+        print(f"{errors} of {len(parsed)} lines could not be scored (see above; each has an \"error\" record); "
+              f"the other {len(parsed) - errors} were scored", file=sys.stderr)
     return 1 if errors else 0
 
 
 def _read_texts(path: str, fmt: str):
-    """(line number, text or None, error or None) per non-empty input line."""
-    if path == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        with open(path) as f:
-            lines = f.read().splitlines()
+    """(line number, text or None, id or None, error or None) for every input line, blank ones included (an
+    error: the output keeps one row per input line)."""
+    where, lines = _input_lines(path)
     if fmt == "auto":
         fmt = "jsonl" if path.endswith((".jsonl", ".json")) else "text"
     out = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
+            out.append((number, None, None, "empty line: nothing to encode (remove it, or put the text on it)"))
             continue
         if fmt == "text":
             out.append((number, line, None, None))
@@ -132,7 +162,7 @@ def _read_texts(path: str, fmt: str):
             out.append((number, None, None, "expected a JSON string or an object with a string 'text'"))
             continue
         out.append((number, text, record.get("id") if isinstance(record, dict) else None, None))
-    return out
+    return where, out
 
 
 def cmd_encode(args) -> int:
@@ -140,138 +170,145 @@ def cmd_encode(args) -> int:
 
     from fastrank.inference import Embedder
 
-    items = _read_texts(args.input, args.format)
-    where = "<stdin>" if args.input == "-" else args.input
+    where, items = _read_texts(args.input, args.format)
     errors = [(n, err) for n, _, _, err in items if err]
     for n, err in errors:
         print(f"{where}:{n}: {err}", file=sys.stderr)
-    good = [(n, text, rid) for n, text, rid, err in items if not err]
+    good = [(i, text) for i, (_, text, _, err) in enumerate(items) if not err]
     normalize = None if args.normalize is None else args.normalize == "yes"
     embedder = Embedder.from_pretrained(
         args.model, kind=args.kind, pooling=args.pooling, normalize=normalize, max_length=args.max_length,
         dtype=args.dtype, device=args.device,
     )
     method = embedder.encode_queries if args.queries else embedder.encode_corpus
-    vectors = method([t for _, t, _ in good], batch_size=args.batch_size, max_tokens=args.max_tokens,
-                     show_progress=False if args.no_progress else None) if good else np.zeros((0, embedder.dim), "float32")
+    # One row per input line: a line that could not be encoded is a row of NaN, so row i is always line i + 1.
+    vectors = np.full((len(items), embedder.dim), np.nan, dtype="float32")
+    if good:
+        vectors[[i for i, _ in good]] = method([t for _, t in good], batch_size=args.batch_size,
+                                               max_tokens=args.max_tokens, show_progress=False if args.no_progress else None)
     if args.output.endswith(".npy"):
-        if errors:
-            print(f"{len(errors)} bad lines were left out of {args.output}; its rows follow the good lines in order",
-                  file=sys.stderr)
         np.save(args.output, vectors)
     else:
-        out = sys.stdout if args.output == "-" else open(args.output, "w")
+        out = _open_output(args.output)
         try:
-            rows = {n: v for (n, _, _), v in zip(good, vectors)}
-            for n, text, rid, err in items:
+            for (n, _, rid, err), row in zip(items, vectors):
                 record = {"line": n}
                 if rid is not None:
                     record["id"] = rid
                 if err:
                     record["error"] = err
                 else:
-                    record["embedding"] = [round(float(x), 7) for x in rows[n]]
+                    record["embedding"] = [round(float(x), 7) for x in row]
                 out.write(json.dumps(record) + "\n")
         finally:
             if out is not sys.stdout:
                 out.close()
     if errors:
-        print(f"{len(errors)} of {len(items)} lines could not be encoded (see above); the others were", file=sys.stderr)
+        rows = f"; their rows in {args.output} are NaN" if args.output.endswith(".npy") else ""
+        print(f"{len(errors)} of {len(items)} lines could not be encoded (see above){rows}; the other "
+              f"{len(items) - len(errors)} were encoded", file=sys.stderr)
     return 1 if errors else 0
 
 
-def _warmup(ratio: float) -> dict:
-    """A warm-up fraction for TrainingArguments: ``warmup_ratio`` before transformers 5.18 or so, a float
-    ``warmup_steps`` after it was folded in there."""
+def _training_arguments(args, **extra):
+    """``TrainingArguments`` from the shared train flags, under the names this transformers takes: a warm-up
+    fraction is ``warmup_ratio`` up to about 5.18 and a float ``warmup_steps`` after; checkpointing is
+    ``activation_checkpointing`` from 5.23 (``gradient_checkpointing`` there warns that it is deprecated)."""
     import inspect
-
-    from transformers import TrainingArguments
-
-    if "warmup_ratio" in inspect.signature(TrainingArguments.__init__).parameters:
-        return {"warmup_ratio": ratio}
-    return {"warmup_steps": ratio}
-
-
-def cmd_train_embedder(args) -> int:
-    import os
 
     import torch
     from transformers import TrainingArguments
 
-    from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
-    from fastrank.evaluation import retrieval_metrics
-    from fastrank.inference import Embedder
-    from fastrank.integrations.trainer import EmbedderTrainer
-    from fastrank.models.embedder import BiEncoder, LlaraEncoder
+    names = inspect.signature(TrainingArguments.__init__).parameters
+    warmup = {"warmup_ratio": args.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": args.warmup_ratio}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    checkpointing = {
+        f"{prefix}_checkpointing": args.gradient_checkpointing,
+        f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if args.gradient_checkpointing else None,
+    }
+    return TrainingArguments(
+        output_dir=args.output, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
+        max_steps=args.max_steps, save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16,
+        fp16=args.fp16, seed=args.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False, disable_tqdm=args.no_progress, **warmup, **checkpointing, **extra,
+    )
 
-    common = dict(temperature=args.temperature, negatives_cross_device=args.negatives_cross_device,
-                  sub_batch_size=args.sub_batch_size, use_inbatch_neg=not args.no_in_batch_neg)
-    if args.normalize is not None:
-        common["normalize"] = args.normalize == "yes"
-    if args.kind == "llara":
-        encoder = LlaraEncoder.from_pretrained(args.model, query_max_length=args.query_max_len,
-                                               passage_max_length=args.passage_max_len, **common)
-    else:
-        encoder = BiEncoder.from_pretrained(args.model, pooling=args.pooling, query_instruction=args.query_instruction,
-                                            passage_instruction=args.passage_instruction, **common)
-    train = EmbedderTrainDataset(args.data, train_group_size=args.group_size, query_instruction=args.query_instruction,
-                                 passage_instruction=args.passage_instruction,
-                                 max_examples_per_dataset=args.max_examples_per_dataset, seed=args.seed)
-    eval_rows = read_retrieval_jsonl(args.eval, need_negatives=False) if args.eval else None
-    cuda = torch.cuda.is_available()
-    training_args = TrainingArguments(
-        output_dir=args.output, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-        num_train_epochs=args.epochs, max_steps=args.max_steps, **_warmup(args.warmup_ratio),
-        save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16, fp16=args.fp16,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, report_to=[], use_cpu=not cuda,
-        remove_unused_columns=False, disable_tqdm=args.no_progress,
-    )
-    before = None
-    if eval_rows:
-        before = retrieval_metrics(Embedder(encoder.to("cuda" if cuda else "cpu").eval()), eval_rows)
+
+def _train_and_report(trainer, args, evaluate, what: str) -> None:
+    """Train (from the last checkpoint with --resume), save to --output, and with --eval print and write the
+    held-out metrics before and after (``evaluate()`` gives them for the model as it is)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    before = evaluate() if args.eval else None
+    if before is not None:
         print(json.dumps({"before_training": before}), flush=True)
-    trainer = EmbedderTrainer(
-        model=encoder.train(), args=training_args, train_dataset=train,
-        data_collator=EmbedderCollator(encoder, args.query_max_len, args.passage_max_len),
-    )
     resume = None
     if args.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
         resume = get_last_checkpoint(args.output) if os.path.isdir(args.output) else None
         if resume is None:
             print(f"--resume: no checkpoint in {args.output}; starting from the beginning", file=sys.stderr)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output)
-    print(f"saved the trained {encoder.kind} embedder to {args.output}", file=sys.stderr)
-    if eval_rows:
-        after = retrieval_metrics(Embedder(encoder.eval()), eval_rows)
-        report = {"before_training": before, "after_training": after}
+    print(f"saved the trained {what} to {args.output}", file=sys.stderr)
+    if args.eval:
+        after = evaluate()
         with open(os.path.join(args.output, "eval_results.json"), "w") as f:
-            json.dump(report, f, indent=2)
+            json.dump({"before_training": before, "after_training": after}, f, indent=2)
         print(json.dumps({"after_training": after}), flush=True)
+
+
+def cmd_train_embedder(args) -> int:
+    from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
+    from fastrank.evaluation import retrieval_metrics
+    from fastrank.inference import Embedder
+    from fastrank.integrations.trainer import EmbedderTrainer
+    from fastrank.models.embedder import BiEncoder, LlaraEncoder
+    from fastrank.models.loading import check_model_source, default_device
+
+    model_path = check_model_source(args.model, "--model")
+    common = dict(temperature=args.temperature, negatives_cross_device=args.negatives_cross_device,
+                  sub_batch_size=args.sub_batch_size, use_inbatch_neg=not args.no_in_batch_neg)
+    if args.normalize is not None:
+        common["normalize"] = args.normalize == "yes"
+    if args.kind == "llara":
+        encoder = LlaraEncoder.from_pretrained(model_path, query_max_length=args.query_max_len,
+                                               passage_max_length=args.passage_max_len, **common)
+    else:
+        encoder = BiEncoder.from_pretrained(model_path, pooling=args.pooling, query_instruction=args.query_instruction,
+                                            passage_instruction=args.passage_instruction, **common)
+    train = EmbedderTrainDataset(args.data, train_group_size=args.group_size, query_instruction=args.query_instruction,
+                                 passage_instruction=args.passage_instruction,
+                                 max_examples_per_dataset=args.max_examples_per_dataset, seed=args.seed)
+    eval_rows = read_retrieval_jsonl(args.eval, need_negatives=False) if args.eval else None
+    encoder.to(default_device())
+    trainer = EmbedderTrainer(
+        model=encoder.train(), args=_training_arguments(args), train_dataset=train,
+        data_collator=EmbedderCollator(encoder, args.query_max_len, args.passage_max_len),
+    )
+    _train_and_report(trainer, args, lambda: retrieval_metrics(Embedder(encoder.eval()), eval_rows),
+                      f"{encoder.kind} embedder")
     return 0
 
 
 def cmd_train_reranker(args) -> int:
-    import os
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastrank.data.embedder import read_retrieval_jsonl
     from fastrank.data.reranker import RerankCollator, RerankTrainDataset
     from fastrank.data.templates import FlagLLMTemplate
     from fastrank.evaluation import reranking_metrics
-    from fastrank.heads import Preset, yes_logit
-    from fastrank.inference import Reranker, _resolve_dtype
+    from fastrank.heads import Preset, save_preset, yes_logit
+    from fastrank.inference import Reranker
     from fastrank.integrations.trainer import RerankerTrainer
     from fastrank.models.llm_reranker import LLMRerankerModel
+    from fastrank.models.loading import check_model_source, default_device, resolve_dtype
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model_path = check_model_source(args.model, "--model")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     if args.padding_side:
         tokenizer.padding_side = args.padding_side
-    lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=_resolve_dtype(args.dtype))
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(args.dtype))
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
 
@@ -289,47 +326,23 @@ def cmd_train_reranker(args) -> int:
     )
     eval_rows = read_retrieval_jsonl(args.eval, need_negatives=False) if args.eval else None
     # Evaluation scores pairs the way inference will: the same instructions, separator and prompt, the score
-    # read at the prompt's last token.
+    # read at the prompt's last token. The preset is saved with the model, so Reranker.from_pretrained(output)
+    # scores that way too.
     preset = Preset("trained", yes_logit(args.answer), FlagLLMTemplate(
         prompt=prompt, query_instruction=args.query_instruction, passage_instruction=args.passage_instruction,
-        query_max_length=args.query_max_len), max_length=args.query_max_len + args.passage_max_len)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    training_args = TrainingArguments(
-        output_dir=args.output, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps, **_warmup(args.warmup_ratio),
-        save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16, fp16=args.fp16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
-        seed=args.seed, report_to=[], use_cpu=not cuda, remove_unused_columns=False, disable_tqdm=args.no_progress,
-    )
+        query_max_length=args.query_max_len), max_length=args.query_max_len + args.passage_max_len,
+        description=f"trained by fastrank train-reranker from {args.model}")
+    training_args = _training_arguments(args)
     if args.gradient_checkpointing and args.lora_rank:
         model.enable_input_require_grads()
-    before = None
-    if eval_rows:
-        before = reranking_metrics(Reranker(lm.to(device), tokenizer, preset), eval_rows)
-        print(json.dumps({"before_training": before}), flush=True)
+    lm.to(default_device())
     trainer = RerankerTrainer(
         model=model.train(), args=training_args, train_dataset=train,
         data_collator=RerankCollator(tokenizer, padding_side=args.padding_side),
     )
-    resume = None
-    if args.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(args.output) if os.path.isdir(args.output) else None
-        if resume is None:
-            print(f"--resume: no checkpoint in {args.output}; starting from the beginning", file=sys.stderr)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output)
-    what = "LoRA adapter" if args.lora_rank else "model"
-    print(f"saved the trained reranker's {what} and tokenizer to {args.output}", file=sys.stderr)
-    if eval_rows:
-        after = reranking_metrics(Reranker(lm.eval(), tokenizer, preset), eval_rows)
-        report = {"before_training": before, "after_training": after}
-        with open(os.path.join(args.output, "eval_results.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        print(json.dumps({"after_training": after}), flush=True)
+    _train_and_report(trainer, args, lambda: reranking_metrics(Reranker(lm.eval(), tokenizer, preset), eval_rows),
+                      "reranker's " + ("LoRA adapter" if args.lora_rank else "model") + " and tokenizer")
+    save_preset(preset, args.output)
     return 0
 
 
@@ -351,21 +364,80 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """argparse type: a positive int (0 and negatives are refused, never taken as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_training_flags(p, *, batch_size, lr, lr_note, query_max_len, passage_max_len, query_instruction,
+                        passage_instruction) -> None:
+    """The flags both train commands take (data, budget, Trainer options), with each command's defaults."""
+    p.add_argument("--model", required=True, help="local path or hub name of the model to fine-tune")
+    p.add_argument("--data", required=True, nargs="+", help="training JSONL file(s) or folder(s)")
+    p.add_argument("--output", required=True, help="folder for checkpoints and the final model")
+    p.add_argument("--eval", default=None, help="held-out JSONL (query, pos, neg) for metrics before and after")
+    p.add_argument("--group-size", type=_positive, default=8,
+                   help="passages per query: 1 positive + G-1 negatives (default 8)")
+    p.add_argument("--batch-size", type=_positive, default=batch_size,
+                   help=f"queries per device and step (default {batch_size})")
+    p.add_argument("--grad-accum", type=_positive, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g}{lr_note})")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: the epochs)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up fraction (default 0.1)")
+    p.add_argument("--query-max-len", type=_positive, default=query_max_len,
+                   help=f"query token budget (default {query_max_len})")
+    p.add_argument("--passage-max-len", type=_positive, default=passage_max_len,
+                   help=f"passage token budget (default {passage_max_len})")
+    p.add_argument("--query-instruction", default=query_instruction,
+                   help=f"before every query (default {query_instruction!r})")
+    p.add_argument("--passage-instruction", default=passage_instruction,
+                   help=f"before every passage (default {passage_instruction!r})")
+    p.add_argument("--max-examples-per-dataset", type=_positive, default=None, help="use at most this many lines per file")
+    p.add_argument("--save-steps", type=_positive, default=500, help="checkpoint every N steps (default 500)")
+    p.add_argument("--logging-steps", type=_positive, default=10, help="log the loss every N steps (default 10)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    p.add_argument("--fp16", action="store_true", help="fp16 mixed precision")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (training, loading and saving weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fastrank import __version__
+
     parser = argparse.ArgumentParser(prog="fastrank", description="Fused kernels for LLM rerankers and embedders.")
+    parser.add_argument("--version", action="version", version=f"fastrank {__version__} (distribution fastrank-llm)")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, show the full Python traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser(
         "bench",
         help="run the microbenchmarks on this machine and print speed and memory ratios against the unfused baselines",
         description="Times every op and its unfused baselines on the same inputs, in one run. "
-        "Quick shapes by default (seconds on a GPU, about a minute on a CPU); --full runs the sweep.",
+        "Quick shapes by default (seconds on a GPU, about a minute on a CPU); --full runs the sweep. "
+        "A baseline that cannot be built (its package missing or failing to import) gets a row with the reason. "
+        "--from-json shows saved results instead of running, e.g. "
+        "`fastrank bench --from-json bench/results/*-h100.json --plot h100.png`.",
     )
     bench.add_argument("--op", action="append", help="benchmark only this op (repeatable); default: all")
     bench.add_argument("--full", action="store_true", help="run the full sweep of shapes instead of the quick set")
     bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     bench.add_argument("--json", metavar="PATH", help="also write every measurement, with versions and GPU name, as JSON")
-    bench.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
+    bench.add_argument("--plot", metavar="PATH.png",
+                       help="also draw the time and memory ratios per op and case as a bar chart (.png, .svg, .pdf; "
+                       "needs matplotlib: pip install matplotlib)")
+    bench.add_argument("--from-json", nargs="+", metavar="RESULTS.json",
+                       help="run nothing: print the tables of these files saved by --json (and plot them with --plot)")
+    bench.add_argument("--quiet", action="store_true", help="no per-case and per-provider progress lines on stderr")
     bench.set_defaults(func=cmd_bench)
 
     rerank = sub.add_parser(
@@ -373,46 +445,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="score JSONL (query + documents, or query + document) with an LLM reranker",
         description="Reads JSONL lines {\"query\": ..., \"documents\": [...]} (ranked: results best first) or "
         "{\"query\": ..., \"document\": ...} (one score), optionally with an \"id\", and writes one JSONL "
-        "line per input line. A bad line is reported (line number on stderr, an \"error\" record in the "
-        "output) and the other lines are still scored; the exit status is then 1.",
+        "line per input line. A bad or empty line is reported (line number on stderr, an \"error\" record in "
+        "the output) and the other lines are still scored; the exit status is then 1.",
     )
     rerank.add_argument("--model", required=True, help="local path or hub name of the causal-LM reranker")
-    rerank.add_argument("--preset", required=True, help="one of fastrank.presets(): " + ", ".join(_preset_names()))
+    rerank.add_argument("--preset", default=None,
+                        help="one of " + ", ".join(_preset_names()) + " (default: the one the model folder names, or "
+                        "recognised from the checkpoint's name; an error when neither tells)")
     rerank.add_argument("--input", default="-", help="JSONL file to read (default: stdin)")
     rerank.add_argument("--output", default="-", help="JSONL file to write (default: stdout)")
-    rerank.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass at most (default 64)")
-    rerank.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per forward pass at most")
-    rerank.add_argument("--max-length", type=int, default=None, help="token budget per pair (default: the preset's)")
-    rerank.add_argument("--top-k", type=int, default=None, help="keep the k best documents per query")
+    rerank.add_argument("--batch-size", type=_positive, default=64, help="pairs per forward pass at most (default 64)")
+    rerank.add_argument("--max-tokens", type=_positive, default=32768, help="padded tokens per forward pass at most")
+    rerank.add_argument("--max-length", type=_positive, default=None, help="token budget per pair (default: the preset's)")
+    rerank.add_argument("--top-k", type=_positive, default=None, help="keep the k best documents per query")
     rerank.add_argument("--normalize", action="store_true", help="scores in [0, 1] (sigmoid, or the preset's mapping)")
     rerank.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     rerank.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     rerank.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2, ...")
-    rerank.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rerank.add_argument("--no-progress", action="store_true", help="no progress bars (scoring, loading weights)")
     rerank.set_defaults(func=cmd_rerank)
 
     enc = sub.add_parser(
         "encode",
         help="embed texts (JSONL or one text per line) with a bi-encoder or LLARA into .npy or JSONL",
         description="Reads texts (a .jsonl/.json input is JSONL: strings or {\"text\": ..., \"id\": ...}; anything "
-        "else is one text per line) and writes embeddings in input order: a .npy matrix, or JSONL records "
-        "{\"line\", \"embedding\"}. A bad JSONL line is reported with its number and the others are still "
-        "encoded; the exit status is then 1.",
+        "else is one text per line) and writes one embedding per input line, in order: a .npy matrix, or JSONL "
+        "records {\"line\", \"embedding\"}. A bad or empty line is reported with its number (an \"error\" record, "
+        "or a row of NaN in the .npy, so rows stay aligned with lines) and the others are still encoded; the exit "
+        "status is then 1. A causal LM without pooling settings is pooled at its last token.",
     )
     enc.add_argument("--model", required=True, help="local path or hub name (sentence-transformers or HF folder)")
     enc.add_argument("--input", default="-", help="input file (default: stdin)")
     enc.add_argument("--format", choices=["auto", "jsonl", "text"], default="auto", help="input format (default: by extension)")
     enc.add_argument("--output", default="-", help="output .npy or JSONL file (default: JSONL on stdout)")
     enc.add_argument("--kind", choices=["auto", "bi", "llara"], default="auto", help="embedder kind (default: from the folder)")
-    enc.add_argument("--pooling", choices=["cls", "mean", "last"], default=None, help="override the folder's pooling")
+    enc.add_argument("--pooling", choices=["cls", "mean", "last"], default=None,
+                     help="override the folder's pooling (default: the folder's, else cls, or last for a causal LM)")
     enc.add_argument("--normalize", choices=["yes", "no"], default=None, help="override the folder's normalisation")
     enc.add_argument("--queries", action="store_true", help="encode as queries (query instruction / LLARA query suffix)")
-    enc.add_argument("--batch-size", type=int, default=64, help="texts per forward pass at most (default 64)")
-    enc.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per forward pass at most")
-    enc.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the folder's)")
+    enc.add_argument("--batch-size", type=_positive, default=64, help="texts per forward pass at most (default 64)")
+    enc.add_argument("--max-tokens", type=_positive, default=32768, help="padded tokens per forward pass at most")
+    enc.add_argument("--max-length", type=_positive, default=None, help="tokens per text (default: the folder's)")
     enc.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     enc.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    enc.add_argument("--no-progress", action="store_true", help="no progress bars (encoding, loading weights)")
     enc.set_defaults(func=cmd_encode)
 
     te = sub.add_parser(
@@ -422,36 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-steps in --output, --resume from the last one, and with --eval a held-out recall@1/@10, MRR@10 and "
         "NDCG@10 before and after training (printed and written to OUTPUT/eval_results.json).",
     )
-    te.add_argument("--model", required=True, help="local path or hub name of the model to fine-tune")
-    te.add_argument("--data", required=True, nargs="+", help="training JSONL file(s) or folder(s)")
-    te.add_argument("--output", required=True, help="folder for checkpoints and the final model")
-    te.add_argument("--eval", default=None, help="held-out JSONL (query, pos, neg) for the final metrics")
+    _add_training_flags(te, batch_size=8, lr=1e-5, lr_note="", query_max_len=64, passage_max_len=256,
+                        query_instruction=None, passage_instruction=None)
     te.add_argument("--kind", choices=["bi", "llara"], default="bi", help="bi-encoder (default) or LLARA")
-    te.add_argument("--pooling", choices=["cls", "mean", "last"], default=None, help="bi-encoder pooling (default: the folder's, else cls)")
+    te.add_argument("--pooling", choices=["cls", "mean", "last"], default=None,
+                    help="bi-encoder pooling (default: the folder's, else cls, or last for a causal LM)")
     te.add_argument("--normalize", choices=["yes", "no"], default=None, help="L2-normalise embeddings (default: the folder's, else yes)")
     te.add_argument("--temperature", type=float, default=0.02, help="similarity temperature (default 0.02; 1.0 without normalisation)")
-    te.add_argument("--group-size", type=int, default=8, help="passages per query: 1 positive + G-1 negatives (default 8)")
-    te.add_argument("--batch-size", type=int, default=8, help="queries per device and step (default 8)")
-    te.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
-    te.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
-    te.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: the epochs)")
-    te.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up fraction (default 0.1)")
-    te.add_argument("--query-max-len", type=int, default=64, help="query tokens (default 64)")
-    te.add_argument("--passage-max-len", type=int, default=256, help="passage tokens (default 256)")
-    te.add_argument("--query-instruction", default=None, help="prepended to every query")
-    te.add_argument("--passage-instruction", default=None, help="prepended to every passage")
-    te.add_argument("--max-examples-per-dataset", type=int, default=None, help="use at most this many lines per file")
     te.add_argument("--no-in-batch-neg", action="store_true", help="score each query against its own group only")
     te.add_argument("--negatives-cross-device", action="store_true", help="negatives from every process (torchrun)")
     te.add_argument("--sub-batch-size", type=int, default=-1, help="encode in chunks of this many texts")
-    te.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
-    te.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default 10)")
-    te.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    te.add_argument("--fp16", action="store_true", help="fp16 mixed precision")
-    te.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    te.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    te.add_argument("--seed", type=int, default=42)
-    te.add_argument("--no-progress", action="store_true", help="no progress bar")
     te.set_defaults(func=cmd_train_embedder)
 
     tr = sub.add_parser(
@@ -461,30 +517,17 @@ def build_parser() -> argparse.ArgumentParser:
         "G-1 negatives, cross-entropy over the 'Yes' logits) through fastrank's score head, so no step holds "
         "full-vocabulary logits: progress bar, checkpoints every --save-steps in --output, --resume from the last "
         "one, and with --eval the held-out MRR@10, NDCG@10 and recall before and after training (printed and "
-        "written to OUTPUT/eval_results.json). The result loads with fastrank.Reranker.",
+        "written to OUTPUT/eval_results.json). The output folder holds the scoring preset too, so "
+        "fastrank.Reranker.from_pretrained(OUTPUT) and `fastrank rerank --model OUTPUT` score as trained.",
     )
-    tr.add_argument("--model", required=True, help="local path or hub name of the causal LM to fine-tune")
-    tr.add_argument("--data", required=True, nargs="+", help="training JSONL file(s) or folder(s)")
-    tr.add_argument("--output", required=True, help="folder for checkpoints and the final model")
-    tr.add_argument("--eval", default=None, help="held-out JSONL (query, pos, neg) for the final metrics")
+    _add_training_flags(tr, batch_size=1, lr=2e-4, lr_note=", for LoRA; use ~1e-5 in full", query_max_len=32,
+                        passage_max_len=128, query_instruction="A: ", passage_instruction="B: ")
     tr.add_argument("--layout", choices=["research", "package"], default="research",
                     help="research: the answer is appended and labelled (the seeds' recipe); package: nothing appended")
     tr.add_argument("--answer", default="Yes", help="the answer whose last token's logit is the score (default Yes)")
     tr.add_argument("--prompt", default=None, help="the trailing prompt (default: FlagEmbedding's)")
-    tr.add_argument("--query-instruction", default="A: ", help="before every query (default 'A: ')")
-    tr.add_argument("--passage-instruction", default="B: ", help="before every passage (default 'B: ')")
-    tr.add_argument("--group-size", type=int, default=8, help="pairs per query: 1 positive + G-1 negatives (default 8)")
-    tr.add_argument("--batch-size", type=int, default=1, help="queries per device and step (default 1)")
-    tr.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    tr.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4, for LoRA; use ~1e-5 in full)")
-    tr.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
-    tr.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: the epochs)")
-    tr.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up fraction (default 0.1)")
-    tr.add_argument("--query-max-len", type=int, default=32, help="query token budget (default 32)")
-    tr.add_argument("--passage-max-len", type=int, default=128, help="passage token budget (default 128)")
     tr.add_argument("--knowledge-distillation", choices=["auto", "yes", "no"], default="auto",
                     help="add the teacher-score term: auto when every line has pos_scores/neg_scores")
-    tr.add_argument("--max-examples-per-dataset", type=int, default=None, help="use at most this many lines per file")
     tr.add_argument("--padding-side", choices=["left", "right"], default=None, help="default: the tokenizer's")
     tr.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0: full fine-tune)")
     tr.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
@@ -492,14 +535,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj",
                     help="comma-separated module names for LoRA")
     tr.add_argument("--dtype", default="auto", help="weights as loaded: auto (the checkpoint's), float32, bfloat16")
-    tr.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
-    tr.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps (default 10)")
-    tr.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    tr.add_argument("--fp16", action="store_true", help="fp16 mixed precision")
-    tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    tr.add_argument("--seed", type=int, default=42)
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train_reranker)
 
     demo = sub.add_parser(
@@ -521,9 +556,32 @@ def _preset_names():
     return list(presets())
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: its first non-empty line (Hugging Face's loading errors run to paragraphs)."""
+    text = str(error).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first or type(error).__name__
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run one ``fastrank`` command. An error is one line on stderr and exit status 1; ``--traceback`` (or
+    ``FASTRANK_TRACEBACK=1``) shows the full trace instead."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards" and the hub's bars
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"fastrank {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- every failure reaches the user as one line, the trace on request
+        if args.traceback or os.environ.get("FASTRANK_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"fastrank {args.command}: error: {_one_line(e)} (--traceback shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

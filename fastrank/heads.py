@@ -15,6 +15,10 @@ Token strings are looked up with the model's own tokenizer and must each be one 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -236,3 +240,97 @@ def _register_builtins():
         ),
     ):
         _PRESETS.setdefault(preset.name, preset)
+
+
+# ------------------------------------------------------------------------------------------------
+# which preset a checkpoint needs
+# ------------------------------------------------------------------------------------------------
+PRESET_FILE = "fastrank_reranker.json"
+
+# Public checkpoints recognised by name (a hub name, or a local folder named after its checkpoint).
+_NAME_PATTERNS = (
+    (re.compile(r"qwen3[-_]?reranker", re.IGNORECASE), "qwen3-reranker"),
+    (re.compile(r"mxbai[-_]rerank[-_].*v2", re.IGNORECASE), "mxbai-rerank-v2"),
+    (re.compile(r"lb[-_]reranker", re.IGNORECASE), "lb-reranker"),
+    (re.compile(r"bge[-_]reranker[-_]v2[-_]gemma", re.IGNORECASE), "bge-reranker-v2-gemma"),
+)
+
+
+def preset_to_dict(preset: Preset) -> dict:
+    """A JSON-able description of ``preset``: its name alone for a registered built-in, else the convention,
+    the template (its class and fields) and the length budget."""
+    preset = get_preset(preset)
+    if _PRESETS.get(preset.name) is preset:
+        return {"preset": preset.name}
+    from fastrank.data import templates
+
+    template = preset.template
+    kind = type(template).__name__
+    if templates.TEMPLATES.get(kind) is not type(template):
+        raise ValueError(f"preset: its template {kind} is not one of fastrank.data.templates' and cannot be saved")
+    fields = {f.name: getattr(template, f.name) for f in dataclasses.fields(template) if not f.name.startswith("_")}
+    conv = preset.convention
+    return {
+        "name": preset.name,
+        "convention": {"kind": conv.kind, "tokens": list(conv.tokens), "values": list(conv.values),
+                       "renormalize": conv.renormalize},
+        "template": {"type": kind, **fields},
+        "max_length": preset.max_length,
+        "description": preset.description,
+    }
+
+
+def preset_from_dict(data: dict, where: str = "preset") -> Preset:
+    """The preset ``preset_to_dict`` described."""
+    from fastrank.data import templates
+
+    if "preset" in data:
+        return get_preset(data["preset"])
+    try:
+        conv = data["convention"]
+        spec = dict(data["template"])
+        template_cls = templates.TEMPLATES[spec.pop("type")]
+        return Preset(
+            data["name"],
+            Convention(conv["kind"], tuple(conv["tokens"]), tuple(conv.get("values", ())), conv.get("renormalize", False)),
+            template_cls(**spec),
+            max_length=int(data["max_length"]),
+            description=data.get("description", ""),
+        )
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: not a fastrank preset description ({type(e).__name__}: {e})") from None
+
+
+def save_preset(preset, folder: str) -> str:
+    """Write ``preset`` next to a model in ``folder`` (``fastrank_reranker.json``), so that
+    ``Reranker.from_pretrained(folder)`` scores with it without being told."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, PRESET_FILE)
+    with open(path, "w") as f:
+        json.dump(preset_to_dict(preset), f, indent=2)
+    return path
+
+
+def detect_preset(source: Optional[str]) -> Preset:
+    """The preset of the checkpoint at ``source`` (a local folder or a hub name).
+
+    A folder that fastrank wrote holds its preset (``fastrank_reranker.json``); a public reranker is recognised
+    by its name (Qwen3-Reranker, mxbai-rerank-*-v2, lb-reranker, bge-reranker-v2-gemma). Anything else raises,
+    since scoring with another reranker's layout gives wrong scores without any other sign.
+    """
+    if source and os.path.isdir(source):
+        path = os.path.join(source, PRESET_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                return preset_from_dict(json.load(f), where=path)
+    name = os.path.basename(os.path.normpath(source)) if source and os.path.isdir(source) else (source or "")
+    for candidate in (name, source or ""):
+        for pattern, preset in _NAME_PATTERNS:
+            if pattern.search(candidate):
+                return get_preset(preset)
+    _register_builtins()
+    raise ValueError(
+        f"preset: cannot tell which reranker {source or 'this model'} is (no {PRESET_FILE} in its folder, and its "
+        f"name matches no known checkpoint); pass preset= one of {', '.join(_PRESETS)} (CLI: --preset), or a "
+        "fastrank.Preset"
+    )

@@ -8,24 +8,13 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from fastrank.data.batching import collate, token_budget_batches
-from fastrank.heads import Preset, get_preset
+from fastrank.heads import Preset, detect_preset, get_preset
+from fastrank.models.loading import check_model_source, resolve_device, resolve_dtype
 from fastrank.models.reranker import CausalLMScorer, unwrap_model
-from fastrank.utils import value_checks
+from fastrank.utils import positive_int, value_checks
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_TOKENS = 32768  # padded tokens per batch: 64 pairs of 512, or 4 of 8192
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _resolve_dtype(dtype):
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    raise ValueError(f"dtype: {dtype!r} is not a torch dtype; use e.g. 'bfloat16', 'float16', 'float32' or 'auto'")
 
 
 def pad_token_id_of(tokenizer) -> int:
@@ -39,6 +28,9 @@ def pad_token_id_of(tokenizer) -> int:
 
 def document_texts(documents) -> List[str]:
     """The text of each document (a string or a ``{"text": ...}`` dict), checked: a non-empty list."""
+    if isinstance(documents, str):
+        raise ValueError("documents: got one string; pass a list of documents (e.g. [text]), not a string, "
+                         "whose characters would each be ranked")
     if not isinstance(documents, list) or not documents:
         raise ValueError("documents: must be a non-empty list; give at least one document to rank")
     texts = []
@@ -69,6 +61,8 @@ def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_
     No host sync: results stay on the device, batches go up through pinned memory, and score_head's and
     pool's value checks are off because these batches are built here (no empty rows).
     """
+    positive_int("batch_size", batch_size)
+    positive_int("max_tokens", max_tokens)
     lengths = [len(s) for s in sequences]
     empty = [i for i, n in enumerate(lengths) if n == 0]
     if empty:
@@ -93,7 +87,7 @@ class Reranker:
     last real token: no full-vocabulary logits), and returned in input order.
     """
 
-    def __init__(self, model, tokenizer, preset: Union[str, Preset] = "bge-reranker-v2-gemma"):
+    def __init__(self, model, tokenizer, preset: Union[str, Preset]):
         self.preset = get_preset(preset)
         self.tokenizer = tokenizer
         self.model = model.eval()
@@ -101,14 +95,17 @@ class Reranker:
         self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
 
     @classmethod
-    def from_pretrained(cls, path_or_model, preset: Union[str, Preset] = "bge-reranker-v2-gemma", *,
+    def from_pretrained(cls, path_or_model, preset: Union[str, Preset, None] = None, *,
                         tokenizer=None, dtype="auto", device=None, attn_implementation=None, **model_kwargs):
         """Load a reranker from a local path or hub name, or wrap an already loaded causal LM.
 
         Args:
             path_or_model: a path/name for ``AutoModelForCausalLM.from_pretrained``, or a model instance
                 (PEFT-wrapped models work; their adapters stay active).
-            preset: a name from ``fastrank.presets()`` or a ``fastrank.Preset``.
+            preset: a name from ``fastrank.presets()`` or a ``fastrank.Preset``. None picks it from the
+                checkpoint: the preset a fastrank training run saved in the folder, else a public reranker
+                recognised by name (Qwen3-Reranker, mxbai-rerank-*-v2, lb-reranker, bge-reranker-v2-gemma);
+                any other checkpoint needs it given (a ``ValueError`` says so).
             tokenizer: the tokenizer (loaded from the path, or from ``model.name_or_path``, when omitted).
             dtype: ``"auto"`` (the checkpoint's), or e.g. ``"bfloat16"``, ``torch.float16``.
             device: where to run (default: CUDA when available, else CPU).
@@ -116,9 +113,11 @@ class Reranker:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = _resolve_dtype(dtype)
-        device = torch.device(device) if device is not None else default_device()
+        dtype = resolve_dtype(dtype)
+        device = resolve_device(device)
         if isinstance(path_or_model, str):
+            path_or_model = check_model_source(path_or_model)
+            preset = get_preset(preset) if preset is not None else detect_preset(path_or_model)
             kwargs = dict(model_kwargs)
             if attn_implementation is not None:
                 kwargs["attn_implementation"] = attn_implementation
@@ -131,6 +130,7 @@ class Reranker:
             if attn_implementation is not None:
                 unwrap_model(model).set_attn_implementation(attn_implementation)
             source = getattr(unwrap_model(model), "name_or_path", None)
+            preset = get_preset(preset) if preset is not None else detect_preset(source)
         else:
             raise ValueError(
                 f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}"
@@ -147,7 +147,8 @@ class Reranker:
 
     def encode(self, pairs: Sequence, max_length: Optional[int] = None):
         """Token ids of each pair under the preset's layout (``EncodedPair`` list)."""
-        return self.preset.template.encode(self.tokenizer, pairs, max_length or self.preset.max_length)
+        positive_int("max_length", max_length, none_ok=True)
+        return self.preset.template.encode(self.tokenizer, pairs, self.preset.max_length if max_length is None else max_length)
 
     @torch.inference_mode()
     def score(self, pairs: Sequence, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: Optional[int] = None,
@@ -166,6 +167,11 @@ class Reranker:
         """
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
             pairs = [pairs]
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+            raise ValueError(f"pairs: expected a list of (query, passage) pairs, got {type(pairs).__name__}")
+        positive_int("batch_size", batch_size)
+        positive_int("max_tokens", max_tokens)
+        positive_int("max_length", max_length, none_ok=True)
         pairs = list(pairs)
         if not pairs:
             return []
@@ -221,15 +227,28 @@ class Reranker:
         """
         if not isinstance(query, str):
             raise ValueError(f"query: must be a string, got {type(query).__name__}")
-        documents = list(documents)
+        documents = documents if isinstance(documents, str) else list(documents)
         texts = document_texts(documents)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k: must be a positive int or None, got {top_k!r}")
+        positive_int("top_k", top_k, none_ok=True)
         scores = self.score([(query, t) for t in texts], normalize=normalize, **score_kwargs)
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])
-        if top_k is not None:
-            order = order[:top_k]
-        return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in order]
+        return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in best_first(scores, top_k)]
+
+    def compute_score(self, sentence_pairs, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: Optional[int] = None,
+                      normalize: bool = False, **kwargs):
+        """FlagEmbedding's ``compute_score``: the scores of ``sentence_pairs`` (a list of ``[query, passage]``),
+        or one float for a single pair; ``normalize=True`` applies the preset's mapping to [0, 1] (a sigmoid
+        for the logit conventions, as FlagEmbedding does). Other keywords go to ``score``."""
+        single = (isinstance(sentence_pairs, (list, tuple)) and len(sentence_pairs) == 2
+                  and all(isinstance(x, str) for x in sentence_pairs))
+        pairs = [tuple(sentence_pairs)] if single else sentence_pairs
+        scores = self.score(pairs, batch_size=batch_size, max_length=max_length, normalize=normalize, **kwargs)
+        return scores[0] if single else scores
+
+
+def best_first(scores: Sequence[float], top_k: Optional[int] = None) -> List[int]:
+    """Indices of ``scores`` from the highest score down (ties keep input order), the first ``top_k`` of them."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return order if top_k is None else order[:top_k]
 
 
 class Embedder:
@@ -272,8 +291,11 @@ class Embedder:
 
         if kind not in ("auto", "bi", "llara"):
             raise ValueError(f"kind: must be 'auto', 'bi' or 'llara', got {kind!r}")
-        dtype = _resolve_dtype(dtype)
-        device = torch.device(device) if device is not None else default_device()
+        positive_int("max_length", max_length, none_ok=True)
+        dtype = resolve_dtype(dtype)
+        device = resolve_device(device)
+        if isinstance(path_or_model, str):
+            path_or_model = check_model_source(path_or_model)
         settings = read_embedder_settings(path_or_model) if isinstance(path_or_model, str) else {}
         if kind == "auto":
             kind = settings.get("kind", "bi")
@@ -320,7 +342,9 @@ class Embedder:
     def encode(self, texts, *, kind: str = "passage", batch_size: int = DEFAULT_BATCH_SIZE,
                max_length: Optional[int] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                normalize: Optional[bool] = None, prompt: Optional[str] = None, convert_to: str = "numpy",
-               show_progress: Optional[bool] = None):
+               show_progress: Optional[bool] = None, normalize_embeddings: Optional[bool] = None,
+               convert_to_tensor: Optional[bool] = None, convert_to_numpy: Optional[bool] = None,
+               show_progress_bar: Optional[bool] = None):
         """Embeddings of ``texts`` in input order: ``[N, H]`` fp32 (a single string gives ``[H]``).
 
         Args:
@@ -332,8 +356,23 @@ class Embedder:
             normalize: override the encoder's L2 normalisation.
             prompt: a string prepended to every text (an instruction).
             convert_to: ``"numpy"`` (an ``np.ndarray`` on the host) or ``"torch"`` (a tensor on the device).
+            show_progress: a progress bar; default on for more than ``4 * batch_size`` texts.
+            normalize_embeddings, convert_to_tensor, convert_to_numpy, show_progress_bar:
+                sentence-transformers' names for ``normalize``, ``convert_to="torch"``, ``convert_to="numpy"``
+                and ``show_progress``, so code written for ``SentenceTransformer.encode`` runs unchanged.
         """
+        normalize = _same_option("normalize", normalize, "normalize_embeddings", normalize_embeddings)
+        show_progress = _same_option("show_progress", show_progress, "show_progress_bar", show_progress_bar)
+        if convert_to_tensor:
+            convert_to = "torch"
+        elif convert_to_numpy is False and convert_to_tensor is None:
+            convert_to = "torch"
+        if kind not in ("query", "passage"):
+            raise ValueError(f"kind: must be 'query' or 'passage', got {kind!r}")
+        positive_int("max_length", max_length, none_ok=True)
         single = isinstance(texts, str)
+        if not single and (texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__")):
+            raise ValueError(f"texts: expected a string or a list of strings, got {type(texts).__name__}")
         texts = [texts] if single else list(texts)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
@@ -359,6 +398,18 @@ class Embedder:
             out = out[0]
         return out.cpu().numpy() if convert_to == "numpy" else out
 
+    def similarity(self, a, b) -> torch.Tensor:
+        """sentence-transformers' ``similarity``: ``[N, M]`` fp32 similarities between two sets of embeddings
+        (arrays or tensors, ``[N, H]`` and ``[M, H]``, or single ``[H]`` vectors): the one this embedder is
+        trained with, cosine when it L2-normalises, else the inner product."""
+        a, b = (torch.as_tensor(x, dtype=torch.float32) for x in (a, b))
+        a, b = (x[None] if x.dim() == 1 else x for x in (a, b))
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+            raise ValueError(f"a, b: expected [N, H] and [M, H] embeddings, got {list(a.shape)} and {list(b.shape)}")
+        if self.encoder.normalize:
+            a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b.to(a.device), dim=-1)
+        return a @ b.to(a.device).T
+
     def encode_queries(self, queries, **kwargs):
         """``encode(kind="query")`` with the encoder's query instruction prepended (unless ``prompt`` is given)."""
         kwargs.setdefault("prompt", self.encoder.instruction("query"))
@@ -368,3 +419,12 @@ class Embedder:
         """``encode(kind="passage")`` with the encoder's passage instruction prepended (unless ``prompt`` is given)."""
         kwargs.setdefault("prompt", self.encoder.instruction("passage"))
         return self.encode(corpus, kind="passage", **kwargs)
+
+
+def _same_option(name: str, value, alias: str, alias_value):
+    """One option given under fastrank's name or its sentence-transformers alias (not both, differently)."""
+    if alias_value is None:
+        return value
+    if value is not None and value != alias_value:
+        raise ValueError(f"{name}, {alias}: two names for one option, given different values; give one")
+    return alias_value

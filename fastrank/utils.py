@@ -108,3 +108,15 @@ def cached_device_tensor(values: tuple, dtype: torch.dtype, device: torch.device
         tensor = torch.tensor(values, dtype=dtype, device=device)
         _DEVICE_CACHE[key] = tensor
     return tensor
+
+
+def positive_int(name: str, value, *, none_ok: bool = False):
+    """``value`` checked to be a positive int (or None when ``none_ok``); a ValueError naming ``name`` otherwise.
+
+    ``bool`` is refused (``True`` is an int to Python, never a length), and so are 0 and negatives: nothing
+    falls back to a default silently."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be a positive int{' or None' if none_ok else ''}, got {value!r}")
+    return value

@@ -34,8 +34,41 @@ def test_encode_jsonl_and_npy(minilm_path, tmp_path, capsys):
     np.testing.assert_allclose(np.array([out[0]["embedding"], out[2]["embedding"]]), want, atol=1e-6)
 
     txt = tmp_path / "texts.txt"
-    txt.write_text("A man is eating food.\n\nA woman plays violin.\n")
+    txt.write_text("A man is eating food.\nA woman plays violin.\n")
     npy = tmp_path / "out.npy"
     assert main(["encode", "--model", minilm_path, "--input", str(txt), "--output", str(npy), "--device", "cpu",
                  "--no-progress"]) == 0
     np.testing.assert_allclose(np.load(npy), want, atol=1e-6)
+
+
+def test_encode_keeps_one_row_per_input_line(minilm_path, tmp_path, capsys):
+    """A blank line is reported with its number and becomes a row of NaN: row i of the .npy is always line i + 1."""
+    txt = tmp_path / "texts.txt"
+    txt.write_text("A man is eating food.\n\nA woman plays violin.\n")
+    npy = tmp_path / "out.npy"
+    assert main(["encode", "--model", minilm_path, "--input", str(txt), "--output", str(npy), "--device", "cpu",
+                 "--no-progress"]) == 1
+    got = np.load(npy)
+    want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(["A man is eating food.", "A woman plays violin."])
+    assert got.shape == (3, 384) and np.isnan(got[1]).all()
+    np.testing.assert_allclose(got[[0, 2]], want, atol=1e-6)
+    err = capsys.readouterr().err
+    assert f"{txt}:2: empty line" in err and "their rows in" in err and "are NaN" in err
+
+
+def test_encode_pools_a_causal_lm_at_its_last_token(tmp_path):
+    """A causal LM without pooling settings is pooled at its last real token, so texts that share a first token
+    get different embeddings (first-token pooling gave them the same one)."""
+    assert main(["demo-model", str(tmp_path / "lm"), "--layers", "1"]) == 0
+    src = tmp_path / "in.txt"
+    src.write_text("hello world\nhello river of stones\n")
+    npy = tmp_path / "x.npy"
+    assert main(["encode", "--model", str(tmp_path / "lm"), "--input", str(src), "--output", str(npy),
+                 "--device", "cpu", "--no-progress"]) == 0
+    got = np.load(npy)
+    assert np.abs(got[0] - got[1]).max() > 1e-3
+    embedder = fastrank.Embedder.from_pretrained(str(tmp_path / "lm"), device="cpu")
+    assert embedder.encoder.pooling == "last"
+    np.testing.assert_allclose(got, embedder.encode(["hello world", "hello river of stones"]), atol=1e-6)
+    with pytest.raises(ValueError, match="pooling: 'cls' on .*causal LM"):
+        fastrank.Embedder.from_pretrained(str(tmp_path / "lm"), pooling="cls", device="cpu")

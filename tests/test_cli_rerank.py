@@ -34,15 +34,16 @@ def test_rerank_jsonl(demo_model, tmp_path, capsys):
                  "--output", str(dst), "--top-k", "2", "--no-progress"])
     assert code == 1  # some lines were bad
     out = [json.loads(x) for x in dst.read_text().splitlines()]
-    assert [o["line"] for o in out] == [1, 3, 4, 5, 6, 7]
+    assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 6, 7]  # one record per input line, the empty one too
     first = out[0]
     assert first["id"] == "q1" and len(first["results"]) == 2
     assert first["results"][0]["relevance_score"] >= first["results"][1]["relevance_score"]
-    assert "score" in out[1]
-    assert "not valid JSON" in out[2]["error"] and "non-empty list" in out[3]["error"]
-    assert "documents[1]" in out[4]["error"] and "'query' must be a string" in out[5]["error"]
+    assert "empty line" in out[1]["error"] and "score" in out[2]
+    assert "not valid JSON" in out[3]["error"] and "non-empty list" in out[4]["error"]
+    assert "documents[1]" in out[5]["error"] and "'query' must be a string" in out[6]["error"]
     err = capsys.readouterr().err
-    assert f"{src}:4:" in err and f"{src}:7:" in err and "4 of 6 lines could not be scored" in err
+    assert f"{src}:2:" in err and f"{src}:4:" in err and f"{src}:7:" in err
+    assert "5 of 7 lines could not be scored" in err and "the other 2 were scored" in err
 
     # The same scores as the Python API.
     reranker = fastrank.Reranker.from_pretrained(demo_model, "qwen3-reranker", device="cpu")
@@ -59,3 +60,51 @@ def test_rerank_all_good_lines_exit_zero(demo_model, tmp_path):
                  "--normalize"]) == 0
     (record,) = [json.loads(x) for x in dst.read_text().splitlines()]
     assert 0.0 <= record["score"] <= 1.0
+
+
+@pytest.fixture
+def progress_bars_restored():
+    """main(--no-progress) turns Hugging Face's progress bars off process-wide; later tests get them back."""
+    from transformers.utils import logging as hf_logging
+
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def test_errors_are_one_line_with_the_trace_on_request(demo_model, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"query": "a", "document": "b"}) + "\n")
+    missing = str(tmp_path / "no-such-model")
+    assert main(["rerank", "--model", missing, "--preset", "qwen3-reranker", "--input", str(src)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("fastrank rerank: error:") and f"there is no folder {missing}" in err
+    with pytest.raises(ValueError, match="there is no folder"):
+        main(["--traceback", "rerank", "--model", missing, "--preset", "qwen3-reranker", "--input", str(src)])
+    # A random model named after no known reranker: the preset must be given, never guessed.
+    assert main(["rerank", "--model", demo_model, "--input", str(src)]) == 1
+    assert "cannot tell which reranker" in capsys.readouterr().err
+    assert main(["rerank", "--model", demo_model, "--preset", "qwen3-reranker", "--input", str(tmp_path / "nope")]) == 1
+    assert "--input: there is no file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--top-k", "-1"), ("--top-k", "0"), ("--max-length", "0"),
+                                         ("--batch-size", "0"), ("--max-tokens", "-3")])
+def test_non_positive_numbers_are_refused(demo_model, flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rerank", "--model", demo_model, "--preset", "qwen3-reranker", flag, value])
+    assert exit_info.value.code == 2 and f"argument {flag}: expected a positive integer" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"fastrank {fastrank.__version__} (distribution fastrank-llm)"
+
+
+def test_no_progress_silences_loading_bars(demo_model, tmp_path, capsys, progress_bars_restored):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"query": "a", "document": "b"}) + "\n")
+    assert main(["rerank", "--model", demo_model, "--preset", "qwen3-reranker", "--input", str(src), "--output",
+                 str(tmp_path / "out.jsonl"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

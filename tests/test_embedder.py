@@ -3,6 +3,8 @@ models against the reference formulas from the unpatched HF model's hidden state
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -45,6 +47,23 @@ def test_minilm_matches_sentence_transformers(backend, device, minilm_path, st_m
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cosine.min() > 0.99999, cosine
     assert np.abs(got - want).max() < 1e-5
+
+
+def test_sentence_transformers_names(minilm_path, st_model):
+    """Code written for SentenceTransformer.encode / .similarity runs unchanged and gives its numbers."""
+    embedder = fastrank.Embedder.from_pretrained(minilm_path, device="cpu")
+    kwargs = dict(normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False, batch_size=4)
+    got, want = embedder.encode(TEXTS, **kwargs), st_model.encode(TEXTS, **kwargs)
+    assert torch.is_tensor(got) and got.shape == want.shape
+    assert_close(got, want.float(), atol=1e-5, rtol=1e-5, what="encode")
+    assert_close(embedder.similarity(got[:3], got), st_model.similarity(want[:3], want), atol=1e-5, rtol=1e-5,
+                 what="similarity")
+    vectors = embedder.encode(TEXTS[:2], convert_to_numpy=True)
+    assert isinstance(vectors, np.ndarray) and embedder.similarity(vectors[0], vectors).shape == (1, 2)
+    with pytest.raises(ValueError, match="normalize, normalize_embeddings: two names for one option"):
+        embedder.encode(TEXTS, normalize=False, normalize_embeddings=True)
+    with pytest.raises(ValueError, match=r"a, b: expected \[N, H\] and \[M, H\]"):
+        embedder.similarity(vectors, vectors[:, :5])
 
 
 def test_minilm_retrieval_ranks_like_sentence_transformers(minilm_path, st_model):
@@ -115,12 +134,13 @@ def test_biencoder_on_causal_lm_last_token(backend, device, side):
 
 
 def _llara_reference_ids(tokenizer, text, kind, max_len):
-    """research/LLARA/finetune/data.py's recipe."""
+    """The seed's construction (FlagEmbedding research/LLARA/finetune/data.py), written out: the text between a
+    quote opened by the prefix (BOS + '"', with special tokens) and closed by the suffix, whose '"' comes first."""
     prefix = tokenizer('"')["input_ids"]
     suffix_text = (
-        ", summarize the above passage within eight words: <s1><s2><s3><s4><s5><s6><s7><s8>"
+        '", summarize the above passage within eight words: <s1><s2><s3><s4><s5><s6><s7><s8>'
         if kind == "passage"
-        else ", predict the following passage within eight words: <s9><s10><s11><s12><s13><s14><s15><s16>"
+        else '", predict the following passage within eight words: <s9><s10><s11><s12><s13><s14><s15><s16>'
     )
     suffix = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
     body = tokenizer(text, add_special_tokens=False, max_length=max_len - len(prefix) - len(suffix), truncation=True)["input_ids"]
@@ -137,13 +157,20 @@ def test_llara_matches_reference(backend, device, kind):
     assert model.get_input_embeddings().weight.shape[0] >= max(rows_before, len(tokenizer))
     texts = ["river water history", "music album of the league season " * 12, "yes"]
     ids = encoder.tokenize(texts, kind)
-    assert ids == [_llara_reference_ids(tokenizer, t, kind, 40 if kind == "query" else 48) for t in texts]
-    assert ids[0][0] == tokenizer.bos_token_id
+    want_ids = [_llara_reference_ids(tokenizer, t, kind, 40 if kind == "query" else 48) for t in texts]
+    assert ids == want_ids
+    quote = tokenizer('"', add_special_tokens=False)["input_ids"]
+    assert ids[0][: 1 + len(quote)] == [tokenizer.bos_token_id] + quote
+    assert all(len(seq) <= (40 if kind == "query" else 48) for seq in ids)
 
-    # The reference: the full causal LM with every hidden state, left padding, the last 8 positions.
-    left = collate(ids, tokenizer.pad_token_id, "left", device=device)
+    # The reference: the full causal LM with every hidden state, padded left by the tokenizer itself (to a
+    # multiple of 8, as the seed's collator does), the last 8 positions averaged and normalised.
+    reference_tokenizer = copy.deepcopy(tokenizer)
+    reference_tokenizer.padding_side = "left"
+    left = reference_tokenizer.pad({"input_ids": want_ids}, padding=True, pad_to_multiple_of=8, return_tensors="pt")
     with torch.no_grad():
-        hs = model(input_ids=left.input_ids, attention_mask=left.attention_mask, output_hidden_states=True).hidden_states[-1]
+        hs = model(input_ids=left["input_ids"].to(device), attention_mask=left["attention_mask"].to(device),
+                   output_hidden_states=True).hidden_states[-1]
     want = torch.nn.functional.normalize(hs[:, -8:, :].double().mean(1), dim=-1)
 
     embedder = fastrank.Embedder(encoder)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from references import REFERENCE_PACKAGES, require
 
 import fastrank
 from fastrank.benchmarks.score_head import Case, providers
@@ -47,9 +48,25 @@ def test_transformers_does_not_mistake_the_repository_folder_for_hub_kernels():
     assert subprocess.run([sys.executable, "-c", code], cwd=str(REPO)).returncode == 0
 
 
-def test_cli_rejects_unknown_benchmark():
+def test_cli_rejects_unknown_benchmark(capsys):
+    assert main(["bench", "--op", "nope", "--device", "cpu", "--quiet"]) == 1
+    assert "fastrank bench: error: --op 'nope' is not a benchmark" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--op 'nope' is not a benchmark"):
-        main(["bench", "--op", "nope", "--device", "cpu", "--quiet"])
+        main(["--traceback", "bench", "--op", "nope", "--device", "cpu", "--quiet"])
+
+
+@pytest.mark.parametrize("module", REFERENCE_PACKAGES)
+def test_reference_package_imports(module):
+    """Each reference the parity tests need imports here; a broken one fails (with its error), never skips."""
+    require(module)
+
+
+def test_version_matches_the_installed_distribution():
+    import importlib.metadata
+
+    assert fastrank.__version__ == importlib.metadata.version("fastrank-llm")
+    out = subprocess.run([sys.executable, "-m", "fastrank.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"fastrank {fastrank.__version__} (distribution fastrank-llm)"
 
 
 def test_cli_help_runs():

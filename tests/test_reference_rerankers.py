@@ -75,6 +75,12 @@ def test_flagembedding_llm_reranker(saved_model, pairs, normalize):
     ours = fastrank.Reranker(model, tokenizer, "bge-reranker-v2-gemma")
     got = ours.score(pairs, max_length=MAX_LENGTH, normalize=normalize, batch_size=3)
     assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-5, what=f"{arch} scores")
+    # FlagEmbedding's own call, as written for it: a list of [query, passage] lists, or one pair -> one float.
+    same = ours.compute_score([list(p) for p in pairs], max_length=MAX_LENGTH, normalize=normalize)
+    assert_close(torch.tensor(same), torch.tensor(want), atol=1e-5, rtol=1e-5, what=f"{arch} compute_score")
+    one = reference.compute_score(list(pairs[0]), max_length=MAX_LENGTH, normalize=normalize)
+    mine = ours.compute_score(list(pairs[0]), max_length=MAX_LENGTH, normalize=normalize)
+    assert isinstance(mine, float) and abs(mine - float(one)) <= 1e-5 * max(1.0, abs(float(one)))
     # The exact ids FlagEmbedding fed its model (its size probe runs the longest batch once more).
     encoded = sorted(tuple(e.input_ids) for e in ours.encode(pairs, MAX_LENGTH))
     assert sorted(set(fed)) == sorted(set(encoded))

@@ -7,6 +7,8 @@ from typing import List, Sequence
 
 import torch
 
+from fastrank.utils import positive_int
+
 
 @dataclass
 class Batch:
@@ -28,10 +30,8 @@ def token_budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: in
     the padded length of its longest row), so short sequences travel in large batches and long ones in
     small batches. A single sequence longer than the budget gets a batch of its own.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens: must be >= 1, got {max_tokens}")
+    positive_int("batch_size", batch_size)
+    positive_int("max_tokens", max_tokens)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, current, width = [], [], 0
     for i in order:

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from fastrank.data.batching import collate
+from fastrank.utils import positive_int
 
 
 def _jsonl_files(data: Union[str, Sequence[str]]) -> List[str]:
@@ -132,8 +133,7 @@ class EmbedderTrainDataset(torch.utils.data.Dataset):
     def __init__(self, data, *, train_group_size: int = 8, query_instruction: Optional[str] = None,
                  passage_instruction: Optional[str] = None, max_examples_per_dataset: Optional[int] = None,
                  seed: int = 42):
-        if not isinstance(train_group_size, int) or train_group_size < 1:
-            raise ValueError(f"train_group_size: must be a positive int, got {train_group_size!r}")
+        positive_int("train_group_size", train_group_size)
         self.records = read_retrieval_jsonl(data, max_examples_per_dataset, need_negatives=train_group_size > 1)
         self.group_size = train_group_size
         self.query_instruction = query_instruction or ""

@@ -31,14 +31,9 @@ import torch
 
 from fastrank.data.embedder import read_retrieval_jsonl, sample_group
 from fastrank.data.templates import FLAG_LLM_PROMPT, _keep, _only_second
+from fastrank.utils import positive_int
 
 IGNORE_INDEX = -100
-
-
-def _check_length(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
 
 
 class RerankTrainDataset(torch.utils.data.Dataset):
@@ -70,9 +65,9 @@ class RerankTrainDataset(torch.utils.data.Dataset):
                  instruction_format: str = "{}{}", sep: str = "\n", prompt: str = FLAG_LLM_PROMPT,
                  answer: Optional[str] = "Yes", knowledge_distillation: Optional[bool] = None,
                  max_examples_per_dataset: Optional[int] = None, seed: int = 42):
-        _check_length("train_group_size", train_group_size)
-        self.query_max_len = _check_length("query_max_len", query_max_len)
-        self.passage_max_len = _check_length("passage_max_len", passage_max_len)
+        positive_int("train_group_size", train_group_size)
+        self.query_max_len = positive_int("query_max_len", query_max_len)
+        self.passage_max_len = positive_int("passage_max_len", passage_max_len)
         if "{}" not in instruction_format:
             raise ValueError(f"instruction_format: needs two '{{}}' fields (instruction, text), got {instruction_format!r}")
         try:
@@ -175,9 +170,7 @@ class RerankCollator:
         side = padding_side or getattr(tokenizer, "padding_side", None) or "left"
         if side not in ("left", "right"):
             raise ValueError(f"padding_side: must be 'left' or 'right', got {side!r}")
-        if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
-                                               or pad_to_multiple_of < 1):
-            raise ValueError(f"pad_to_multiple_of: must be a positive int or None, got {pad_to_multiple_of!r}")
+        positive_int("pad_to_multiple_of", pad_to_multiple_of, none_ok=True)
         self.pad_token_id = int(pad_token_id)
         self.padding_side = side
         self.pad_to_multiple_of = pad_to_multiple_of or 1

@@ -8,8 +8,11 @@ its reference implementation's ids exactly, quirks included; see each class.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from fastrank.utils import positive_int
 
 FLAG_LLM_PROMPT = (
     "Given a query A and a passage B, determine whether the passage contains an answer to the query by "
@@ -57,14 +60,30 @@ def _check_pairs(pairs) -> List[Tuple[str, str]]:
 
 
 def _check_max_length(max_length) -> int:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length: must be a positive int, got {max_length!r}")
-    return max_length
+    return positive_int("max_length", max_length)
 
 
 def _encode_inputs(tokenizer, pairs, max_length):
     """Checked pairs and max_length, and the side the tokenizer truncates from."""
     return _check_pairs(pairs), _check_max_length(max_length), getattr(tokenizer, "truncation_side", "right")
+
+
+def _check_format(name: str, text, required: Tuple[str, ...], allowed: Tuple[str, ...]) -> None:
+    """A format string of a custom template, checked when the template is built rather than at its first pair:
+    every ``{field}`` must be one of ``allowed`` and each of ``required`` must be there."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name}: must be a string, got {type(text).__name__}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"{name}: {text!r} is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'") from None
+    known = ", ".join("{" + a + "}" for a in allowed)
+    for f in fields:
+        if f not in allowed:
+            raise ValueError(f"{name}: {{{f}}} is not a field of this template; the fields are {known}")
+    for r in required:
+        if r not in fields:
+            raise ValueError(f"{name}: {text!r} has no {{{r}}}; the text would never reach the model")
 
 
 def _tokenize(tokenizer, texts: Sequence[str]) -> List[List[int]]:
@@ -218,6 +237,11 @@ class ChatPairTemplate:
     system: Optional[str]
     user: str
 
+    def __post_init__(self):
+        _check_format("user", self.user, ("query", "passage"), ("query", "passage"))
+        if self.system is not None and not isinstance(self.system, str):
+            raise ValueError(f"system: must be a string or None, got {type(self.system).__name__}")
+
     def render(self, tokenizer, query: str, passage: str) -> str:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
@@ -285,6 +309,15 @@ class SegmentTemplate:
     add_bos: object = "auto"
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
 
+    def __post_init__(self):
+        _check_format("query_format", self.query_format, ("query",), ("query",))
+        _check_format("passage_format", self.passage_format, ("passage",), ("passage",))
+        for name in ("prefix", "separator", "suffix"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: must be a string, got {type(getattr(self, name)).__name__}")
+        if not 0 < self.query_max_fraction < 1:
+            raise ValueError(f"query_max_fraction: must be between 0 and 1, got {self.query_max_fraction!r}")
+
     def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         bos = tokenizer.bos_token_id
@@ -304,3 +337,8 @@ class SegmentTemplate:
             truncated = len(q_cut) < len(q_ids) or len(p_cut) < len(p_ids)
             out.append(EncodedPair(lead + q_cut + sep + p_cut + tail, truncated))
         return out
+
+
+# Every template class by name, for presets saved to and loaded from a model folder.
+TEMPLATES = {cls.__name__: cls for cls in (FlagLLMTemplate, MxbaiV2Template, Qwen3RerankerTemplate, ChatPairTemplate,
+                                           SegmentTemplate)}

@@ -14,7 +14,8 @@ from typing import List, Optional, Sequence
 import torch
 
 import fastrank.functional as F
-from fastrank.models.reranker import backbone_of, unwrap_model
+from fastrank.models.reranker import backbone_of, enable_checkpointing, unwrap_model
+from fastrank.utils import positive_int
 
 BIENCODER_POOLING = ("cls", "mean", "last")
 FASTRANK_CONFIG = "fastrank_embedder.json"
@@ -28,6 +29,12 @@ class EncoderOutput:
     p_reps: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
     scores: Optional[torch.Tensor] = None
+
+
+def is_causal(model) -> bool:
+    """True when the model's self-attention is causal (a decoder: Qwen, Llama, Gemma, Mistral, ...), read from
+    its attention modules' ``is_causal``; False for bidirectional encoders (BERT, XLM-R)."""
+    return any(getattr(m, "is_causal", None) is True for m in unwrap_model(model).modules())
 
 
 def encoder_of(model):
@@ -149,9 +156,11 @@ class _EmbedderBase(torch.nn.Module):
                                 in_batch=self.use_inbatch_neg, targets=targets, teacher_scores=teacher_score)
         return EncoderOutput(loss=loss, scores=scores, q_reps=q, p_reps=p)
 
-    def gradient_checkpointing_enable(self, **kwargs):
-        """Delegates to the backbone (the HF Trainer calls this for ``gradient_checkpointing=True``)."""
-        unwrap_model(self.model).gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs):
+        """Checkpointing in the backbone (the HF Trainer calls this for ``activation_checkpointing=True``)."""
+        enable_checkpointing(self.model, **kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the name before transformers 5.23
 
     def enable_input_require_grads(self):
         """Delegates to the backbone (LoRA with gradient checkpointing needs it)."""
@@ -165,19 +174,32 @@ class BiEncoder(_EmbedderBase):
     """BGE's bi-encoder: pooled (``cls``, ``mean`` or ``last`` real token) and optionally L2-normalised last
     hidden state of any Hugging Face ``AutoModel`` (or causal LM, run without its LM head).
 
-    ``temperature`` scales similarities in training and is forced to 1.0 without normalisation.
+    ``pooling`` defaults to ``cls`` for a bidirectional encoder and to ``last`` for a causal LM, whose first
+    token sees only itself: ``cls`` on a causal LM is refused (every text starting with the same token would
+    get the same embedding). ``temperature`` scales similarities in training and is forced to 1.0 without
+    normalisation.
     ``query_instruction`` / ``passage_instruction`` are prepended to the texts by ``encode_queries`` /
     ``encode_corpus`` of ``fastrank.Embedder``.
     """
 
     kind = "bi"
 
-    def __init__(self, model, tokenizer=None, *, pooling: str = "cls", normalize: bool = True,
+    def __init__(self, model, tokenizer=None, *, pooling: Optional[str] = None, normalize: bool = True,
                  temperature: float = 0.02, query_instruction: Optional[str] = None,
                  passage_instruction: Optional[str] = None, max_length: int = 512,
                  negatives_cross_device: bool = False, sub_batch_size: int = -1, use_inbatch_neg: bool = True):
+        causal = is_causal(model)
+        if pooling is None:
+            pooling = "last" if causal else "cls"
         if pooling not in BIENCODER_POOLING:
             raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(BIENCODER_POOLING)}")
+        if pooling == "cls" and causal:
+            raise ValueError(
+                f"pooling: 'cls' on {type(unwrap_model(model)).__name__}, a causal LM, pools the first token, which "
+                "attends only to itself, so texts that start alike get the same embedding; use pooling='last' "
+                "(the default for causal LMs) or kind='llara'"
+            )
+        positive_int("max_length", max_length)
         super().__init__(model, tokenizer, normalize, temperature, negatives_cross_device, sub_batch_size,
                          use_inbatch_neg)
         self.pooling = pooling
@@ -315,8 +337,9 @@ def read_embedder_settings(path: str) -> dict:
 
 LLARA_PASSAGE_TOKENS = tuple(f"<s{i}>" for i in range(1, 9))
 LLARA_QUERY_TOKENS = tuple(f"<s{i}>" for i in range(9, 17))
-LLARA_PASSAGE_SUFFIX = ", summarize the above passage within eight words: " + "".join(LLARA_PASSAGE_TOKENS)
-LLARA_QUERY_SUFFIX = ", predict the following passage within eight words: " + "".join(LLARA_QUERY_TOKENS)
+# The suffix's leading '"' closes the quote that the prefix opens (FlagEmbedding research/LLARA/finetune/data.py).
+LLARA_PASSAGE_SUFFIX = '", summarize the above passage within eight words: ' + "".join(LLARA_PASSAGE_TOKENS)
+LLARA_QUERY_SUFFIX = '", predict the following passage within eight words: ' + "".join(LLARA_QUERY_TOKENS)
 
 
 class LlaraEncoder(_EmbedderBase):
@@ -324,9 +347,9 @@ class LlaraEncoder(_EmbedderBase):
     hidden state at eight appended special tokens.
 
     Ids: ``tokenizer('"')`` with special tokens (BOS + ``"``), the text tokenised alone and truncated so the
-    whole fits ``max_length``, then the passage suffix ``", summarize the above passage within eight words:
-    <s1>..<s8>"`` or the query suffix ``", predict the following passage within eight words: <s9>..<s16>"``
-    (no special tokens, no EOS). ``<s1>..<s16>`` are added to the tokenizer, and rows to the embeddings,
+    whole fits ``max_length``, then the passage suffix ``'", summarize the above passage within eight words:
+    <s1>..<s8>'`` or the query suffix ``'", predict the following passage within eight words: <s9>..<s16>'``
+    (its ``"`` closes the prefix's; no special tokens, no EOS). ``<s1>..<s16>`` are added to the tokenizer, and rows to the embeddings,
     when missing. The eight positions are the last eight real tokens, found from the attention mask, so
     either padding side works (the reference code's ``[:, -8:]`` is right for left padding only).
     """

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from fastrank.heads import Convention
-from fastrank.models.reranker import CausalLMScorer, unwrap_model
+from fastrank.models.reranker import CausalLMScorer, enable_checkpointing, unwrap_model
+from fastrank.utils import positive_int
 
 
 @dataclass
@@ -53,8 +54,7 @@ class LLMRerankerModel(torch.nn.Module):
 
     def __init__(self, model, tokenizer, train_group_size: int = 8, *, answer: str = "Yes"):
         super().__init__()
-        if isinstance(train_group_size, bool) or not isinstance(train_group_size, int) or train_group_size < 1:
-            raise ValueError(f"train_group_size: must be a positive int, got {train_group_size!r}")
+        positive_int("train_group_size", train_group_size)
         self.model = model
         self.tokenizer = tokenizer
         self.train_group_size = train_group_size
@@ -116,8 +116,11 @@ class LLMRerankerModel(torch.nn.Module):
         return loss
 
     # -- what the HF Trainer and PEFT call --------------------------------------------------------------
-    def gradient_checkpointing_enable(self, **kwargs):
-        unwrap_model(self.model).gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs):
+        """Checkpointing in the backbone (the HF Trainer calls this for ``activation_checkpointing=True``)."""
+        enable_checkpointing(self.model, **kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the name before transformers 5.23
 
     def enable_input_require_grads(self):
         unwrap_model(self.model).enable_input_require_grads()

@@ -18,6 +18,23 @@ def unwrap_model(model):
     return get_base() if callable(get_base) else model
 
 
+def enable_checkpointing(model, **kwargs) -> None:
+    """Turn on activation (gradient) checkpointing in ``model``'s backbone, under the name its transformers
+    knows: ``activation_checkpointing_enable`` from 5.23 (``gradient_checkpointing_enable`` there is a
+    deprecated alias that warns), ``gradient_checkpointing_enable`` before. Either spelling of the keyword
+    arguments is accepted."""
+    inner = unwrap_model(model)
+    enable = getattr(inner, "activation_checkpointing_enable", None)
+    if enable is not None:
+        if "gradient_checkpointing_kwargs" in kwargs:
+            kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
+        enable(**kwargs)
+        return
+    if "activation_checkpointing_kwargs" in kwargs:
+        kwargs["gradient_checkpointing_kwargs"] = kwargs.pop("activation_checkpointing_kwargs")
+    inner.gradient_checkpointing_enable(**kwargs)
+
+
 def backbone_of(model):
     """The decoder stack of an ``AutoModelForCausalLM`` (``model.model`` for Llama, Qwen, Gemma, Mistral)."""
     model = unwrap_model(model)
