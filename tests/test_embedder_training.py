@@ -302,3 +302,25 @@ def test_train_embedder_cli_with_resume(minilm_path, tmp_path, capsys):
     report = json.loads((out / "eval_results.json").read_text())
     assert set(report["after_training"]) == {"recall@1", "recall@10", "mrr@10", "ndcg@10"}
     assert (out / "modules.json").exists()
+
+
+def test_train_embedder_cli_grad_accum_and_checkpointing_warn_nothing(minilm_path, tmp_path):
+    """The train commands share their Trainer flags (--grad-accum reaches train-embedder too), and a run with
+    checkpointing warns nothing about deprecated checkpointing names on this transformers."""
+    import warnings
+
+    import torch
+
+    from fastrank.cli import main
+
+    _write_jsonl(tmp_path / "train.jsonl", _retrieval_set(8, seed=2))
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train-embedder", "--model", minilm_path, "--data", str(tmp_path / "train.jsonl"), "--output",
+                     str(out), "--group-size", "2", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "1",
+                     "--save-steps", "1", "--gradient-checkpointing", "--no-progress"]) == 0
+    about_checkpointing = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    assert not about_checkpointing, about_checkpointing
+    args = torch.load(out / "checkpoint-1" / "training_args.bin", weights_only=False)
+    assert args.gradient_accumulation_steps == 2
