@@ -556,13 +556,6 @@ def _preset_names():
     return list(presets())
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception as one line: its first non-empty line (Hugging Face's loading errors run to paragraphs)."""
-    text = str(error).strip()
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return first or type(error).__name__
-
-
 def main(argv=None) -> int:
     """Run one ``fastrank`` command. An error is one line on stderr and exit status 1; ``--traceback`` (or
     ``FASTRANK_TRACEBACK=1``) shows the full trace instead."""
@@ -580,7 +573,9 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 -- every failure reaches the user as one line, the trace on request
         if args.traceback or os.environ.get("FASTRANK_TRACEBACK", "0") not in ("", "0"):
             raise
-        print(f"fastrank {args.command}: error: {_one_line(e)} (--traceback shows where)", file=sys.stderr)
+        from fastrank.utils import first_line
+
+        print(f"fastrank {args.command}: error: {first_line(e)} (--traceback shows where)", file=sys.stderr)
         return 1
 
 

@@ -110,6 +110,12 @@ def cached_device_tensor(values: tuple, dtype: torch.dtype, device: torch.device
     return tensor
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line: its first non-empty line (Hugging Face's errors run to paragraphs),
+    or the exception's type name when it has no message."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "") or type(error).__name__
+
+
 def positive_int(name: str, value, *, none_ok: bool = False):
     """``value`` checked to be a positive int (or None when ``none_ok``); a ValueError naming ``name`` otherwise.
 

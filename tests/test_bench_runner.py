@@ -63,7 +63,7 @@ def test_unavailable_baselines_get_a_row_with_the_reason_and_the_rest_are_measur
     assert list(entry["ratios"]) == ["torch_ok"]
     reasons = entry["unavailable"]
     assert list(reasons) == ["missing", "moved", "odd", "build"]
-    assert reasons["missing"] == "bench_no_such_package is not installed (pip install 'fastrank[bench]' installs the baselines)"
+    assert reasons["missing"] == "bench_no_such_package is not installed (pip install -c constraints.txt -e '.[bench]' installs the baselines)"
     assert reasons["moved"] == ("bench_moved_dep.sub does not import: "
                                 "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'")
     assert reasons["odd"] == "bench_odd_error does not import: AttributeError: transformers has no attribute X"

@@ -28,6 +28,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from fastrank.utils import first_line
+
 
 # Peaks below these are not resolved: CPU resident memory moves in pages and malloc arenas absorb small
 # allocations; the CUDA caching allocator rounds to 512 bytes. A ratio against a smaller peak is
@@ -64,13 +66,12 @@ class MissingInput(Exception):
     case is reported as not run."""
 
 
-INSTALL_HINT = "pip install 'fastrank[bench]' installs the baselines"
+INSTALL_HINT = "pip install -c constraints.txt -e '.[bench]' installs the baselines"
 
 
 def one_line(error: BaseException, limit: int = 160) -> str:
     """``Type: message`` of an exception: the message's first line, cut to ``limit`` characters."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    text = f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
