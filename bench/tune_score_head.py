@@ -28,8 +28,8 @@ import triton.testing  # noqa: E402
 
 import fastrank  # noqa: E402
 from fastrank.kernels import score_head as sh  # noqa: E402
-from fastrank.reference import lse_forward_chunked  # noqa: E402
-from fastrank.utils import cdiv  # noqa: E402
+from fastrank.ops.score_head import lse_forward_chunked  # noqa: E402
+from fastrank.common import cdiv  # noqa: E402
 
 H, V = 896, 151936
 DEV = torch.device("cuda")

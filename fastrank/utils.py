@@ -1,4 +1,4 @@
-"""Backend selection, interpreter detection and small helpers shared by every op."""
+"""Backend selection and value-check switches for the ops, and small argument helpers for every layer."""
 
 from __future__ import annotations
 
@@ -8,16 +8,9 @@ import threading
 
 import torch
 
+from fastrank.common import is_interpreting
+
 BACKENDS = ("auto", "triton", "torch")
-
-
-def is_interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``).
-
-    The variable is read by ``@triton.jit`` when a kernel module is imported, so it must be set before
-    ``fastrank.kernels`` is first imported; tests/conftest.py does that.
-    """
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def requested_backend() -> str:
@@ -81,33 +74,6 @@ def can_sync(tensor: torch.Tensor) -> bool:
     if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
         return False
     return True
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-_DEVICE_CACHE: dict = {}
-
-
-def cached_device_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small constant tensor (token ids, a combination matrix) uploaded once per device.
-
-    Uploading a handful of numbers on every call is a synchronous host-to-device copy; the cache
-    makes repeated calls with the same ids free.
-    """
-    key = (values, dtype, str(device))
-    tensor = _DEVICE_CACHE.get(key)
-    if tensor is None:
-        if len(_DEVICE_CACHE) > 256:
-            _DEVICE_CACHE.clear()
-        tensor = torch.tensor(values, dtype=dtype, device=device)
-        _DEVICE_CACHE[key] = tensor
-    return tensor
 
 
 def first_line(error: BaseException) -> str:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrank.utils import cdiv, is_interpreting, next_power_of_2
+from fastrank.common import ContrastiveConfig, cdiv, dot_fp32, is_interpreting, matmul_acc, next_power_of_2, num_sms
 
 _INTERPRET = is_interpreting()
 
@@ -299,33 +299,22 @@ def _config(dtype: torch.dtype, d: int, device: torch.device = torch.device("cpu
 _BAND_CONFIG_INTERPRET = (16, 16, 16, 1, 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # interpreted: two "SMs" so that the tests run the split-and-merge path
-
-
-def _dot_fp32(dtype) -> bool:
-    # The interpreter computes a bf16 tl.dot wrongly (silently); fp32 inputs want the exact dot, not tf32.
-    return _INTERPRET or dtype == torch.float32
-
-
 # Entries of one backward chunk of coefficients [B, P_chunk]: 2^24 is 32 MiB in bf16, a sixteenth of the
 # fp32 [B, P] that torch holds at B=4096, P=32768, and wide enough that each chunk's GEMMs stay efficient.
 CHUNK_ENTRIES = 1 << 24
 
 
-def contrastive_forward(q, p, targets, teacher, temperature: float, group_size: int, in_batch: bool):
+def contrastive_forward(q, p, targets, teacher, config: ContrastiveConfig):
     """Per-row statistics ``[B, 4]`` fp32: (lse over candidates, target score, lse over own group, teacher-
     weighted sum of own-group scores); the last two are zero without teacher scores."""
+    temperature, group_size, in_batch = config.temperature, config.group_size, config.in_batch
     b, d = q.shape
     n = p.shape[0]
     block_m, block_n, block_d, warps, stages = _config(q.dtype, d, q.device, teacher is not None)
     row_blocks = cdiv(b, block_m)
     splits = 1
     if in_batch:  # split the passages until the grid covers every SM twice
-        splits = max(1, min(cdiv(n, block_n), cdiv(2 * _num_sms(q.device), max(row_blocks, 1))))
+        splits = max(1, min(cdiv(n, block_n), cdiv(2 * num_sms(q.device), max(row_blocks, 1))))
     cols_per_split = cdiv(cdiv(n, splits), block_n) * block_n
     splits = max(1, cdiv(n, cols_per_split))
     part = torch.zeros((splits, b, 4), dtype=torch.float32, device=q.device)
@@ -335,7 +324,7 @@ def contrastive_forward(q, p, targets, teacher, temperature: float, group_size: 
             b, n, d, group_size, 1.0 / temperature, cols_per_split,
             q.stride(0), p.stride(0), teacher.stride(0) if teacher is not None else 0,
             part.stride(0), part.stride(1),
-            IN_BATCH=in_batch, HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
+            IN_BATCH=in_batch, HAS_TEACHER=teacher is not None, DOT_FP32=dot_fp32(q.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )
     if splits == 1:
@@ -349,21 +338,11 @@ def contrastive_forward(q, p, targets, teacher, temperature: float, group_size: 
     return stats
 
 
-def _mm_fp32(a, b):
-    """``a @ b`` with an fp32 result: half inputs on CUDA keep cuBLAS's fp32 accumulator (no rounding)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def contrastive_backward(q, p, targets, teacher, stats, row_grad, temperature: float, group_size: int,
-                         in_batch: bool, need_q: bool, need_p: bool):
+def contrastive_backward(q, p, targets, teacher, stats, row_grad, config: ContrastiveConfig, need_q: bool,
+                         need_p: bool):
     """``(dq, dp)`` in q's and p's dtypes for per-row upstream gradients ``row_grad`` ``[B]`` fp32."""
-    if in_batch:
-        return _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, group_size,
-                                  need_q, need_p)
-    return _backward_own_group(q, p, targets, teacher, stats, row_grad, temperature, group_size,
-                               need_q, need_p)
+    backward = _backward_in_batch if config.in_batch else _backward_own_group
+    return backward(q, p, targets, teacher, stats, row_grad, config.temperature, config.group_size, need_q, need_p)
 
 
 def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, group_size, need_q, need_p):
@@ -390,7 +369,7 @@ def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, gro
             q, p, targets, teacher, stats, row_grad, c_view,
             b, n, d, group_size, 1.0 / temperature, col0, cols,
             q.stride(0), p.stride(0), t_stride, stats.stride(0), c_view.stride(0),
-            HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
+            HAS_TEACHER=teacher is not None, DOT_FP32=dot_fp32(q.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
         )
         p_chunk = p[col0:col0 + cols]
@@ -400,7 +379,7 @@ def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, gro
             else:
                 dp[col0:col0 + cols] = (c_view.t() @ q.to(c_dtype)).to(p.dtype)
         if need_q:
-            dq += _mm_fp32(c_view, p_chunk.to(c_dtype) if c_dtype != p.dtype else p_chunk)
+            dq += matmul_acc(c_view, p_chunk.to(c_dtype) if c_dtype != p.dtype else p_chunk, torch.float32)
     return (dq.to(q.dtype) if need_q else None), dp
 
 
@@ -411,7 +390,7 @@ def _backward_own_group(q, p, targets, teacher, stats, row_grad, temperature, gr
     # would not fit in shared memory at the in-batch tile shapes (288 KiB at 256 x 128 on the H100).
     block_m, block_n, block_d, warps, stages = _BAND_CONFIG_INTERPRET if _INTERPRET else (
         (32, 32, 32, 4, 2) if q.dtype == torch.float32 else (64, 64, 64, 4, 2))
-    common = dict(IN_BATCH=False, HAS_TEACHER=teacher is not None, DOT_FP32=_dot_fp32(q.dtype),
+    common = dict(IN_BATCH=False, HAS_TEACHER=teacher is not None, DOT_FP32=dot_fp32(q.dtype),
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     t_stride = teacher.stride(0) if teacher is not None else 0
     dq = dp = None

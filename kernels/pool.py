@@ -18,15 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrank.utils import cached_device_tensor, cdiv, is_interpreting, next_power_of_2
+from fastrank import common
+from fastrank.common import PoolConfig, cached_device_tensor, cdiv, is_interpreting, next_power_of_2
 
 _INTERPRET = is_interpreting()
 
-MODE_CLS, MODE_MEAN, MODE_LAST, MODE_SPECIAL, MODE_LAST_K = 0, 1, 2, 3, 4
-MODES = {"cls": MODE_CLS, "mean": MODE_MEAN, "last": MODE_LAST}
-
-# Status codes per sequence (0 = fine), read back by fastrank.checks.raise_on_pool_status.
-POOL_EMPTY, POOL_NO_SPECIAL, POOL_SHORT, POOL_BAD_CU = -1, -2, -3, -4
+# The mode numbers and status codes of fastrank.common, as constants the kernels can read.
+_CLS = tl.constexpr(common.MODE_CLS)
+_LAST = tl.constexpr(common.MODE_LAST)
+_SPECIAL = tl.constexpr(common.MODE_SPECIAL)
+_LAST_K = tl.constexpr(common.MODE_LAST_K)
+_EMPTY = tl.constexpr(common.POOL_EMPTY)
+_NO_SPECIAL = tl.constexpr(common.POOL_NO_SPECIAL)
+_SHORT = tl.constexpr(common.POOL_SHORT)
+_BAD_CU_SEQLENS = tl.constexpr(common.POOL_BAD_CU_SEQLENS)
 
 
 @triton.jit
@@ -60,13 +65,13 @@ def _pool_bounds(
         else:
             first = start
             last = end - 1
-    if MODE == 0:  # cls: the first real token
+    if MODE == _CLS:  # cls: the first real token
         lo = first
         hi = tl.minimum(first + 1, end)
-    elif MODE == 2:  # last: the last real token
+    elif MODE == _LAST:  # last: the last real token
         lo = tl.maximum(last, 0)
         hi = last + 1
-    elif MODE == 4:  # last k real tokens
+    elif MODE == _LAST_K:  # last k real tokens
         lo = tl.maximum(last - LAST_K + 1, start)
         hi = last + 1
     else:  # mean, special ids: the whole sequence
@@ -84,7 +89,7 @@ def _pool_token_weights(
     selected = (offs_t >= lo) & (offs_t < hi)
     if HAS_MASK:
         selected = selected & (tl.load(mask_ptr + n * stride_mn + offs_t * stride_mt, mask=selected, other=0) != 0)
-    if MODE == 3:
+    if MODE == _SPECIAL:
         if PACKED:
             tok = tl.load(input_ids_ptr + offs_t * stride_it, mask=selected, other=-1)
         else:
@@ -138,10 +143,10 @@ def _pool_fwd_kernel(
     tl.store(out_ptr + n * stride_on + offs_h, acc / count, mask=h_mask)
     if pid_h == 0:
         tl.store(count_ptr + n, count)
-        if MODE == 4:
+        if MODE == _LAST_K:
             bad = count < LAST_K
-            code = tl.where(bad, tl.where(count == 0, -1, -3), 0)
-        elif MODE == 3:
+            code = tl.where(bad, tl.where(count == 0, _EMPTY, _SHORT), 0)
+        elif MODE == _SPECIAL:
             any_real = hi > lo
             if HAS_MASK:
                 real_count = tl.zeros((), dtype=tl.int32)
@@ -150,10 +155,10 @@ def _pool_fwd_kernel(
                     m = tl.load(mask_ptr + n * stride_mn + offs_t * stride_mt, mask=offs_t < hi, other=0)
                     real_count += tl.sum((m != 0).to(tl.int32), axis=0)
                 any_real = real_count > 0
-            code = tl.where(count == 0, tl.where(any_real, -2, -1), 0)
+            code = tl.where(count == 0, tl.where(any_real, _NO_SPECIAL, _EMPTY), 0)
         else:
-            code = tl.where(count == 0, -1, 0)
-        tl.store(status_ptr + n, tl.where(ok, code, -4))
+            code = tl.where(count == 0, _EMPTY, 0)
+        tl.store(status_ptr + n, tl.where(ok, code, _BAD_CU_SEQLENS))
 
 
 @triton.jit
@@ -227,7 +232,7 @@ def _layout(hidden, attention_mask, input_ids, packed):
     return hs, ids_s, ms
 
 
-def pool_forward(hidden, attention_mask, input_ids, cu_seqlens, spec, needs_grad: bool):
+def pool_forward(hidden, attention_mask, input_ids, cu_seqlens, config: PoolConfig, needs_grad: bool):
     """Launch the pooling (and normalisation) kernels. Returns ``(out fp32 [N, H], count [N], status [N],
     pooled fp32 or None, norm or None)``; the last two are kept for backward when normalising."""
     device = hidden.device
@@ -240,7 +245,7 @@ def pool_forward(hidden, attention_mask, input_ids, cu_seqlens, spec, needs_grad
     mask = attention_mask
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    ids = cached_device_tensor(spec.token_ids, torch.int64, device) if spec.token_ids else None
+    ids = cached_device_tensor(config.token_ids, torch.int64, device) if config.token_ids else None
     pooled = torch.empty((n, h), dtype=torch.float32, device=device)
     count = torch.empty((n,), dtype=torch.float32, device=device)
     status = torch.empty((n,), dtype=torch.int32, device=device)
@@ -250,13 +255,13 @@ def pool_forward(hidden, attention_mask, input_ids, cu_seqlens, spec, needs_grad
         _pool_fwd_kernel[(n, cdiv(h, block_h))](
             hidden, mask, input_ids, ids, cu_seqlens,
             pooled, count, status,
-            n, t, h, len(spec.token_ids), spec.last_k or 0,
+            n, t, h, len(config.token_ids), config.last_k or 0,
             *hs, *ms, *ids_s, pooled.stride(0),
-            MODE=spec.mode_code, HAS_MASK=mask is not None, PACKED=packed,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, next_power_of_2(len(spec.token_ids) or 1)),
+            MODE=config.mode_code, HAS_MASK=mask is not None, PACKED=packed,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, next_power_of_2(len(config.token_ids) or 1)),
             num_warps=4,
         )
-    if not spec.normalize:
+    if not config.normalize:
         return pooled, count, status, None, None
     out = torch.empty_like(pooled)
     norm = torch.empty((n,), dtype=torch.float32, device=device)
@@ -266,12 +271,13 @@ def pool_forward(hidden, attention_mask, input_ids, cu_seqlens, spec, needs_grad
     return out, count, status, (pooled if needs_grad else None), norm
 
 
-def pool_backward(grad_out, hidden_meta, out, pooled, norm, count, attention_mask, input_ids, cu_seqlens, spec):
+def pool_backward(grad_out, hidden_meta, out, pooled, norm, count, attention_mask, input_ids, cu_seqlens,
+                  config: PoolConfig):
     """Gradient with respect to the hidden states, ``hidden_meta`` = (shape, dtype, device)."""
     shape, dtype, device = hidden_meta
     packed = cu_seqlens is not None
     grad = grad_out.float()
-    if spec.normalize:
+    if config.normalize:
         # d(x / |x|) = (g - y (y . g)) / |x|, with torch's clamp of |x| at 1e-12.
         grad = (grad - out * (out * grad).sum(1, keepdim=True)) / norm.clamp_min(1e-12)[:, None]
     if packed:
@@ -284,17 +290,17 @@ def pool_backward(grad_out, hidden_meta, out, pooled, norm, count, attention_mas
     mask = attention_mask
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    ids = cached_device_tensor(spec.token_ids, torch.int64, device) if spec.token_ids else None
+    ids = cached_device_tensor(config.token_ids, torch.int64, device) if config.token_ids else None
     block_t, block_h = _blocks(t, h)
     _, ids_s, ms = _layout(grad_hidden, mask, input_ids, packed)
     ds = (0, grad_hidden.stride(0), grad_hidden.stride(1)) if packed else grad_hidden.stride()
     if n > 0:
         _pool_bwd_kernel[(n, cdiv(h, block_h))](
             grad.contiguous(), count, mask, input_ids, ids, cu_seqlens, grad_hidden,
-            n, t, h, len(spec.token_ids), spec.last_k or 0,
+            n, t, h, len(config.token_ids), config.last_k or 0,
             h, *ms, *ids_s, *ds,
-            MODE=spec.mode_code, HAS_MASK=mask is not None, PACKED=packed,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, next_power_of_2(len(spec.token_ids) or 1)),
+            MODE=config.mode_code, HAS_MASK=mask is not None, PACKED=packed,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, next_power_of_2(len(config.token_ids) or 1)),
             num_warps=4,
         )
     return grad_hidden

@@ -20,14 +20,21 @@ the hidden and weight gradients; only one ``[N, chunk]`` block exists at a time.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastrank.reference import ScoreHeadConfig, matmul_acc
-from fastrank.utils import cached_device_tensor, cdiv, is_interpreting, next_power_of_2
+from fastrank.common import (
+    ScoreHeadConfig,
+    cached_device_tensor,
+    cdiv,
+    dot_fp32,
+    is_interpreting,
+    matmul_acc,
+    next_power_of_2,
+    num_sms,
+)
 
 _INTERPRET = is_interpreting()
 
@@ -345,13 +352,6 @@ def _score_head_bwd_weight_kernel(
 # ------------------------------------------------------------------------------------------------
 # launch configuration
 # ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _row_block_h(h: int) -> int:
     # The interpreter pays per program and per loop trip, not per lane: small blocks keep test shapes
     # cheap. On an H100, 512 lanes with 2 warps were fastest at H=896 (bench/tune_score_head.py).
@@ -432,7 +432,7 @@ def _lse_forward(gathered, weight, bias):
     # Split the vocabulary so that about four programs per SM run even when N fits in one row block.
     unit = 256 if not _INTERPRET else block_v
     v_units = cdiv(vocab, unit)
-    target = 4 * _num_sms(gathered.device) if not _INTERPRET else 2
+    target = 4 * num_sms(gathered.device) if not _INTERPRET else 2
     splits = max(1, min(v_units, cdiv(target, n_blocks)))
     v_per_split = cdiv(v_units, splits) * unit
     splits = cdiv(vocab, v_per_split)
@@ -441,7 +441,7 @@ def _lse_forward(gathered, weight, bias):
         gathered, weight, bias, partial,
         n, h, vocab, v_per_split,
         gathered.stride(0), weight.stride(0), weight.stride(1), partial.stride(0),
-        HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(gathered), TRANS_W=False,
+        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32(gathered.dtype), TRANS_W=False,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -451,11 +451,6 @@ def _lse_forward(gathered, weight, bias):
     lse = torch.empty((n,), dtype=torch.float32, device=gathered.device)
     _score_head_lse_merge_kernel[(n,)](partial, lse, splits, partial.stride(0), BLOCK_S=next_power_of_2(splits))
     return lse
-
-
-def _dot_fp32(gathered) -> bool:
-    # The interpreter computes a bf16 tl.dot wrongly (silently); fp32 inputs want the exact dot, not tf32.
-    return _INTERPRET or gathered.dtype == torch.float32
 
 
 def _lse_backward(gathered, weight, bias, lse, grad_lse, token_ids, grad_k, need_weight, need_bias):
@@ -490,7 +485,7 @@ def _lse_backward(gathered, weight, bias, lse, grad_lse, token_ids, grad_k, need
             gathered, weight, bias, lse, grad_lse, prob, ids, grad_k,
             n, h, len(token_ids), v0, width,
             gathered.stride(0), weight.stride(0), weight.stride(1), prob.stride(0), grad_k.stride(0),
-            HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(gathered), TRANS_W=False,
+            HAS_BIAS=bias is not None, DOT_FP32=dot_fp32(gathered.dtype), TRANS_W=False,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, BLOCK_K=next_power_of_2(len(token_ids)),
             num_warps=num_warps, num_stages=num_stages,
         )

@@ -1,0 +1,86 @@
+"""What the op rooms share: argument checks that name the argument at fault, and the one contract of their
+autograd Functions.
+
+Every op's Function is called as ``Function.apply(*tensors, config, backend)``: ``config`` is the op's frozen
+configuration from ``fastrank.common``, and ``backend`` (``"triton"`` or ``"torch"``, from
+``fastrank.utils.select_backend``) picks an ``Implementation``, a pair of ``forward`` / ``backward`` with
+the same signature on both paths, so the Triton kernels and the PyTorch reference share one autograd
+contract: the same inputs, outputs, saved tensors and gradient rules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+MAX_TOKEN_IDS = 16  # token ids per call of score_head and pool
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Implementation(NamedTuple):
+    """An op's forward and backward on one path (the Triton kernels' drivers or the PyTorch reference)."""
+
+    forward: Callable
+    backward: Callable
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def require_tensor(name: str, value, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor {what}, got {type(value).__name__}")
+    return value
+
+
+def same_device(name: str, tensor: torch.Tensor, ref: torch.Tensor, ref_name: str = "hidden") -> None:
+    if tensor.device != ref.device:
+        raise ValueError(
+            f"{name}: is on {tensor.device} but {ref_name} is on {ref.device}; move it with .to({str(ref.device)!r})"
+        )
+
+
+def integer_tensor(name: str, value, device: torch.device, shape_desc: str) -> torch.Tensor:
+    if isinstance(value, (list, tuple)):
+        value = torch.tensor(value, dtype=torch.long, device=device)
+    require_tensor(name, value, shape_desc)
+    if value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{name}: must hold integers, got dtype {dtype_name(value.dtype)}")
+    return value
+
+
+def normalize_token_ids(token_ids, vocab: int) -> tuple:
+    """Token ids as a tuple of Python ints, checked against the vocabulary size."""
+    if isinstance(token_ids, int) and not isinstance(token_ids, bool):
+        token_ids = (token_ids,)
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+            raise ValueError(f"token_ids: must hold integers, got dtype {dtype_name(token_ids.dtype)}")
+        if token_ids.dim() > 1:
+            raise ValueError(f"token_ids: must be 1-D [K], got shape {tuple(token_ids.shape)}")
+        token_ids = token_ids.reshape(-1).tolist()
+    if not isinstance(token_ids, Sequence) or isinstance(token_ids, str):
+        raise ValueError(f"token_ids: expected an int, a list of ints or a 1-D integer tensor, got {type(token_ids).__name__}")
+    ids = []
+    for i, t in enumerate(token_ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            if hasattr(t, "__index__") and not isinstance(t, bool):
+                t = int(t.__index__())
+            else:
+                raise ValueError(f"token_ids[{i}]: expected an int, got {type(t).__name__}")
+        if not 0 <= t < vocab:
+            raise ValueError(
+                f"token_ids[{i}]={t} is out of range for a weight with V={vocab} rows; "
+                "look the id up with the model's own tokenizer"
+            )
+        ids.append(t)
+    if not ids:
+        raise ValueError("token_ids: is empty (K=0); give at least one vocabulary id to score")
+    if len(ids) > MAX_TOKEN_IDS:
+        raise ValueError(
+            f"token_ids: {len(ids)} ids given, score_head takes at most {MAX_TOKEN_IDS}; "
+            "for more rows the full LM head is the right tool"
+        )
+    return tuple(ids)
