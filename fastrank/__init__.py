@@ -10,17 +10,8 @@ Trainers:   fastrank.integrations.trainer.EmbedderTrainer, fastrank.integrations
 """
 
 from fastrank.functional import ContrastiveLoss, ScoreHeadOutput, contrastive_loss, pool, score_head
-from fastrank.heads import (
-    Convention,
-    Preset,
-    digit_ev,
-    get_preset,
-    presets,
-    register_preset,
-    token_diff,
-    yes_logit,
-    yes_no,
-)
+from fastrank.heads import Convention, digit_ev, token_diff, yes_logit, yes_no
+from fastrank.presets import Preset, get_preset, presets, register_preset
 from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset
 from fastrank.data.reranker import RerankCollator, RerankTrainDataset
 from fastrank.inference import Embedder, Reranker

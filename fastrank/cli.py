@@ -210,139 +210,47 @@ def cmd_encode(args) -> int:
     return 1 if errors else 0
 
 
-def _training_arguments(args, **extra):
-    """``TrainingArguments`` from the shared train flags, under the names this transformers takes: a warm-up
-    fraction is ``warmup_ratio`` up to about 5.18 and a float ``warmup_steps`` after; checkpointing is
-    ``activation_checkpointing`` from 5.23 (``gradient_checkpointing`` there warns that it is deprecated)."""
-    import inspect
+def _training_options(args):
+    """The shared train flags as ``fastrank.training.TrainingOptions``."""
+    import dataclasses
 
-    import torch
-    from transformers import TrainingArguments
+    from fastrank.training import TrainingOptions
 
-    names = inspect.signature(TrainingArguments.__init__).parameters
-    warmup = {"warmup_ratio": args.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": args.warmup_ratio}
-    prefix = "activation" if "activation_checkpointing" in names else "gradient"
-    checkpointing = {
-        f"{prefix}_checkpointing": args.gradient_checkpointing,
-        f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if args.gradient_checkpointing else None,
-    }
-    return TrainingArguments(
-        output_dir=args.output, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
-        max_steps=args.max_steps, save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16,
-        fp16=args.fp16, seed=args.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False, disable_tqdm=args.no_progress, **warmup, **checkpointing, **extra,
-    )
+    fields = {f.name for f in dataclasses.fields(TrainingOptions)} - {"progress"}
+    return TrainingOptions(progress=not args.no_progress, **{name: getattr(args, name) for name in fields})
 
 
-def _train_and_report(trainer, args, evaluate, what: str) -> None:
-    """Train (from the last checkpoint with --resume), save to --output, and with --eval print and write the
-    held-out metrics before and after (``evaluate()`` gives them for the model as it is)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _report(name: str, metrics: dict) -> None:
+    print(json.dumps({name: metrics}), flush=True)
 
-    before = evaluate() if args.eval else None
-    if before is not None:
-        print(json.dumps({"before_training": before}), flush=True)
-    resume = None
-    if args.resume:
-        resume = get_last_checkpoint(args.output) if os.path.isdir(args.output) else None
-        if resume is None:
-            print(f"--resume: no checkpoint in {args.output}; starting from the beginning", file=sys.stderr)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output)
-    print(f"saved the trained {what} to {args.output}", file=sys.stderr)
-    if args.eval:
-        after = evaluate()
-        with open(os.path.join(args.output, "eval_results.json"), "w") as f:
-            json.dump({"before_training": before, "after_training": after}, f, indent=2)
-        print(json.dumps({"after_training": after}), flush=True)
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def cmd_train_embedder(args) -> int:
-    from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
-    from fastrank.evaluation import retrieval_metrics
-    from fastrank.inference import Embedder
-    from fastrank.integrations.trainer import EmbedderTrainer
-    from fastrank.models.embedder import BiEncoder, LlaraEncoder
-    from fastrank.models.loading import check_model_source, default_device
+    from fastrank.training import train_embedder
 
-    model_path = check_model_source(args.model, "--model")
-    common = dict(temperature=args.temperature, negatives_cross_device=args.negatives_cross_device,
-                  sub_batch_size=args.sub_batch_size, use_inbatch_neg=not args.no_in_batch_neg)
-    if args.normalize is not None:
-        common["normalize"] = args.normalize == "yes"
-    if args.kind == "llara":
-        encoder = LlaraEncoder.from_pretrained(model_path, query_max_length=args.query_max_len,
-                                               passage_max_length=args.passage_max_len, **common)
-    else:
-        encoder = BiEncoder.from_pretrained(model_path, pooling=args.pooling, query_instruction=args.query_instruction,
-                                            passage_instruction=args.passage_instruction, **common)
-    train = EmbedderTrainDataset(args.data, train_group_size=args.group_size, query_instruction=args.query_instruction,
-                                 passage_instruction=args.passage_instruction,
-                                 max_examples_per_dataset=args.max_examples_per_dataset, seed=args.seed)
-    eval_rows = read_retrieval_jsonl(args.eval, need_negatives=False) if args.eval else None
-    encoder.to(default_device())
-    trainer = EmbedderTrainer(
-        model=encoder.train(), args=_training_arguments(args), train_dataset=train,
-        data_collator=EmbedderCollator(encoder, args.query_max_len, args.passage_max_len),
+    train_embedder(
+        args.model, _training_options(args), kind=args.kind, pooling=args.pooling,
+        normalize=None if args.normalize is None else args.normalize == "yes", temperature=args.temperature,
+        in_batch_negatives=not args.no_in_batch_neg, negatives_cross_device=args.negatives_cross_device,
+        sub_batch_size=args.sub_batch_size, report=_report, log=_log,
     )
-    _train_and_report(trainer, args, lambda: retrieval_metrics(Embedder(encoder.eval()), eval_rows),
-                      f"{encoder.kind} embedder")
     return 0
 
 
 def cmd_train_reranker(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from fastrank.training import LORA_TARGETS, train_reranker
 
-    from fastrank.data.embedder import read_retrieval_jsonl
-    from fastrank.data.reranker import RerankCollator, RerankTrainDataset
-    from fastrank.data.templates import FlagLLMTemplate
-    from fastrank.evaluation import reranking_metrics
-    from fastrank.heads import Preset, save_preset, yes_logit
-    from fastrank.inference import Reranker
-    from fastrank.integrations.trainer import RerankerTrainer
-    from fastrank.models.llm_reranker import LLMRerankerModel
-    from fastrank.models.loading import check_model_source, default_device, resolve_dtype
-
-    model_path = check_model_source(args.model, "--model")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if args.padding_side:
-        tokenizer.padding_side = args.padding_side
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(args.dtype))
-    if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        lm = get_peft_model(lm, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                           target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM"))
-    model = LLMRerankerModel(lm, tokenizer, train_group_size=args.group_size, answer=args.answer)
-    prompt = args.prompt if args.prompt is not None else FlagLLMTemplate.prompt
-    answer = args.answer if args.layout == "research" else None
-    train = RerankTrainDataset(
-        args.data, tokenizer, train_group_size=args.group_size, query_max_len=args.query_max_len,
-        passage_max_len=args.passage_max_len, query_instruction=args.query_instruction,
-        passage_instruction=args.passage_instruction, prompt=prompt, answer=answer,
+    train_reranker(
+        args.model, _training_options(args), layout=args.layout, answer=args.answer, prompt=args.prompt,
         knowledge_distillation={"auto": None, "yes": True, "no": False}[args.knowledge_distillation],
-        max_examples_per_dataset=args.max_examples_per_dataset, seed=args.seed,
+        padding_side=args.padding_side, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets.split(",") if args.lora_targets else LORA_TARGETS, dtype=args.dtype,
+        report=_report, log=_log,
     )
-    eval_rows = read_retrieval_jsonl(args.eval, need_negatives=False) if args.eval else None
-    # Evaluation scores pairs the way inference will: the same instructions, separator and prompt, the score
-    # read at the prompt's last token. The preset is saved with the model, so Reranker.from_pretrained(output)
-    # scores that way too.
-    preset = Preset("trained", yes_logit(args.answer), FlagLLMTemplate(
-        prompt=prompt, query_instruction=args.query_instruction, passage_instruction=args.passage_instruction,
-        query_max_length=args.query_max_len), max_length=args.query_max_len + args.passage_max_len,
-        description=f"trained by fastrank train-reranker from {args.model}")
-    training_args = _training_arguments(args)
-    if args.gradient_checkpointing and args.lora_rank:
-        model.enable_input_require_grads()
-    lm.to(default_device())
-    trainer = RerankerTrainer(
-        model=model.train(), args=training_args, train_dataset=train,
-        data_collator=RerankCollator(tokenizer, padding_side=args.padding_side),
-    )
-    _train_and_report(trainer, args, lambda: reranking_metrics(Reranker(lm.eval(), tokenizer, preset), eval_rows),
-                      "reranker's " + ("LoRA adapter" if args.lora_rank else "model") + " and tokenizer")
-    save_preset(preset, args.output)
     return 0
 
 
@@ -524,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                         passage_max_len=128, query_instruction="A: ", passage_instruction="B: ")
     tr.add_argument("--layout", choices=["research", "package"], default="research",
                     help="research: the answer is appended and labelled (the seeds' recipe); package: nothing appended")
-    tr.add_argument("--answer", default="Yes", help="the answer whose last token's logit is the score (default Yes)")
+    tr.add_argument("--answer", default="Yes", help="the answer token whose logit is the score (default Yes; one token)")
     tr.add_argument("--prompt", default=None, help="the trailing prompt (default: FlagEmbedding's)")
     tr.add_argument("--knowledge-distillation", choices=["auto", "yes", "no"], default="auto",
                     help="add the teacher-score term: auto when every line has pos_scores/neg_scores")
@@ -532,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0: full fine-tune)")
     tr.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
     tr.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default 0.1)")
-    tr.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj",
-                    help="comma-separated module names for LoRA")
+    tr.add_argument("--lora-targets", default=None,
+                    help="comma-separated module names for LoRA (default: q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,"
+                    "gate_proj)")
     tr.add_argument("--dtype", default="auto", help="weights as loaded: auto (the checkpoint's), float32, bfloat16")
     tr.set_defaults(func=cmd_train_reranker)
 
@@ -551,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _preset_names():
-    from fastrank.heads import presets
+    from fastrank.presets import presets
 
     return list(presets())
 

@@ -7,23 +7,14 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from fastrank.data.batching import collate, token_budget_batches
-from fastrank.heads import Preset, detect_preset, get_preset
+from fastrank.data.batching import collate, pad_token_id_of, token_budget_batches
+from fastrank.presets import Preset, detect_preset, get_preset
 from fastrank.models.loading import check_model_source, resolve_device, resolve_dtype
 from fastrank.models.reranker import CausalLMScorer, unwrap_model
 from fastrank.utils import positive_int, value_checks
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_TOKENS = 32768  # padded tokens per batch: 64 pairs of 512, or 4 of 8192
-
-
-def pad_token_id_of(tokenizer) -> int:
-    """The tokenizer's pad id, else its unk, else its eos (FlagEmbedding's fallback order)."""
-    for name in ("pad_token_id", "unk_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError("tokenizer: has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
 
 
 def document_texts(documents) -> List[str]:
@@ -145,10 +136,10 @@ class Reranker:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, pairs: Sequence, max_length: Optional[int] = None):
-        """Token ids of each pair under the preset's layout (``EncodedPair`` list)."""
+    def tokenize(self, pairs: Sequence, max_length: Optional[int] = None):
+        """Token ids of each pair under the preset's layout (``TokenizedPair`` list)."""
         positive_int("max_length", max_length, none_ok=True)
-        return self.preset.template.encode(self.tokenizer, pairs, self.preset.max_length if max_length is None else max_length)
+        return self.preset.template.tokenize(self.tokenizer, pairs, self.preset.max_length if max_length is None else max_length)
 
     @torch.inference_mode()
     def score(self, pairs: Sequence, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: Optional[int] = None,
@@ -186,7 +177,7 @@ class Reranker:
 
         with tqdm(total=len(pairs), unit="pair", desc="scoring", disable=not show) as bar:
             for start in range(0, len(pairs), chunk):
-                encoded = self.encode(pairs[start : start + chunk], max_length)
+                encoded = self.tokenize(pairs[start : start + chunk], max_length)
                 n_cut += sum(e.truncated for e in encoded)
                 self._enqueue([e.input_ids for e in encoded], start, scores, batch_size, max_tokens, normalize, bar)
         if n_cut:
@@ -201,7 +192,7 @@ class Reranker:
     def score_encoded(self, sequences: Sequence[Sequence[int]], *, batch_size: int = DEFAULT_BATCH_SIZE,
                       max_tokens: int = DEFAULT_MAX_TOKENS, normalize: bool = False,
                       show_progress: Optional[bool] = None) -> List[float]:
-        """Scores of already tokenised sequences (``encode``'s ids), in input order."""
+        """Scores of already tokenised sequences (``tokenize``'s ids), in input order."""
         scores = torch.empty(len(sequences), dtype=torch.float32, device=self.device)
         show = show_progress if show_progress is not None else len(sequences) > 4 * batch_size
         from tqdm.auto import tqdm

@@ -13,7 +13,7 @@ from tiny_models import tiny_causal_lm, tiny_tokenizer
 import fastrank
 from fastrank.data import SegmentTemplate
 from fastrank.data.templates import ChatPairTemplate
-from fastrank.heads import PRESET_FILE, detect_preset, preset_from_dict, preset_to_dict
+from fastrank.presets import PRESET_FILE, detect_preset, preset_from_dict, preset_to_dict, save_preset
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_a_saved_preset_travels_with_the_model(tmp_path):
     model, tokenizer = tiny_causal_lm("qwen2"), tiny_tokenizer("qwen2")
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    fastrank.heads.save_preset(custom, str(tmp_path))
+    save_preset(custom, str(tmp_path))
     assert (tmp_path / PRESET_FILE).exists()
     loaded = fastrank.Reranker.from_pretrained(str(tmp_path), device="cpu")
     assert loaded.preset == custom
@@ -131,3 +131,17 @@ def test_model_folders_and_devices(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device: 'cuda' asks for CUDA, but torch sees no CUDA device"):
             fastrank.Embedder.from_pretrained(tiny_causal_lm("qwen2"), tokenizer=tiny_tokenizer("qwen2"), device="cuda")
+
+
+def test_training_options_are_checked_when_built(tmp_path):
+    from fastrank.training import TrainingOptions, train_reranker
+
+    with pytest.raises(ValueError, match="group_size: must be a positive int, got 0"):
+        TrainingOptions(output=str(tmp_path), data=["x.jsonl"], group_size=0)
+    with pytest.raises(ValueError, match="data: give at least one"):
+        TrainingOptions(output=str(tmp_path), data=[])
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainingOptions(output=str(tmp_path), data="x.jsonl", warmup_ratio=1.5)
+    assert TrainingOptions(output=str(tmp_path), data="x.jsonl").data == ["x.jsonl"]
+    with pytest.raises(ValueError, match="layout: must be 'research' or 'package'"):
+        train_reranker(str(tmp_path), TrainingOptions(output=str(tmp_path), data="x.jsonl"), layout="other")

@@ -82,10 +82,10 @@ def test_flagembedding_llm_reranker(saved_model, pairs, normalize):
     mine = ours.compute_score(list(pairs[0]), max_length=MAX_LENGTH, normalize=normalize)
     assert isinstance(mine, float) and abs(mine - float(one)) <= 1e-5 * max(1.0, abs(float(one)))
     # The exact ids FlagEmbedding fed its model (its size probe runs the longest batch once more).
-    encoded = sorted(tuple(e.input_ids) for e in ours.encode(pairs, MAX_LENGTH))
+    encoded = sorted(tuple(e.input_ids) for e in ours.tokenize(pairs, MAX_LENGTH))
     assert sorted(set(fed)) == sorted(set(encoded))
     if pairs is LONG:
-        assert all(e.truncated for e in ours.encode(pairs, MAX_LENGTH))
+        assert all(e.truncated for e in ours.tokenize(pairs, MAX_LENGTH))
         if tokenizer.bos_token_id is not None:
             assert all(ids[0] == tokenizer.bos_token_id for ids in encoded)
 
@@ -170,10 +170,10 @@ def test_lb_reranker_card(qwen_model):
 def test_chat_template_truncation_keeps_the_suffix(qwen_model):
     arch, path, model, tokenizer = qwen_model
     preset = fastrank.get_preset("lb-reranker")
-    encoded = preset.template.encode(tokenizer, LONG, 120)
+    encoded = preset.template.tokenize(tokenizer, LONG, 120)
     suffix = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     for e in encoded:
         assert e.truncated and len(e.input_ids) <= 120
         assert e.input_ids[-len(suffix):] == suffix
     with pytest.raises(ValueError, match="^max_length: 10 is shorter than the chat template"):
-        preset.template.encode(tokenizer, SHORT[:1], 10)
+        preset.template.tokenize(tokenizer, SHORT[:1], 10)

@@ -20,7 +20,7 @@ def _one_by_one(model, tokenizer, preset, pairs):
     conv = reranker.preset.convention
     ids = conv.token_ids(tokenizer)
     out = []
-    for encoded in reranker.encode(pairs):
+    for encoded in reranker.tokenize(pairs):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([encoded.input_ids], device=model.device)).logits[0, -1].double()
         if conv.kind == "yes_logit":
@@ -98,7 +98,7 @@ def test_custom_preset(device):
     model = tiny_causal_lm("llama").to(device)
     tokenizer = tiny_tokenizer("llama")
     reranker = fastrank.Reranker(model, tokenizer, "my-yes-no")
-    encoded = reranker.encode(PAIRS)
+    encoded = reranker.tokenize(PAIRS)
     suffix = tokenizer("\nRelevant?", add_special_tokens=False)["input_ids"]
     for e in encoded:
         assert len(e.input_ids) <= 48 and e.input_ids[0] == tokenizer.bos_token_id

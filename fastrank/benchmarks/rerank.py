@@ -29,8 +29,7 @@ import torch
 import fastrank
 from fastrank.benchmarks.harness import Unavailable, reference_baseline
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
-from fastrank.data.batching import collate
-from fastrank.inference import pad_token_id_of
+from fastrank.data.batching import collate, pad_token_id_of
 
 PRESET = "bge-reranker-v2-gemma"
 
@@ -96,7 +95,7 @@ def _hf_scores(model, tokenizer, pairs, case: Case, logits_to_keep: bool):
     """FlagEmbedding's loop on plain transformers (sorted by length, fixed batches, full-logit forward)."""
     template = fastrank.get_preset(PRESET).template
     yes = fastrank.get_preset(PRESET).convention.token_ids(tokenizer)[0]
-    encoded = [e.input_ids for e in template.encode(tokenizer, pairs, case.t)]
+    encoded = [e.input_ids for e in template.tokenize(tokenizer, pairs, case.t)]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     scores = torch.empty(len(encoded))
     pad = pad_token_id_of(tokenizer)

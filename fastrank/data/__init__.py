@@ -1,11 +1,11 @@
 """Prompt templates, tokenisation with per-segment truncation, and batching."""
 
-from fastrank.data.batching import Batch, collate, token_budget_batches
+from fastrank.data.batching import Batch, collate, pad_token_id_of, token_budget_batches
 from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
 from fastrank.data.reranker import RerankCollator, RerankTrainDataset
 from fastrank.data.templates import (
     ChatPairTemplate,
-    EncodedPair,
+    TokenizedPair,
     FlagLLMTemplate,
     MxbaiV2Template,
     Qwen3RerankerTemplate,
@@ -17,7 +17,7 @@ __all__ = [
     "ChatPairTemplate",
     "EmbedderCollator",
     "EmbedderTrainDataset",
-    "EncodedPair",
+    "TokenizedPair",
     "FlagLLMTemplate",
     "MxbaiV2Template",
     "Qwen3RerankerTemplate",
@@ -25,6 +25,7 @@ __all__ = [
     "RerankTrainDataset",
     "SegmentTemplate",
     "collate",
+    "pad_token_id_of",
     "read_retrieval_jsonl",
     "token_budget_batches",
 ]

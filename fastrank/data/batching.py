@@ -72,3 +72,12 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str =
             tensor = getattr(batch, name)
             setattr(batch, name, (tensor.pin_memory() if pin else tensor).to(device, non_blocking=pin))
     return batch
+
+
+def pad_token_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its unk, else its eos (FlagEmbedding's fallback order)."""
+    for name in ("pad_token_id", "unk_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("tokenizer: has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from fastrank.data.batching import collate
+from fastrank.data.batching import collate, pad_token_id_of
 from fastrank.utils import positive_int
 
 
@@ -165,8 +165,6 @@ class EmbedderCollator:
 
     def __init__(self, encoder, query_max_length: Optional[int] = None, passage_max_length: Optional[int] = None,
                  pad_to_multiple_of: int = 8):
-        from fastrank.inference import pad_token_id_of
-
         self.encoder = encoder
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length

@@ -29,8 +29,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from fastrank.data.batching import collate, pad_token_id_of
 from fastrank.data.embedder import read_retrieval_jsonl, sample_group
-from fastrank.data.templates import FLAG_LLM_PROMPT, _keep, _only_second
+from fastrank.data.templates import FLAG_LLM_PROMPT, keep_tokens, truncate_only_second
 from fastrank.utils import positive_int
 
 IGNORE_INDEX = -100
@@ -125,14 +126,14 @@ class RerankTrainDataset(torch.utils.data.Dataset):
         if prompt not in self._prompt_ids:
             self._prompt_ids[prompt] = self._ids(prompt)
         prompt_ids = self._prompt_ids[prompt]
-        q_ids = _keep(self._ids(q_text), self.query_max_len + self.passage_max_len // 4, self.side)
+        q_ids = keep_tokens(self._ids(q_text), self.query_max_len + self.passage_max_len // 4, self.side)
         budget = self.query_max_len + self.passage_max_len - len(prompt_ids) - len(self.answer_ids) - len(self.sep_ids)
         first = self.bos + q_ids
         tokenized = self.tokenizer(p_texts, add_special_tokens=False)["input_ids"]
         input_ids, labels = [], []
         for p_ids in tokenized:
-            p_ids = _keep(list(p_ids), self.passage_max_len + self.query_max_len // 2, self.side)
-            second = _only_second(first, self.sep_ids + p_ids, budget, self.side)
+            p_ids = keep_tokens(list(p_ids), self.passage_max_len + self.query_max_len // 2, self.side)
+            second = truncate_only_second(first, self.sep_ids + p_ids, budget, self.side)
             ids = first + second + self.sep_ids + prompt_ids + self.answer_ids
             input_ids.append(ids)
             if self.answer_ids:
@@ -161,8 +162,6 @@ class RerankCollator:
 
     def __init__(self, tokenizer=None, *, pad_token_id: Optional[int] = None, padding_side: Optional[str] = None,
                  pad_to_multiple_of: Optional[int] = 8, return_position_ids: bool = True, packed: bool = False):
-        from fastrank.inference import pad_token_id_of
-
         if pad_token_id is None:
             if tokenizer is None:
                 raise ValueError("tokenizer: give the tokenizer (or pad_token_id) to pad with")
@@ -195,23 +194,12 @@ class RerankCollator:
         return {"pair": pair, "teacher_scores": teacher}
 
     def _padded(self, seqs, labels):
-        m = self.pad_to_multiple_of
-        width = -(-max(len(s) for s in seqs) // m) * m
-        n = len(seqs)
-        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        lab = torch.full((n, width), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
-        for row, seq in enumerate(seqs):
-            cols = slice(width - len(seq), width) if self.padding_side == "left" else slice(0, len(seq))
-            ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, cols] = 1
-            if lab is not None:
-                lab[row, cols] = torch.as_tensor(labels[row], dtype=torch.long)
-        out = {"input_ids": ids, "attention_mask": mask}
-        if lab is not None:
-            out["labels"] = lab
+        batch = collate(seqs, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
+        out = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if labels is not None:  # the labels padded the same way, with the ignore index
+            out["labels"] = collate(labels, IGNORE_INDEX, self.padding_side, self.pad_to_multiple_of).input_ids
         if self.return_position_ids:
-            out["position_ids"] = (mask.cumsum(dim=1) - 1).clamp_min(0)
+            out["position_ids"] = batch.position_ids
         return out
 
     def _packed(self, seqs, labels):

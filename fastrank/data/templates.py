@@ -1,6 +1,6 @@
 """Prompt layouts of LLM rerankers: how a (query, passage) pair becomes token ids, and how it is cut.
 
-Every template has ``encode(tokenizer, pairs, max_length) -> list[EncodedPair]``. Truncation only ever
+Every template has ``tokenize(tokenizer, pairs, max_length) -> list[TokenizedPair]``. Truncation only ever
 shortens the query or the passage text; the template's own text (instructions, separators, the prompt,
 the chat suffix that the score is read after) is always kept whole. Each built-in template reproduces
 its reference implementation's ids exactly, quirks included; see each class.
@@ -38,7 +38,7 @@ MXBAI_V2_TASK = (
 
 
 @dataclass
-class EncodedPair:
+class TokenizedPair:
     """Token ids of one pair and whether its query or passage was shortened to fit."""
 
     input_ids: List[int]
@@ -92,7 +92,7 @@ def _tokenize(tokenizer, texts: Sequence[str]) -> List[List[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def _keep(ids: List[int], n: int, side: str) -> List[int]:
+def keep_tokens(ids: List[int], n: int, side: str) -> List[int]:
     """The first n ids (right truncation) or the last n (left truncation), as the tokenizer would cut."""
     n = max(0, n)
     if len(ids) <= n:
@@ -100,13 +100,13 @@ def _keep(ids: List[int], n: int, side: str) -> List[int]:
     return list(ids[len(ids) - n :]) if side == "left" else list(ids[:n])
 
 
-def _only_second(first: List[int], second: List[int], max_length: int, side: str) -> List[int]:
+def truncate_only_second(first: List[int], second: List[int], max_length: int, side: str) -> List[int]:
     """Transformers' ``truncation='only_second'`` on id lists, including its refusal to cut when the second
     sequence would have to disappear entirely (then nothing is cut)."""
     to_remove = len(first) + len(second) - max_length
     if to_remove <= 0 or len(second) <= to_remove:
         return list(second)
-    return _keep(second, len(second) - to_remove, side)
+    return keep_tokens(second, len(second) - to_remove, side)
 
 
 class _ConstantIds:
@@ -144,7 +144,7 @@ class FlagLLMTemplate:
     query_max_length: Optional[int] = None
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
 
-    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+    def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         q_max = self.query_max_length or max_length * 3 // 4
         queries = _tokenize(tokenizer, [self.query_instruction + q for q, _ in pairs])
@@ -156,12 +156,12 @@ class FlagLLMTemplate:
         encode_max = max_length + len(sep) + len(prompt)
         out = []
         for q_ids, p_ids in zip(queries, passages):
-            q_cut = _keep(q_ids, q_max, side)
-            p_cut = _keep(p_ids, max_length, side)
+            q_cut = keep_tokens(q_ids, q_max, side)
+            p_cut = keep_tokens(p_ids, max_length, side)
             first = ([bos] if use_bos else []) + q_cut
-            second = _only_second(first, sep + p_cut, encode_max, side)
+            second = truncate_only_second(first, sep + p_cut, encode_max, side)
             truncated = len(q_cut) < len(q_ids) or len(p_cut) < len(p_ids) or len(second) < len(sep) + len(p_cut)
-            out.append(EncodedPair(first + second + sep + prompt, truncated))
+            out.append(TokenizedPair(first + second + sep + prompt, truncated))
         return out
 
 
@@ -177,7 +177,7 @@ class MxbaiV2Template:
     instruction: Optional[str] = None
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
 
-    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+    def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         prefix, suffix = self._const(tokenizer, MXBAI_V2_PREFIX), self._const(tokenizer, MXBAI_V2_SUFFIX)
         sep, task = self._const(tokenizer, "\n"), self._const(tokenizer, MXBAI_V2_TASK)
@@ -190,11 +190,11 @@ class MxbaiV2Template:
         docs = _tokenize(tokenizer, ["document: " + p for _, p in pairs])
         out = []
         for q_ids, d_ids in zip(queries, docs):
-            q_cut = _keep(q_ids, max_length * 3 // 4, side)
-            d_cut = _keep(d_ids, min(model_max - len(q_cut) - predefined, max_length), side)
-            second = _only_second(q_cut, sep + d_cut, max_length, side)
+            q_cut = keep_tokens(q_ids, max_length * 3 // 4, side)
+            d_cut = keep_tokens(d_ids, min(model_max - len(q_cut) - predefined, max_length), side)
+            second = truncate_only_second(q_cut, sep + d_cut, max_length, side)
             truncated = len(q_cut) < len(q_ids) or len(d_cut) < len(d_ids) or len(second) < len(sep) + len(d_cut)
-            out.append(EncodedPair(prefix + q_cut + second + sep + task + suffix, truncated))
+            out.append(TokenizedPair(prefix + q_cut + second + sep + task + suffix, truncated))
         return out
 
 
@@ -209,7 +209,7 @@ class Qwen3RerankerTemplate:
     instruction: str = QWEN3_RERANKER_INSTRUCTION
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
 
-    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+    def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         prefix = self._const(tokenizer, QWEN3_RERANKER_PREFIX)
         suffix = self._const(tokenizer, QWEN3_RERANKER_SUFFIX)
@@ -222,7 +222,7 @@ class Qwen3RerankerTemplate:
         bodies = _tokenize(
             tokenizer, [f"<Instruct>: {self.instruction}\n<Query>: {q}\n<Document>: {p}" for q, p in pairs]
         )
-        return [EncodedPair(prefix + _keep(b, budget, side) + suffix, len(b) > budget) for b in bodies]
+        return [TokenizedPair(prefix + keep_tokens(b, budget, side) + suffix, len(b) > budget) for b in bodies]
 
 
 @dataclass
@@ -253,16 +253,16 @@ class ChatPairTemplate:
         ]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+    def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs = _check_pairs(pairs)
         max_length = _check_max_length(max_length)
         ids = _tokenize(tokenizer, [self.render(tokenizer, q, p) for q, p in pairs])
         out = []
         for (q, p), pair_ids in zip(pairs, ids):
             if len(pair_ids) <= max_length:
-                out.append(EncodedPair(list(pair_ids), False))
+                out.append(TokenizedPair(list(pair_ids), False))
             else:
-                out.append(EncodedPair(self._fit(tokenizer, q, p, max_length), True))
+                out.append(TokenizedPair(self._fit(tokenizer, q, p, max_length), True))
         return out
 
     def _fit(self, tokenizer, query: str, passage: str, max_length: int) -> List[int]:
@@ -280,7 +280,7 @@ class ChatPairTemplate:
                     break
                 # Re-encoding a decoded cut can merge differently at the edge: the loop re-checks the
                 # length, and cuts one token more each time a round trip fails to shrink the text.
-                cut = tokenizer.decode(_keep(part_ids, len(part_ids) - over - extra, side))
+                cut = tokenizer.decode(keep_tokens(part_ids, len(part_ids) - over - extra, side))
                 extra = extra + 1 if cut == texts[part] else 0
                 texts[part] = cut
         raise ValueError(
@@ -318,7 +318,7 @@ class SegmentTemplate:
         if not 0 < self.query_max_fraction < 1:
             raise ValueError(f"query_max_fraction: must be between 0 and 1, got {self.query_max_fraction!r}")
 
-    def encode(self, tokenizer, pairs, max_length: int) -> List[EncodedPair]:
+    def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
         bos = tokenizer.bos_token_id
         use_bos = (bos is not None and bos != tokenizer.pad_token_id) if self.add_bos == "auto" else bool(self.add_bos)
@@ -332,10 +332,10 @@ class SegmentTemplate:
         passages = _tokenize(tokenizer, [self.passage_format.format(passage=p) for _, p in pairs])
         out = []
         for q_ids, p_ids in zip(queries, passages):
-            q_cut = _keep(q_ids, max(1, int(budget * self.query_max_fraction)), side)
-            p_cut = _keep(p_ids, budget - len(q_cut), side)
+            q_cut = keep_tokens(q_ids, max(1, int(budget * self.query_max_fraction)), side)
+            p_cut = keep_tokens(p_ids, budget - len(q_cut), side)
             truncated = len(q_cut) < len(q_ids) or len(p_cut) < len(p_ids)
-            out.append(EncodedPair(lead + q_cut + sep + p_cut + tail, truncated))
+            out.append(TokenizedPair(lead + q_cut + sep + p_cut + tail, truncated))
         return out
 
 

@@ -18,6 +18,8 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from fastrank.models.reranker import unwrap_model
+
 
 class _EpochSetter(TrainerCallback):
     """Resample each query's group every epoch (``EmbedderTrainDataset.set_epoch``)."""
@@ -101,8 +103,6 @@ def load_wrapped_weights(wrapper, folder: str) -> None:
 
         set_peft_model_state_dict(inner, load_file(adapter))
         return
-    from fastrank.models.reranker import unwrap_model
-
     target = unwrap_model(inner)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -119,5 +119,3 @@ def load_wrapped_weights(wrapper, folder: str) -> None:
         raise ValueError(f"resume_from_checkpoint: {folder} does not match the model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
 
-
-load_embedder_weights = load_wrapped_weights

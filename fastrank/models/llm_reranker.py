@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from fastrank.heads import Convention
+from fastrank.heads import yes_logit
 from fastrank.models.reranker import CausalLMScorer, enable_checkpointing, unwrap_model
 from fastrank.utils import positive_int
 
@@ -28,14 +28,6 @@ class RerankerOutput:
     scores: Optional[torch.Tensor] = None
 
 
-def answer_token_id(tokenizer, answer: str = "Yes") -> int:
-    """The id whose logit scores a pair: the last id of ``tok(answer)`` without special tokens."""
-    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"answer: {answer!r} tokenises to nothing")
-    return int(ids[-1])
-
-
 class LLMRerankerModel(torch.nn.Module):
     """A causal LM trained as a reranker on the logit of its answer token.
 
@@ -43,7 +35,8 @@ class LLMRerankerModel(torch.nn.Module):
         model: an ``AutoModelForCausalLM`` (a PEFT-wrapped one trains its adapters).
         tokenizer: its tokenizer (finds the answer token's id, and is saved with the model).
         train_group_size: G, pairs per query in a training batch (1 positive first + G - 1 negatives).
-        answer: the text whose last token's logit is the score (``"Yes"``).
+        answer: the answer token whose logit is the score (``"Yes"``); it must be one token of the tokenizer,
+            as for every scoring convention (``fastrank.heads.single_token_id``).
 
     ``forward(pair=batch["pair"], teacher_scores=batch["teacher_scores"])`` returns ``loss`` (in training
     mode) and ``scores`` ``[N]`` fp32. ``encode(features)`` returns the scores alone. The scoring position of a
@@ -59,12 +52,13 @@ class LLMRerankerModel(torch.nn.Module):
         self.tokenizer = tokenizer
         self.train_group_size = train_group_size
         self.answer = answer
-        self.yes_loc = answer_token_id(tokenizer, answer)
+        convention = yes_logit(answer)
+        (self.yes_loc,) = convention.token_ids(tokenizer)  # one token, or a ValueError naming it
         inner = unwrap_model(model)
         if getattr(inner.config, "pad_token_id", None) is None and getattr(tokenizer, "pad_token_id", None) is not None:
             inner.config.pad_token_id = tokenizer.pad_token_id
         self.config = inner.config
-        self.scorer = CausalLMScorer(model, Convention("yes_logit", (answer,)), [self.yes_loc])
+        self.scorer = CausalLMScorer(model, convention, [self.yes_loc])
 
     # -- scoring ---------------------------------------------------------------------------------------
     def encode(self, features: Optional[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:

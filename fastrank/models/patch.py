@@ -18,7 +18,7 @@ import types
 import torch
 
 import fastrank.functional as F
-from fastrank.heads import get_preset
+from fastrank.presets import get_preset
 from fastrank.models.reranker import backbone_of, lm_head_of, logit_softcap_of, unwrap_model
 
 
