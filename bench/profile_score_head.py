@@ -8,12 +8,12 @@ goes (checks, Triton launches, torch ops). Not part of the test suite.
 
 import cProfile, pstats, torch, time, os, sys
 from fastrank.benchmarks.harness import cuda_required
-from fastrank.benchmarks.score_head import Case, providers
+from fastrank.benchmarks.score_head import QWEN25_05B_HEAD, Case, providers
 if not torch.cuda.is_available():
     sys.exit(cuda_required(__file__))
 DEV=torch.device("cuda")
 for mode in ("forward","lse","train","lse_train"):
-    fns=providers(Case(mode,64,512,896,151936,"bfloat16"),DEV)
+    fns=providers(Case(mode=mode,sequences=64,seq_len=512,dtype="bfloat16",**QWEN25_05B_HEAD),DEV)
     for name,fn in fns.items():
         if name=="full_logits": continue
         for checks in ("1","0"):

@@ -122,7 +122,7 @@ def train_profile():
     from fastrank.benchmarks.score_head import Case, providers
 
     for mode in ("train", "lse_train", "lse"):
-        case = Case(mode=mode, n=64, t=512, hidden=H, vocab=V, dtype="bfloat16")
+        case = Case(mode=mode, sequences=64, seq_len=512, hidden_size=H, vocab_size=V, dtype="bfloat16")
         fns = providers(case, DEV)
         line = []
         for name in ("logits_to_keep", "torch_sliced", "fastrank"):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pathlib
 import sys
-import types
 from dataclasses import asdict
 
 import pytest
@@ -13,10 +14,12 @@ import torch
 import fastrank
 from fastrank.benchmarks import embedder_train, pool, runner
 from fastrank.benchmarks.harness import MissingInput, reference_baseline, require_input
+from fastrank.benchmarks.protocol import Benchmark
 from fastrank.cli import main
 
 CPU = torch.device("cpu")
-CASE = pool.Case("mean_fwd", 2, 4, 8, "float32")
+CASE = pool.Case(mode="mean_fwd", sequences=2, seq_len=4, hidden_size=8, dtype="float32")
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results"
 # what FlagEmbedding 1.3 raises on import under transformers 5.24
 MOVED_MODULE = ("raise ModuleNotFoundError(\"No module named 'transformers.modeling_attn_mask_utils'\", "
                 "name='transformers.modeling_attn_mask_utils')\n")
@@ -27,13 +30,13 @@ def _package(root, name, source):
     (root / name / "__init__.py").write_text(source)
 
 
-def _fake_op(monkeypatch, providers):
-    """Register op "fake": one tiny pool-shaped case whose providers() is ``providers``."""
-    module = types.SimpleNamespace(
-        quick_cases=lambda device: [CASE], full_cases=lambda device: [CASE], case_dict=asdict,
-        providers=lambda case, device: providers(),
+def _fake_op(monkeypatch, providers, names=("fastrank",)):
+    """Register op "fake": one tiny pool-shaped case whose providers() is ``providers``, returning ``names``."""
+    benchmark = Benchmark(
+        name="fake", case_type=pool.Case, quick_cases=lambda device: [CASE], full_cases=lambda device: [CASE],
+        providers=lambda case, device: providers(), provider_names=names, table_label=pool.BENCHMARK.table_label,
     )
-    monkeypatch.setitem(runner.OPS, "fake", module)
+    monkeypatch.setitem(runner.OPS, "fake", benchmark)
 
 
 def _double():
@@ -53,7 +56,7 @@ def test_unavailable_baselines_get_a_row_with_the_reason_and_the_rest_are_measur
         "odd": reference_baseline("bench_odd_error", lambda m: m.run),
         "build": reference_baseline("bench_fails_to_build", lambda m: m.make()),
         "fastrank": _double(),
-    })
+    }, names=("torch_ok", "missing", "moved", "odd", "build", "fastrank"))
     lines = []
     results = runner.run(["fake"], CPU, log=lines.append)
 
@@ -119,8 +122,9 @@ def test_flagembedding_failing_to_import_leaves_fastrank_measured(monkeypatch, t
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path))
     _package(tmp_path, "FlagEmbedding", MOVED_MODULE)
-    tiny = embedder_train.Case("step", 2, 2, 6, "float32", 16)
-    monkeypatch.setattr(embedder_train, "quick_cases", lambda device: [tiny])
+    tiny = embedder_train.Case(queries=2, group_size=2, passage_max_length=16, dtype="float32")
+    monkeypatch.setitem(runner.OPS, "embedder_train",
+                        dataclasses.replace(embedder_train.BENCHMARK, quick_cases=lambda device: [tiny]))
     results = runner.run(["embedder_train"], CPU)
     entry = results["cases"][0]
     assert [m["provider"] for m in entry["measurements"]] == ["fastrank"]
@@ -128,6 +132,60 @@ def test_flagembedding_failing_to_import_leaves_fastrank_measured(monkeypatch, t
     assert "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'" in entry["unavailable"]["flagembedding"]
     table = runner.format_table(results)
     assert "queries/s" in table and "flagembedding   not run: FlagEmbedding." in table
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # the cases only: nothing runs, no GPU needed
+def test_every_op_is_a_benchmark_whose_saved_cases_label(device):
+    device = torch.device(device)
+    for op, benchmark in runner.OPS.items():
+        assert isinstance(benchmark, Benchmark) and benchmark.name == op
+        for case in [*benchmark.quick_cases(device), *benchmark.full_cases(device)]:
+            assert isinstance(case, benchmark.case_type) and case.label()
+            saved = json.loads(json.dumps(benchmark.case_dict(case)))
+            assert asdict(case).items() <= saved.items()
+            assert runner.case_label(op, saved) == benchmark.table_label(saved)
+
+
+# The first case of each committed file, labelled as the table and the figure showed it before the Case fields
+# were renamed (the files keep the old keys: n, t, hidden, batch_size ...).
+SAVED_LABELS = {
+    "score_head-h100.json": "forward N=1 T=512 bfloat16",
+    "pool-h100.json": "mean_fwd N=256 T=128 bfloat16",
+    "contrastive-h100.json": "train B=4096 G=8 D=1024 bfloat16",
+    "rerank-h100.json": "1024 pairs L<=512 b=64 24l bfloat16",
+    "encode-h100.json": "10000 minilm texts L<=256 b=64 6l float32",
+    "embedder_train-h100.json": "step B=128 G=8 L<=128 bfloat16",
+    "reranker_train-h100.json": "step_ckpt B=4 G=8 L<=512 24l bfloat16",
+}
+
+
+def test_results_saved_before_the_rename_read_as_new_ones():
+    for name, label in SAVED_LABELS.items():
+        entry = runner.read_json(str(RESULTS / name))["cases"][0]
+        assert runner.case_label(entry["op"], entry["case"]) == label
+    # every saved case is a case of today's fields (those dropped since aside), and labels as one
+    for path in sorted(RESULTS.glob("*.json")):
+        for entry in runner.read_json(str(path))["cases"]:
+            op, benchmark = entry["op"], runner.OPS[entry["op"]]
+            fields = {f.name for f in dataclasses.fields(benchmark.case_type)}
+            current = benchmark.current_keys(entry["case"])
+            case = benchmark.case_type(**{key: value for key, value in current.items() if key in fields})
+            assert runner.case_label(op, benchmark.case_dict(case)) == runner.case_label(op, entry["case"])
+
+
+def test_a_benchmark_that_breaks_the_protocol_is_refused():
+    shape = dict(name="bad", case_type=pool.Case, quick_cases=lambda device: [CASE],
+                 full_cases=lambda device: [CASE], table_label=pool.BENCHMARK.table_label)
+    with pytest.raises(ValueError, match="provider_names .* must include 'fastrank'"):
+        Benchmark(providers=lambda case, device: {}, provider_names=("torch",), **shape)
+    with pytest.raises(ValueError, match="items_per_call and unit go together"):
+        Benchmark(providers=lambda case, device: {}, provider_names=("fastrank",), unit="texts", **shape)
+    with pytest.raises(ValueError, match="legacy_keys maps 'n' -> 'rows'"):
+        Benchmark(providers=lambda case, device: {}, provider_names=("fastrank",), legacy_keys={"n": "rows"}, **shape)
+    undeclared = Benchmark(providers=lambda case, device: {"torch": _double(), "fastrank": _double()},
+                           provider_names=("fastrank",), **shape)
+    with pytest.raises(ValueError, match=r"^bad: providers\(\) returned \['torch', 'fastrank'\]; .*\['torch'\]\)$"):
+        undeclared.providers_of(CASE, CPU)
 
 
 def _results():
@@ -145,6 +203,7 @@ def _results():
         "cases": [
             {"op": "pool", "case": asdict(CASE), "measurements": [m("torch_unfused", 2.0, 4 << 20), m("fastrank", 1.0, 1 << 19)],
              "ratios": {"torch_unfused": r(2.0, 4.0, True)}, "unavailable": {}},
+            # saved before the Case fields were renamed: n, t for sequences, seq_len
             {"op": "score_head", "case": {"mode": "forward", "n": 4, "t": 32, "dtype": "float32"},
              "measurements": [m("full_logits", 30.0, 1 << 30), m("logits_to_keep", None, None, "out of memory"),
                               m("fastrank", 2.0, 1 << 10)],
@@ -176,6 +235,7 @@ def test_bench_from_json_prints_the_table_and_plots(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "flagembedding   not run: FlagEmbedding does not import" in printed.out
     assert "out of memory" in printed.out and ">4x" in printed.out
+    assert "mean_fwd N=2 T=4 float32" in printed.out and "forward N=4 T=32 float32" in printed.out  # new, old keys
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 

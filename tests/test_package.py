@@ -12,7 +12,7 @@ import torch
 from references import REFERENCE_PACKAGES, require
 
 import fastrank
-from fastrank.benchmarks.score_head import Case, providers
+from fastrank.benchmarks import contrastive as bench_contrastive, pool as bench_pool, score_head as bench_score_head
 from fastrank.cli import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -78,8 +78,8 @@ def test_cli_help_runs():
 def test_benchmark_providers_compute_the_same_thing(mode):
     """Every baseline of the benchmark returns the same numbers as fastrank (so the ratios compare like
     with like)."""
-    case = Case(mode=mode, n=3, t=7, hidden=24, vocab=97, dtype="float32")
-    results = {name: fn() for name, fn in providers(case, torch.device("cpu")).items()}
+    case = bench_score_head.Case(mode=mode, sequences=3, seq_len=7, hidden_size=24, vocab_size=97, dtype="float32")
+    results = {name: fn() for name, fn in bench_score_head.BENCHMARK.providers_of(case, torch.device("cpu")).items()}
     ours = results.pop("fastrank")
     for name, got in results.items():
         for a, b in zip(got if isinstance(got, tuple) else (got,), ours if isinstance(ours, tuple) else (ours,)):
@@ -88,10 +88,8 @@ def test_benchmark_providers_compute_the_same_thing(mode):
 
 @pytest.mark.parametrize("mode", ["mean_fwd", "mean_train", "special_fwd", "special_train"])
 def test_pool_benchmark_providers_agree(mode):
-    from fastrank.benchmarks import pool as bench_pool
-
-    case = bench_pool.Case(mode=mode, n=3, t=16, hidden=8, dtype="float32")
-    fns = bench_pool.providers(case, torch.device("cpu"))
+    case = bench_pool.Case(mode=mode, sequences=3, seq_len=16, hidden_size=8, dtype="float32")
+    fns = bench_pool.BENCHMARK.providers_of(case, torch.device("cpu"))
     got, want = fns["fastrank"](), fns["torch_unfused"]()
     for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -99,9 +97,7 @@ def test_pool_benchmark_providers_agree(mode):
 
 @pytest.mark.parametrize("mode", ["train", "train_kd"])
 def test_contrastive_benchmark_providers_agree(mode):
-    from fastrank.benchmarks import contrastive as bench_contrastive
-
-    case = bench_contrastive.Case(mode=mode, n=4, t=3, hidden=8, dtype="float32")
-    fns = bench_contrastive.providers(case, torch.device("cpu"))
+    case = bench_contrastive.Case(mode=mode, queries=4, group_size=3, dim=8, dtype="float32")
+    fns = bench_contrastive.BENCHMARK.providers_of(case, torch.device("cpu"))
     for a, b in zip(fns["fastrank"](), fns["torch"]()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

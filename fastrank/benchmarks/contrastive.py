@@ -6,53 +6,51 @@ Providers, forward and backward into q and p: ``torch`` (``F.cross_entropy(q @ p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Dict
 
 import torch
 
 import fastrank
+from fastrank.benchmarks.protocol import Benchmark, Provider
 
 
 @dataclass(frozen=True)
 class Case:
     mode: str  # train | train_kd
-    n: int  # B (queries)
-    t: int  # G (group size)
-    hidden: int  # D
+    queries: int  # B
+    group_size: int  # G: passages per query (one positive), so P = B * G passages
+    dim: int  # D: embedding dimension
     dtype: str
 
     def label(self) -> str:
-        return f"{self.mode} B={self.n} G={self.t} P={self.n * self.t} D={self.hidden} {self.dtype}"
+        return (f"{self.mode} B={self.queries} G={self.group_size} P={self.queries * self.group_size} D={self.dim} "
+                f"{self.dtype}")
 
 
 def quick_cases(device: torch.device):
     if device.type == "cuda":
-        return [Case("train", 4096, 8, 1024, "bfloat16")]
+        return [Case(mode="train", queries=4096, group_size=8, dim=1024, dtype="bfloat16")]
     # CPU, reduced: P = 16384 passages, so the [B, P] fp32 matrix (134 MB) dwarfs a 256-row chunk (16 MB).
-    return [Case("train", 2048, 8, 256, "float32")]
+    return [Case(mode="train", queries=2048, group_size=8, dim=256, dtype="float32")]
 
 
 def full_cases(device: torch.device):
     if device.type != "cuda":
-        return quick_cases(device) + [Case("train_kd", 2048, 8, 256, "float32")]
+        return quick_cases(device) + [Case(mode="train_kd", queries=2048, group_size=8, dim=256, dtype="float32")]
     return [
-        Case("train", 4096, 8, 1024, "bfloat16"),
-        Case("train_kd", 4096, 8, 1024, "bfloat16"),
-        Case("train", 1024, 16, 768, "bfloat16"),
-        Case("train", 8192, 8, 1024, "bfloat16"),
-        Case("train", 4096, 8, 1024, "float32"),
+        Case(mode="train", queries=4096, group_size=8, dim=1024, dtype="bfloat16"),
+        Case(mode="train_kd", queries=4096, group_size=8, dim=1024, dtype="bfloat16"),
+        Case(mode="train", queries=1024, group_size=16, dim=768, dtype="bfloat16"),
+        Case(mode="train", queries=8192, group_size=8, dim=1024, dtype="bfloat16"),
+        Case(mode="train", queries=4096, group_size=8, dim=1024, dtype="float32"),
     ]
 
 
-def case_dict(case: Case) -> dict:
-    return asdict(case)
-
-
-def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object]]:
+def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator().manual_seed(0)
-    b, g, d = case.n, case.t, case.hidden
+    b, g, d = case.queries, case.group_size, case.dim
     q = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
     p = torch.nn.functional.normalize(torch.randn(b * g, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
     q.requires_grad_(True)
@@ -75,3 +73,12 @@ def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object
         return torch.autograd.grad(loss, (q, p))
 
     return {"torch": torch_loss, "fastrank": ours}
+
+
+BENCHMARK = Benchmark(
+    name="contrastive", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    provider_names=("torch", "fastrank"),
+    table_label=lambda case: (f"{case['mode']} B={case['queries']} G={case['group_size']} D={case['dim']} "
+                              f"{case['dtype']}"),
+    legacy_keys={"n": "queries", "t": "group_size", "hidden": "dim"},
+)

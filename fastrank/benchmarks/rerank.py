@@ -21,13 +21,14 @@ import io
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Union
+from dataclasses import dataclass
+from typing import Callable, Dict
 
 import torch
 
 import fastrank
-from fastrank.benchmarks.harness import Unavailable, reference_baseline
+from fastrank.benchmarks.harness import reference_baseline
+from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate, pad_token_id_of
 
@@ -36,33 +37,30 @@ PRESET = "bge-reranker-v2-gemma"
 
 @dataclass(frozen=True)
 class Case:
-    mode: str  # "e2e"
-    n: int  # pairs
-    t: int  # max_length
-    layers: int
+    pairs: int  # (query, passage) pairs scored per call
+    max_length: int  # tokens per pair, truncated beyond
+    batch_size: int  # pairs per batch (fastrank's token budget per batch: batch_size * max_length)
+    layers: int  # of Qwen2.5-0.5B's 24
     dtype: str
-    batch_size: int
 
     def label(self) -> str:
-        return f"rerank {self.n} pairs max_length={self.t} batch={self.batch_size} layers={self.layers} {self.dtype}"
+        return (f"{self.pairs} pairs max_length={self.max_length} batch={self.batch_size} "
+                f"layers={self.layers} {self.dtype}")
 
 
 def quick_cases(device: torch.device):
     if device.type == "cuda":
-        return [Case("e2e", 1024, 512, 24, "bfloat16", 64)]
+        return [Case(pairs=1024, max_length=512, batch_size=64, layers=24, dtype="bfloat16")]
     # CPU: the full vocabulary with 2 of the 24 layers; few, short pairs so full logits stay affordable
     # (one full-logit batch of 8 x 128 tokens is 78 MB of fp32 logits and about 3 s on 2 cores).
-    return [Case("e2e", 16, 128, 2, "float32", 8)]
+    return [Case(pairs=16, max_length=128, batch_size=8, layers=2, dtype="float32")]
 
 
 def full_cases(device: torch.device):
     if device.type == "cuda":
-        return [Case("e2e", 1024, 512, 24, "bfloat16", 64), Case("e2e", 1024, 1024, 24, "bfloat16", 32)]
-    return [Case("e2e", 1024, 512, 2, "float32", 16)]
-
-
-def case_dict(case: Case) -> dict:
-    return asdict(case)
+        return [Case(pairs=1024, max_length=512, batch_size=64, layers=24, dtype="bfloat16"),
+                Case(pairs=1024, max_length=1024, batch_size=32, layers=24, dtype="bfloat16")]
+    return [Case(pairs=1024, max_length=512, batch_size=16, layers=2, dtype="float32")]
 
 
 _CACHE: Dict[tuple, tuple] = {}
@@ -95,7 +93,7 @@ def _hf_scores(model, tokenizer, pairs, case: Case, logits_to_keep: bool):
     """FlagEmbedding's loop on plain transformers (sorted by length, fixed batches, full-logit forward)."""
     template = fastrank.get_preset(PRESET).template
     yes = fastrank.get_preset(PRESET).convention.token_ids(tokenizer)[0]
-    encoded = [e.input_ids for e in template.tokenize(tokenizer, pairs, case.t)]
+    encoded = [e.input_ids for e in template.tokenize(tokenizer, pairs, case.max_length)]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     scores = torch.empty(len(encoded))
     pad = pad_token_id_of(tokenizer)
@@ -126,14 +124,14 @@ def _flagembedding(flag, case: Case, device: torch.device, pairs) -> Callable[[]
 
     def flagembedding():
         with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
-            return reference.compute_score([list(p) for p in pairs], max_length=case.t)
+            return reference.compute_score([list(p) for p in pairs], max_length=case.max_length)
 
     return flagembedding
 
 
-def providers(case: Case, device: torch.device) -> Dict[str, Union[Callable[[], object], Unavailable]]:
+def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     model, tokenizer, _ = _setup(case, device)
-    pairs = synthetic_pairs(case.n, seed=0)
+    pairs = synthetic_pairs(case.pairs, seed=0)
     fns = {
         "hf_full_logits": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=False),
         "hf_logits_to_keep": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=True),
@@ -145,7 +143,8 @@ def providers(case: Case, device: torch.device) -> Dict[str, Union[Callable[[], 
         with warnings.catch_warnings():  # the truncation notice; every provider truncates the same pairs
             warnings.simplefilter("ignore", UserWarning)
             return reranker.score(
-                pairs, batch_size=case.batch_size, max_length=case.t, max_tokens=case.batch_size * case.t,
+                pairs, batch_size=case.batch_size, max_length=case.max_length,
+                max_tokens=case.batch_size * case.max_length,
                 show_progress=False,
             )
 
@@ -153,5 +152,12 @@ def providers(case: Case, device: torch.device) -> Dict[str, Union[Callable[[], 
     return fns
 
 
-def items_per_call(case: Case) -> int:
-    return case.n
+BENCHMARK = Benchmark(
+    name="rerank", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    provider_names=("hf_full_logits", "hf_logits_to_keep", "flagembedding", "fastrank"),
+    table_label=lambda case: (f"{case['pairs']} pairs L<={case['max_length']} b={case['batch_size']} "
+                              f"{case['layers']}l {case['dtype']}"),
+    items_per_call=lambda case: case.pairs, unit="pairs",
+    end_to_end={"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)},
+    legacy_keys={"n": "pairs", "t": "max_length"},
+)

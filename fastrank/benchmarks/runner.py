@@ -7,7 +7,7 @@ import gc
 import json
 import sys
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
@@ -15,25 +15,13 @@ from fastrank.benchmarks import contrastive, embedder_train, encode, pool, reran
 from fastrank.benchmarks.harness import (
     MEMORY_FLOOR, MissingInput, Unavailable, environment, format_bytes, measure, ratio,
 )
+from fastrank.benchmarks.protocol import Benchmark
 
-# op name -> module with quick_cases(device), full_cases(device), case_dict(case) and providers(case, device):
-# name -> closure, or Unavailable(reason) for a baseline that could not be built; MissingInput when no
-# provider of the case can run.
-OPS = {
-    "score_head": score_head,
-    "pool": pool,
-    "contrastive": contrastive,
-    "rerank": rerank,
-    "encode": encode,
-    "embedder_train": embedder_train,
-    "reranker_train": reranker_train,
-}
-# Whole jobs (seconds per call, host work included) rather than kernels.
-END_TO_END = {
-    "rerank": {"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)},
-    "encode": {"cuda": dict(warmup=1, repeats=3), "cpu": dict(warmup=0, repeats=1)},
-    "embedder_train": {"cuda": dict(warmup=2, repeats=10), "cpu": dict(warmup=1, repeats=3)},
-    "reranker_train": {"cuda": dict(warmup=2, repeats=10), "cpu": dict(warmup=1, repeats=3)},
+# op name -> its Benchmark, in the order `fastrank bench` runs them
+OPS: Dict[str, Benchmark] = {
+    benchmark.name: benchmark
+    for benchmark in (score_head.BENCHMARK, pool.BENCHMARK, contrastive.BENCHMARK, rerank.BENCHMARK,
+                      encode.BENCHMARK, embedder_train.BENCHMARK, reranker_train.BENCHMARK)
 }
 
 
@@ -56,22 +44,23 @@ def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
     for op in ops:
         if op not in OPS:
             raise ValueError(f"--op {op!r} is not a benchmark; choose from {', '.join(OPS)}")
-        module = OPS[op]
-        cases = module.full_cases(device) if full else module.quick_cases(device)
+        benchmark = OPS[op]
+        cases = benchmark.full_cases(device) if full else benchmark.quick_cases(device)
         for i, case in enumerate(cases):
             say(f"[{op} {i + 1}/{len(cases)}] {case.label()}")
             start = time.perf_counter()
             try:
-                fns = module.providers(case, device)
+                fns = benchmark.providers_of(case, device)
             except MissingInput as e:
                 say(f"  not run: {e}")
-                results.setdefault("skipped", []).append({"op": op, "case": module.case_dict(case), "reason": str(e)})
+                skipped = {"op": op, "case": benchmark.case_dict(case), "reason": str(e)}
+                results.setdefault("skipped", []).append(skipped)
                 continue
             say(f"  inputs and providers ready in {time.perf_counter() - start:.1f} s")
             unavailable = {name: fn.reason for name, fn in fns.items() if isinstance(fn, Unavailable)}
             for name, reason in unavailable.items():
                 say(f"  {name}: not run: {reason}")
-            e2e = END_TO_END.get(op, {}).get(device.type)
+            e2e = benchmark.end_to_end.get(device.type)
             measured = []
             for name, fn in fns.items():
                 if name in unavailable:
@@ -80,11 +69,10 @@ def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
                 start = time.perf_counter()
                 measured.append(measure(name, fn, device, end_to_end=True, **e2e) if e2e else measure(name, fn, device))
                 say(f"  {name}: {time.perf_counter() - start:.1f} s")
-            items = getattr(module, "items_per_call", None)
-            if items is not None:
+            if benchmark.items_per_call is not None:
                 for m in measured:
                     if m.time_ms:
-                        m.extra["items_per_second"] = items(case) / (m.time_ms / 1e3)
+                        m.extra["items_per_second"] = benchmark.items_per_call(case) / (m.time_ms / 1e3)
             del fns
             gc.collect()
             if device.type == "cuda":
@@ -104,7 +92,7 @@ def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
                 if m.provider != "fastrank"
             }
             results["cases"].append({
-                "op": op, "case": module.case_dict(case), "measurements": [m.to_dict() for m in measured],
+                "op": op, "case": benchmark.case_dict(case), "measurements": [m.to_dict() for m in measured],
                 "ratios": ratios, "unavailable": unavailable,
             })
     return results
@@ -118,17 +106,18 @@ def _fmt_ratio(r: Optional[float], lower_bound: bool = False) -> str:
 
 
 def case_label(op: str, case: dict) -> str:
-    """A case's shape in a few words, as the table and the plot show it."""
-    if op == "contrastive":
-        return f"{case['mode']} B={case['n']} G={case['t']} D={case['hidden']} {case['dtype']}"
-    if op == "embedder_train":
-        return f"step B={case['n']} G={case['t']} L<={case['batch_size']} {case['dtype']}"
-    if op == "reranker_train":
-        return f"{case['mode']} B={case['n']} G={case['t']} L<={case['batch_size']} {case['layers']}l {case['dtype']}"
-    if "layers" in case:
-        what = "pairs" if op == "rerank" else f"{case['mode']} texts"
-        return f"{case['n']} {what} L<={case['t']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
-    return f"{case['mode']} N={case['n']} T={case['t']} {case['dtype']}"
+    """A saved case's shape in a few words, as the table and the plot show it (its op's ``table_label``; files
+    saved before the Case fields were renamed read the same)."""
+    benchmark = OPS.get(op)
+    if benchmark is None:  # an op this version does not have: its fields as saved
+        return " ".join(f"{key}={value}" for key, value in case.items())
+    return benchmark.table_label(benchmark.current_keys(case))
+
+
+def _rate_unit(op: str) -> str:
+    """What a saved op's ``items_per_second`` counts: "pairs/s", ..."""
+    unit = OPS[op].unit if op in OPS else None
+    return f"{unit or 'items'}/s"
 
 
 def format_table(results: dict) -> str:
@@ -151,8 +140,8 @@ def format_table(results: dict) -> str:
         if ours["time_ms"] is None:
             ours_txt = ours["error"]
         elif "items_per_second" in ours.get("extra", {}):
-            unit = {"rerank": "pairs/s", "embedder_train": "queries/s", "reranker_train": "pairs/s"}.get(entry["op"], "texts/s")
-            ours_txt = f"{ours['extra']['items_per_second']:.1f} {unit}, {format_bytes(ours['peak_bytes'])}"
+            rate = f"{ours['extra']['items_per_second']:.1f} {_rate_unit(entry['op'])}"
+            ours_txt = f"{rate}, {format_bytes(ours['peak_bytes'])}"
         else:
             ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}"
         baselines = [m for m in entry["measurements"] if m["provider"] != "fastrank"]

@@ -19,13 +19,14 @@ baselines take ``log_softmax`` of full logits) and ``lse_train``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 
 import fastrank
+from fastrank.benchmarks.protocol import Benchmark, Provider
 
-QWEN25_05B_HEAD = dict(hidden=896, vocab=151936)
+QWEN25_05B_HEAD = dict(hidden_size=896, vocab_size=151936)
 YES_ID = 9454  # an id in Qwen2.5's range; the value does not matter for timing
 DIGIT_IDS = [16, 17, 18, 19, 20, 21, 22]  # seven ids, as the digit convention scores
 
@@ -33,29 +34,31 @@ DIGIT_IDS = [16, 17, 18, 19, 20, 21, 22]  # seven ids, as the digit convention s
 @dataclass(frozen=True)
 class Case:
     mode: str  # forward | train | lse | lse_train
-    n: int
-    t: int
-    hidden: int
-    vocab: int
+    sequences: int  # N
+    seq_len: int  # T, left padded
+    hidden_size: int  # H
+    vocab_size: int  # V
     dtype: str  # "bfloat16" | "float32" | ...
 
     @property
     def token_ids(self):
-        return DIGIT_IDS if self.mode.startswith("lse") else [YES_ID % self.vocab]
+        return DIGIT_IDS if self.mode.startswith("lse") else [YES_ID % self.vocab_size]
 
     def label(self) -> str:
-        return f"{self.mode} N={self.n} T={self.t} H={self.hidden} V={self.vocab} {self.dtype}"
+        return (f"{self.mode} N={self.sequences} T={self.seq_len} H={self.hidden_size} V={self.vocab_size} "
+                f"{self.dtype}")
 
 
 def _inputs(case: Case, device: torch.device):
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(case.n, case.t, case.hidden, generator=gen).to(device=device, dtype=dtype)
-    weight = (torch.randn(case.vocab, case.hidden, generator=gen) / case.hidden**0.5).to(device=device, dtype=dtype)
-    lengths = torch.randint(case.t // 2 + 1, case.t + 1, (case.n,), generator=gen)
-    lengths[0] = case.t
-    steps = torch.arange(case.t)
-    mask = (steps[None, :] >= case.t - lengths[:, None]).long().to(device)  # left padding
+    n, t, h = case.sequences, case.seq_len, case.hidden_size
+    hidden = torch.randn(n, t, h, generator=gen).to(device=device, dtype=dtype)
+    weight = (torch.randn(case.vocab_size, h, generator=gen) / h**0.5).to(device=device, dtype=dtype)
+    lengths = torch.randint(t // 2 + 1, t + 1, (n,), generator=gen)
+    lengths[0] = t
+    steps = torch.arange(t)
+    mask = (steps[None, :] >= t - lengths[:, None]).long().to(device)  # left padding
     return hidden, weight, mask
 
 
@@ -64,7 +67,7 @@ def _last_real(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask != 0, steps, -1).amax(1)
 
 
-def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object]]:
+def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     """Closures that each compute the case's scores (and gradients, in train modes) from the same inputs."""
     hidden, weight, mask = _inputs(case, device)
     ids = case.token_ids
@@ -74,7 +77,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object
     if train:
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
-    rows = torch.arange(case.n, device=device)
+    rows = torch.arange(case.sequences, device=device)
 
     def head_from_full(scores_nv):  # [N, V] logits -> what the case returns
         if lse:
@@ -109,7 +112,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object
     if not train:
         return {name: torch.no_grad()(fn) for name, fn in fns.items()}
 
-    grad_seed = torch.randn(case.n, len(ids), device=device)
+    grad_seed = torch.randn(case.sequences, len(ids), device=device)
 
     def with_backward(fn):
         def run():
@@ -123,10 +126,10 @@ def providers(case: Case, device: torch.device) -> Dict[str, Callable[[], object
 
 def quick_cases(device: torch.device):
     if device.type == "cuda":
-        shape = dict(n=64, t=512, dtype="bfloat16", **QWEN25_05B_HEAD)
+        shape = dict(sequences=64, seq_len=512, dtype="bfloat16", **QWEN25_05B_HEAD)
         return [Case(mode=m, **shape) for m in ("forward", "train", "lse", "lse_train")]
     # CPU: the reference path against full logits; T kept small so full logits take well under a second.
-    shape = dict(n=4, t=32, dtype="float32", **QWEN25_05B_HEAD)
+    shape = dict(sequences=4, seq_len=32, dtype="float32", **QWEN25_05B_HEAD)
     return [Case(mode=m, **shape) for m in ("forward", "train", "lse")]
 
 
@@ -136,13 +139,22 @@ def full_cases(device: torch.device):
     cases = []
     for mode in ("forward", "train", "lse", "lse_train"):
         for n, t in [(1, 512), (16, 512), (64, 128), (64, 512), (256, 512)]:
-            cases.append(Case(mode=mode, n=n, t=t, dtype="bfloat16", **QWEN25_05B_HEAD))
-    cases.append(Case(mode="forward", n=64, t=512, dtype="float32", **QWEN25_05B_HEAD))
-    cases.append(Case(mode="train", n=64, t=512, dtype="float32", **QWEN25_05B_HEAD))
+            cases.append(Case(mode=mode, sequences=n, seq_len=t, dtype="bfloat16", **QWEN25_05B_HEAD))
+    cases.append(Case(mode="forward", sequences=64, seq_len=512, dtype="float32", **QWEN25_05B_HEAD))
+    cases.append(Case(mode="train", sequences=64, seq_len=512, dtype="float32", **QWEN25_05B_HEAD))
     return cases
 
 
-def case_dict(case: Case) -> dict:
+def _case_dict(case: Case) -> dict:
     d = asdict(case)
     d["token_ids"] = case.token_ids
     return d
+
+
+BENCHMARK = Benchmark(
+    name="score_head", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    provider_names=("full_logits", "logits_to_keep", "torch_sliced", "fastrank"),
+    table_label=lambda case: f"{case['mode']} N={case['sequences']} T={case['seq_len']} {case['dtype']}",
+    case_dict=_case_dict,
+    legacy_keys={"n": "sequences", "t": "seq_len", "hidden": "hidden_size", "vocab": "vocab_size"},
+)
