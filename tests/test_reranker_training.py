@@ -292,14 +292,14 @@ KEYS = ["alpaca", "bassoon", "caldera", "dynamo", "egret", "fjord", "gazebo", "h
         "kiln", "lagoon"]
 
 
-def _key_task(n, seed):
+def _key_task(n, seed, keys=KEYS):
     """Queries whose relevant passage shares their key word; negatives carry other keys."""
     rng = random.Random(seed)
     filler = "the a report on some general matters of the day with notes".split()
     rows = []
     for _ in range(n):
-        k = rng.choice(KEYS)
-        others = [o for o in KEYS if o != k]
+        k = rng.choice(keys)
+        others = [o for o in keys if o != k]
         text = lambda key: " ".join(rng.choice(filler) for _ in range(rng.randint(2, 5))) + f" {key} " + \
             " ".join(rng.choice(filler) for _ in range(rng.randint(1, 4)))  # noqa: E731
         rows.append({"query": f"about {k}", "pos": [text(k)], "neg": [text(rng.choice(others)) for _ in range(5)]})
@@ -307,28 +307,41 @@ def _key_task(n, seed):
 
 
 def test_trainer_raises_held_out_mrr(tmp_path):
-    """A few hundred RerankerTrainer steps on a tiny model raise held-out MRR clearly over the untrained model."""
+    """RerankerTrainer learns to match queries to passages: on held-out queries of the key task (each of the 6
+    candidates carries one key word, only the relevant one the query's, so no query-blind rule beats chance) the
+    trained model's MRR is far over the untrained model's, and the training loss falls far under its start.
+
+    The task is sized to be learnt outright (held-out MRR ~0.38 -> 0.9-1.0 over trainer seeds, model and data
+    seeds, 1-4 CPU threads, fused or foreach AdamW): a run that only half-learns a task lands wherever its
+    rounding takes it (the 12-key, 96-query, 400-step version gave 0.51-0.76 for those same changes), so margins
+    on it test the environment, not the trainer. 1,600 training queries for 1,200 steps of 4: ~3 epochs, learnt
+    by matching rather than by memorising lines. A model that does not learn (learning_rate=0) fails both."""
     from transformers import TrainingArguments
 
     from fastrank.evaluation import reranking_metrics
     from fastrank.integrations.trainer import RerankerTrainer
 
-    _write_jsonl(tmp_path / "train.jsonl", _key_task(96, seed=0))
-    held_out = _key_task(24, seed=1)
+    keys = KEYS[:6]
+    _write_jsonl(tmp_path / "train.jsonl", _key_task(1600, seed=0, keys=keys))
+    held_out = _key_task(48, seed=1, keys=keys)
     tok = tiny_tokenizer("qwen2", "left")
     lm = tiny_causal_lm("qwen2")
     model = fastrank.LLMRerankerModel(lm, tok, train_group_size=4)
-    reranker = fastrank.Reranker(lm, tok, "bge-reranker-v2-gemma")
-    before = reranking_metrics(reranker, held_out)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=5e-4,
-                             max_steps=400, logging_steps=60, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                             disable_tqdm=True)
+    before = reranking_metrics(fastrank.Reranker(lm, tok, "bge-reranker-v2-gemma"), held_out)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=2e-3,
+                             warmup_steps=120, max_steps=1200, logging_steps=100, save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0, disable_tqdm=True)
     data = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=4, query_max_len=16,
                                        passage_max_len=24)
-    RerankerTrainer(model=model.train(), args=args, train_dataset=data, data_collator=fastrank.RerankCollator(tok)).train()
+    trainer = RerankerTrainer(model=model.train(), args=args, train_dataset=data,
+                              data_collator=fastrank.RerankCollator(tok))
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     after = reranking_metrics(fastrank.Reranker(lm.eval(), tok, "bge-reranker-v2-gemma"), held_out)
-    print("held-out before", before, "after", after)
-    assert after["mrr@10"] > before["mrr@10"] + 0.2, (before, after)
+    print("held-out before", before, "after", after, "training loss per 100 steps", losses)
+    # Chance: held-out MRR@10 ~0.41 (1 of 6 candidates), training loss ln(4) = 1.39 (1 of 4).
+    assert len(losses) == 12 and losses[-1] < 0.5 * losses[0], losses
+    assert after["mrr@10"] > before["mrr@10"] + 0.3, (before, after)
 
 
 def _free_port():
