@@ -226,14 +226,14 @@ class Reranker:
 
     def compute_score(self, sentence_pairs, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: Optional[int] = None,
                       normalize: bool = False, **kwargs):
-        """FlagEmbedding's ``compute_score``: the scores of ``sentence_pairs`` (a list of ``[query, passage]``),
-        or one float for a single pair; ``normalize=True`` applies the preset's mapping to [0, 1] (a sigmoid
-        for the logit conventions, as FlagEmbedding does). Other keywords go to ``score``."""
+        """FlagEmbedding's ``compute_score``: the list of scores of ``sentence_pairs`` (a list of ``[query,
+        passage]``, or one such pair, which gives a one-element list as FlagEmbedding 1.4 does); ``normalize=True``
+        applies the preset's mapping to [0, 1] (a sigmoid for the logit conventions, as FlagEmbedding does).
+        Other keywords go to ``score``."""
         single = (isinstance(sentence_pairs, (list, tuple)) and len(sentence_pairs) == 2
                   and all(isinstance(x, str) for x in sentence_pairs))
         pairs = [tuple(sentence_pairs)] if single else sentence_pairs
-        scores = self.score(pairs, batch_size=batch_size, max_length=max_length, normalize=normalize, **kwargs)
-        return scores[0] if single else scores
+        return self.score(pairs, batch_size=batch_size, max_length=max_length, normalize=normalize, **kwargs)
 
 
 def best_first(scores: Sequence[float], top_k: Optional[int] = None) -> List[int]:

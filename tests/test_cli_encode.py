@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from references import require
+from tolerances import SAME_COMPUTATION, assert_close
 
 import fastrank
 from fastrank.cli import main
@@ -31,14 +32,14 @@ def test_encode_jsonl_and_npy(minilm_path, tmp_path, capsys):
     assert f"{src}:2:" in capsys.readouterr().err
 
     want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(["A man is eating food.", "A woman plays violin."])
-    np.testing.assert_allclose(np.array([out[0]["embedding"], out[2]["embedding"]]), want, atol=1e-6)
+    assert_close([out[0]["embedding"], out[2]["embedding"]], want, SAME_COMPUTATION, what="jsonl embeddings")
 
     txt = tmp_path / "texts.txt"
     txt.write_text("A man is eating food.\nA woman plays violin.\n")
     npy = tmp_path / "out.npy"
     assert main(["encode", "--model", minilm_path, "--input", str(txt), "--output", str(npy), "--device", "cpu",
                  "--no-progress"]) == 0
-    np.testing.assert_allclose(np.load(npy), want, atol=1e-6)
+    assert_close(np.load(npy), want, SAME_COMPUTATION, what=".npy embeddings")
 
 
 def test_encode_keeps_one_row_per_input_line(minilm_path, tmp_path, capsys):
@@ -51,7 +52,7 @@ def test_encode_keeps_one_row_per_input_line(minilm_path, tmp_path, capsys):
     got = np.load(npy)
     want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(["A man is eating food.", "A woman plays violin."])
     assert got.shape == (3, 384) and np.isnan(got[1]).all()
-    np.testing.assert_allclose(got[[0, 2]], want, atol=1e-6)
+    assert_close(got[[0, 2]], want, SAME_COMPUTATION, what="the non-blank lines")
     err = capsys.readouterr().err
     assert f"{txt}:2: empty line" in err and "their rows in" in err and "are NaN" in err
 
@@ -69,6 +70,7 @@ def test_encode_pools_a_causal_lm_at_its_last_token(tmp_path):
     assert np.abs(got[0] - got[1]).max() > 1e-3
     embedder = fastrank.Embedder.from_pretrained(str(tmp_path / "lm"), device="cpu")
     assert embedder.encoder.pooling == "last"
-    np.testing.assert_allclose(got, embedder.encode(["hello world", "hello river of stones"]), atol=1e-6)
+    assert_close(got, embedder.encode(["hello world", "hello river of stones"]), SAME_COMPUTATION,
+                 what="causal LM embeddings")
     with pytest.raises(ValueError, match="pooling: 'cls' on .*causal LM"):
         fastrank.Embedder.from_pretrained(str(tmp_path / "lm"), pooling="cls", device="cpu")

@@ -13,7 +13,14 @@ import fastrank
 from fastrank.data.batching import collate
 from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
-from tolerances import assert_close
+from tolerances import (
+    EMBEDDINGS_VS_SENTENCE_TRANSFORMERS,
+    SAME_COMPUTATION,
+    SCORES_OTHER_BATCH,
+    SCORES_OVER_TEMPERATURE,
+    SCORES_SAME_FORWARD,
+    assert_close,
+)
 
 TEXTS = [
     "A man is eating food.",
@@ -45,8 +52,9 @@ def test_minilm_matches_sentence_transformers(backend, device, minilm_path, st_m
     assert (embedder.encoder.pooling, embedder.encoder.normalize, embedder.encoder.max_length) == ("mean", True, 256)
     got = embedder.encode(TEXTS, batch_size=3)
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
-    assert cosine.min() > 0.99999, cosine
-    assert np.abs(got - want).max() < 1e-5
+    assert_close(cosine, np.ones_like(cosine), EMBEDDINGS_VS_SENTENCE_TRANSFORMERS,
+                 what="cosine with sentence-transformers")
+    assert_close(got, want, EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="embeddings")
 
 
 def test_sentence_transformers_names(minilm_path, st_model):
@@ -55,9 +63,9 @@ def test_sentence_transformers_names(minilm_path, st_model):
     kwargs = dict(normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False, batch_size=4)
     got, want = embedder.encode(TEXTS, **kwargs), st_model.encode(TEXTS, **kwargs)
     assert torch.is_tensor(got) and got.shape == want.shape
-    assert_close(got, want.float(), atol=1e-5, rtol=1e-5, what="encode")
-    assert_close(embedder.similarity(got[:3], got), st_model.similarity(want[:3], want), atol=1e-5, rtol=1e-5,
-                 what="similarity")
+    assert_close(got, want, EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="encode")
+    assert_close(embedder.similarity(got[:3], got), st_model.similarity(want[:3], want),
+                 EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="similarity")
     vectors = embedder.encode(TEXTS[:2], convert_to_numpy=True)
     assert isinstance(vectors, np.ndarray) and embedder.similarity(vectors[0], vectors).shape == (1, 2)
     with pytest.raises(ValueError, match="normalize, normalize_embeddings: two names for one option"):
@@ -82,13 +90,13 @@ def test_save_loads_in_sentence_transformers(tmp_path, minilm_path, st_model):
     encoder.query_instruction = "query: "
     encoder.save(str(tmp_path))
     reloaded = sentence_transformers.SentenceTransformer(str(tmp_path), device="cpu")
-    np.testing.assert_allclose(reloaded.encode(TEXTS), st_model.encode(TEXTS), atol=1e-6)
+    assert_close(reloaded.encode(TEXTS), st_model.encode(TEXTS), SAME_COMPUTATION,
+                 what="saved folder in sentence-transformers")
     again = fastrank.Embedder.from_pretrained(str(tmp_path), device="cpu")
     assert again.encoder.query_instruction == "query: "
-    np.testing.assert_allclose(again.encode(TEXTS), st_model.encode(TEXTS), atol=1e-5)
-    np.testing.assert_allclose(
-        again.encode_queries(TEXTS[:2]), st_model.encode(["query: " + t for t in TEXTS[:2]]), atol=1e-5
-    )
+    assert_close(again.encode(TEXTS), st_model.encode(TEXTS), EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="reloaded")
+    assert_close(again.encode_queries(TEXTS[:2]), st_model.encode(["query: " + t for t in TEXTS[:2]]),
+                 EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="reloaded, queries")
 
 
 def _tiny_bert(device, arch="bert"):
@@ -114,7 +122,7 @@ def test_bert_biencoder_matches_formula(backend, device, pooling, arch):
         h = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state.double()
     m = batch.attention_mask[..., None].double()
     want = h[:, 0] if pooling == "cls" else (h * m).sum(1) / m.sum(1)
-    assert_close(got, torch.nn.functional.normalize(want, dim=-1), atol=1e-6, rtol=1e-5)
+    assert_close(got, torch.nn.functional.normalize(want, dim=-1), SCORES_SAME_FORWARD, what=f"{arch} {pooling}")
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -130,7 +138,7 @@ def test_biencoder_on_causal_lm_last_token(backend, device, side):
         with torch.no_grad():
             h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].double()
         want.append(torch.nn.functional.normalize(h, dim=-1))
-    assert_close(got, torch.stack(want).cpu(), atol=1e-5, rtol=1e-5)
+    assert_close(got, want, SCORES_OTHER_BATCH, what="last-token embeddings")
 
 
 def _llara_reference_ids(tokenizer, text, kind, max_len):
@@ -176,9 +184,9 @@ def test_llara_matches_reference(backend, device, kind):
     embedder = fastrank.Embedder(encoder)
     model.lm_head.forward = None  # the LM head must never run (calling it would fail)
     got = embedder.encode(texts, kind=kind, convert_to="torch")  # this tokenizer pads right
-    assert_close(got, want, atol=1e-5, rtol=1e-5, what="right padding")
+    assert_close(got, want, SCORES_OTHER_BATCH, what="right padding")
     tokenizer.padding_side = "left"
-    assert_close(embedder.encode(texts, kind=kind, convert_to="torch"), want, atol=1e-5, rtol=1e-5, what="left padding")
+    assert_close(embedder.encode(texts, kind=kind, convert_to="torch"), want, SCORES_OTHER_BATCH, what="left padding")
 
 
 def test_llara_save_and_load(tmp_path):
@@ -187,7 +195,8 @@ def test_llara_save_and_load(tmp_path):
     encoder.save(str(tmp_path))
     embedder = fastrank.Embedder.from_pretrained(str(tmp_path), device="cpu", dtype="float32")
     assert embedder.encoder.kind == "llara" and embedder.encoder.passage_max_length == 32
-    np.testing.assert_allclose(embedder.encode(["a text"]), fastrank.Embedder(encoder).encode(["a text"]), atol=1e-6)
+    assert_close(embedder.encode(["a text"]), fastrank.Embedder(encoder).encode(["a text"]), SAME_COMPUTATION,
+                 what="reloaded")
 
 
 def test_encode_api(device):
@@ -197,13 +206,14 @@ def test_encode_api(device):
     texts = [f"text number {i} " * (i % 7 + 1) for i in range(37)]
     full = embedder.encode(texts, batch_size=64)
     small = embedder.encode(texts, batch_size=3, max_tokens=64)
-    np.testing.assert_allclose(small, full, atol=1e-6)  # input order whatever the batching
+    assert_close(small, full, SAME_COMPUTATION, what="batching")  # input order whatever the batching
     one = embedder.encode("text number 0 ")
     assert one.shape == (48,)
-    np.testing.assert_allclose(one, full[0], atol=1e-6)
+    assert_close(one, full[0], SAME_COMPUTATION, what="one string")
     as_torch = embedder.encode(texts[:2], convert_to="torch")
     assert isinstance(as_torch, torch.Tensor) and as_torch.device.type == device.type
-    np.testing.assert_allclose(embedder.encode_queries(texts[:3]), embedder.encode(texts[:3], prompt="q: "), atol=1e-6)
+    assert_close(embedder.encode_queries(texts[:3]), embedder.encode(texts[:3], prompt="q: "), SAME_COMPUTATION,
+                 what="queries")
     raw = embedder.encode(texts[:3], normalize=False)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
     with pytest.raises(ValueError, match=r"^texts\[1\]"):
@@ -226,4 +236,4 @@ def test_forward_scores_with_temperature(device):
                   passage={"input_ids": p.input_ids, "attention_mask": p.attention_mask})
     full = encoder.compute_similarity(out.q_reps, out.p_reps) / 0.05
     assert out.scores.shape == (2, 2) and out.loss is None  # eval mode: each query's own group, no loss
-    assert_close(out.scores, torch.stack([full[0, :2], full[1, 2:]]), atol=1e-5, rtol=1e-6)
+    assert_close(out.scores, torch.stack([full[0, :2], full[1, 2:]]), SCORES_OVER_TEMPERATURE, what="scores")

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from tiny_models import tiny_causal_lm, tiny_tokenizer
+from tolerances import SAME_COMPUTATION, assert_close
 
 import fastrank
 from fastrank.data import SegmentTemplate
@@ -117,7 +118,8 @@ def test_a_saved_preset_travels_with_the_model(tmp_path):
     loaded = fastrank.Reranker.from_pretrained(str(tmp_path), device="cpu")
     assert loaded.preset == custom
     pairs = [("what is a river?", "a stream of water"), ("q", "p")]
-    assert loaded.score(pairs) == pytest.approx(fastrank.Reranker(model, tokenizer, custom).score(pairs), abs=1e-6)
+    assert_close(loaded.score(pairs), fastrank.Reranker(model, tokenizer, custom).score(pairs), SAME_COMPUTATION,
+                 what="reloaded with its preset")
 
 
 def test_model_folders_and_devices(tmp_path):

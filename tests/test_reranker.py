@@ -9,7 +9,7 @@ import fastrank
 from fastrank.benchmarks.synthetic import synthetic_pairs
 from fastrank.data.templates import SegmentTemplate
 from tiny_models import tiny_causal_lm, tiny_tokenizer
-from tolerances import assert_close
+from tolerances import SAME_COMPUTATION, SCORES_OTHER_BATCH, assert_close
 
 PAIRS = synthetic_pairs(11, seed=3, passage_words=(2, 60))
 
@@ -41,7 +41,7 @@ def test_scores_independent_of_batching_and_padding(backend, device, preset, sid
     want = _one_by_one(model, tokenizer, preset, PAIRS)
     for batch_size, max_tokens in [(64, 32768), (3, 32768), (64, 256), (1, 32768)]:
         got = reranker.score(PAIRS, batch_size=batch_size, max_tokens=max_tokens)
-        assert_close(torch.tensor(got), want, atol=1e-5, rtol=1e-5, what=f"{preset} bs={batch_size} budget={max_tokens}")
+        assert_close(got, want, SCORES_OTHER_BATCH, what=f"{preset} bs={batch_size} budget={max_tokens}")
 
 
 def test_rank_shape_and_order(device):
@@ -103,7 +103,8 @@ def test_custom_preset(device):
     for e in encoded:
         assert len(e.input_ids) <= 48 and e.input_ids[0] == tokenizer.bos_token_id
         assert e.input_ids[-len(suffix):] == suffix
-    assert_close(torch.tensor(reranker.score(PAIRS)), _one_by_one(model, tokenizer, preset, PAIRS), atol=1e-5, rtol=1e-5)
+    assert_close(reranker.score(PAIRS), _one_by_one(model, tokenizer, preset, PAIRS), SCORES_OTHER_BATCH,
+                 what="custom preset")
 
 
 def test_from_pretrained_folder(tmp_path):
@@ -112,7 +113,7 @@ def test_from_pretrained_folder(tmp_path):
     tiny_tokenizer("qwen2").save_pretrained(tmp_path)
     reranker = fastrank.Reranker.from_pretrained(str(tmp_path), "qwen3-reranker", dtype="float32", device="cpu")
     again = fastrank.Reranker(model, reranker.tokenizer, "qwen3-reranker")
-    assert reranker.score(PAIRS[:3]) == pytest.approx(again.score(PAIRS[:3]), abs=1e-6)
+    assert_close(reranker.score(PAIRS[:3]), again.score(PAIRS[:3]), SAME_COMPUTATION, what="reloaded vs in memory")
     with pytest.raises(ValueError, match="^dtype"):
         fastrank.Reranker.from_pretrained(str(tmp_path), "qwen3-reranker", dtype="float33")
 

@@ -14,7 +14,16 @@ import pytest
 import torch
 from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
-from tolerances import assert_close
+from tolerances import (
+    GRADS_SAME_FORWARD,
+    GRADS_VS_REFERENCE,
+    LOSS_SAME_FORWARD,
+    LOSS_VS_REFERENCE,
+    PARAMS_AFTER_ONE_STEP,
+    SCORES_OTHER_BATCH,
+    SCORES_SAME_FORWARD,
+    assert_close,
+)
 
 import fastrank
 from fastrank.data.templates import FLAG_LLM_PROMPT
@@ -70,14 +79,14 @@ def test_matches_flagembedding_cross_decoder(backend, device, tmp_path, arch, di
     want = ref(pair, teacher_scores=teacher.tolist() if distill else None)
     got = ours(pair=pair, teacher_scores=teacher)
     assert got.scores.dtype == torch.float32 and got.scores.shape == (12,)
-    assert_close(got.scores, want.scores.float(), atol=2e-5, rtol=1e-5, what="scores")
-    assert_close(got.loss, want.loss, atol=2e-6, rtol=1e-5, what="loss")
+    assert_close(got.scores, want.scores.float(), SCORES_SAME_FORWARD, what="scores")
+    assert_close(got.loss, want.loss, LOSS_VS_REFERENCE, what="loss")
     want.loss.backward()
     got.loss.backward()
     want_g, got_g = _grads(ref_model), _grads(our_model)
     assert want_g.keys() == got_g.keys()
     for name in want_g:
-        assert_close(got_g[name], want_g[name], atol=2e-5, rtol=1e-3, what=name)
+        assert_close(got_g[name], want_g[name], GRADS_VS_REFERENCE, what=name)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -99,13 +108,13 @@ def test_research_layout_scores_one_before_the_answer(backend, device, tmp_path,
     idx = torch.max(pair["labels"], dim=1).indices
     want_scores = logits[torch.arange(6, device=device), idx - 1, model.yes_loc].float()
     want_loss = torch.nn.functional.cross_entropy(want_scores.view(2, 3), torch.zeros(2, dtype=torch.long, device=device))
-    assert_close(out.scores, want_scores, atol=2e-5, rtol=1e-5, what="scores")
-    assert_close(out.loss, want_loss, atol=2e-6, rtol=1e-5, what="loss")
+    assert_close(out.scores, want_scores, SCORES_SAME_FORWARD, what="scores")
+    assert_close(out.loss, want_loss, LOSS_VS_REFERENCE, what="loss")
     want_loss.backward()
     out.loss.backward()
     want_g, got_g = _grads(hf), _grads(ours_lm)
     for name in want_g:
-        assert_close(got_g[name], want_g[name], atol=2e-5, rtol=1e-3, what=name)
+        assert_close(got_g[name], want_g[name], GRADS_VS_REFERENCE, what=name)
 
 
 def test_packed_equals_padded(backend, device, tmp_path):
@@ -123,8 +132,8 @@ def test_packed_equals_padded(backend, device, tmp_path):
     model = fastrank.LLMRerankerModel(tiny_causal_lm("qwen2").to(device), tok, train_group_size=4).train()
     a = model(pair={k: v.to(device) for k, v in padded.items()})
     b = model(pair={k: v.to(device) for k, v in packed.items()})
-    assert_close(b.scores, a.scores, atol=2e-5, rtol=1e-5, what="scores")
-    assert_close(b.loss, a.loss, atol=2e-6, rtol=1e-5, what="loss")
+    assert_close(b.scores, a.scores, SCORES_OTHER_BATCH, what="scores")
+    assert_close(b.loss, a.loss, LOSS_VS_REFERENCE, what="loss")
 
 
 def test_lora_checkpointing_and_bf16(device, tmp_path):
@@ -150,9 +159,9 @@ def test_lora_checkpointing_and_bf16(device, tmp_path):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ckpt = model(pair=pair).loss
     ckpt.backward()
-    assert_close(ckpt, plain, atol=1e-6, rtol=1e-6, what="loss")
+    assert_close(ckpt, plain, LOSS_SAME_FORWARD, what="loss")
     for name, g in _grads(lm).items():
-        assert_close(g, want[name], atol=1e-6, rtol=1e-4, what=name)
+        assert_close(g, want[name], GRADS_SAME_FORWARD, what=name)
     model.save(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     with torch.no_grad():
@@ -160,7 +169,7 @@ def test_lora_checkpointing_and_bf16(device, tmp_path):
             if "lora_B" in name:
                 p.add_(1.0)
     load_wrapped_weights(model, str(tmp_path / "adapter"))
-    assert_close(model(pair=pair).loss, plain, atol=1e-6, rtol=1e-6, what="reloaded loss")
+    assert_close(model(pair=pair).loss, plain, LOSS_SAME_FORWARD, what="reloaded loss")
 
     half = fastrank.LLMRerankerModel(tiny_causal_lm("qwen2", dtype=torch.bfloat16).to(device), tok,
                                      train_group_size=4).train()
@@ -387,9 +396,9 @@ def test_trainer_ddp_two_processes_equal_one(tmp_path, monkeypatch):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), data_path), nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt")
     loss, params = _trainer_run(str(tmp_path / "single"), 4, data_path)
-    assert abs(ddp["loss"] - loss) < 1e-4 * max(1.0, abs(loss)), (ddp["loss"], loss)
+    assert_close(ddp["loss"], loss, LOSS_VS_REFERENCE, what="DDP loss")
     for name, value in params.items():
-        assert_close(ddp["params"][name], value, atol=1e-5, rtol=1e-4, what=name)
+        assert_close(ddp["params"][name], value, PARAMS_AFTER_ONE_STEP, what=name)
 
 
 def test_train_reranker_cli_with_resume(tmp_path):
