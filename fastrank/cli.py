@@ -290,7 +290,7 @@ def _add_training_flags(p, *, batch_size, lr, lr_note, query_max_len, passage_ma
     p.add_argument("--data", required=True, nargs="+", help="training JSONL file(s) or folder(s)")
     p.add_argument("--output", required=True, help="folder for checkpoints and the final model")
     p.add_argument("--eval", default=None, help="held-out JSONL (query, pos, neg) for metrics before and after")
-    p.add_argument("--group-size", type=_positive, default=8,
+    p.add_argument("--group-size", dest="train_group_size", type=_positive, default=8,
                    help="passages per query: 1 positive + G-1 negatives (default 8)")
     p.add_argument("--batch-size", type=_positive, default=batch_size,
                    help=f"queries per device and step (default {batch_size})")

@@ -306,11 +306,11 @@ class Embedder:
         else:
             raise ValueError(f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}")
         if kind == "llara":
-            keep = {k: settings[k] for k in ("normalize", "temperature", "query_max_length", "passage_max_length") if k in settings}
+            keep = {k: settings[k] for k in ("normalize", "temperature", "query_max_len", "passage_max_len") if k in settings}
             if normalize is not None:
                 keep["normalize"] = normalize
             if max_length is not None:
-                keep["query_max_length"] = keep["passage_max_length"] = max_length
+                keep["query_max_len"] = keep["passage_max_len"] = max_length
             encoder = LlaraEncoder(model, tokenizer, **keep)
         else:
             overrides = dict(pooling=pooling, normalize=normalize, query_instruction=query_instruction,

@@ -2,7 +2,7 @@
 
     from fastrank.training import TrainingOptions, train_reranker
     report = train_reranker("/tmp/tiny-reranker", TrainingOptions(output="/tmp/rr-run", data=["train.jsonl"],
-                            eval="eval.jsonl", group_size=3, batch_size=2, max_steps=4, lr=1e-4))
+                            eval="eval.jsonl", train_group_size=3, batch_size=2, max_steps=4, lr=1e-4))
     report["after_training"]["mrr@10"]
 
 Each runs the Hugging Face Trainer on fastrank's training model (the fused score head or the fused contrastive
@@ -42,7 +42,7 @@ class TrainingOptions:
     """What both training runs share: the data, the length budget and the Trainer's options.
 
     ``data`` is one or more JSONL files or folders (``query``, ``pos``, ``neg``, optional ``pos_scores`` /
-    ``neg_scores``); ``eval`` a held-out JSONL for the metrics before and after; ``group_size`` passages per
+    ``neg_scores``); ``eval`` a held-out JSONL for the metrics before and after; ``train_group_size`` passages per
     query (1 positive + G-1 negatives); ``batch_size`` queries per device and step; ``warmup_ratio`` the
     linear warm-up fraction; ``query_max_len`` / ``passage_max_len`` the token budgets; ``progress`` the
     Trainer's progress bar.
@@ -51,7 +51,7 @@ class TrainingOptions:
     output: str
     data: Sequence[str]
     eval: Optional[str] = None
-    group_size: int = 8
+    train_group_size: int = 8
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-5
@@ -78,7 +78,7 @@ class TrainingOptions:
         self.data = [self.data] if isinstance(self.data, (str, os.PathLike)) else list(self.data)
         if not self.data:
             raise ValueError("data: give at least one training JSONL file or folder")
-        for name in ("group_size", "batch_size", "grad_accum", "query_max_len", "passage_max_len", "save_steps",
+        for name in ("train_group_size", "batch_size", "grad_accum", "query_max_len", "passage_max_len", "save_steps",
                      "logging_steps"):
             positive_int(name, getattr(self, name))
         positive_int("max_examples_per_dataset", self.max_examples_per_dataset, none_ok=True)
@@ -159,12 +159,12 @@ def train_embedder(model: str, options: TrainingOptions, *, kind: str = "bi", po
     if normalize is not None:
         common["normalize"] = normalize
     if kind == "llara":
-        encoder = LlaraEncoder.from_pretrained(model_path, query_max_length=options.query_max_len,
-                                               passage_max_length=options.passage_max_len, **common)
+        encoder = LlaraEncoder.from_pretrained(model_path, query_max_len=options.query_max_len,
+                                               passage_max_len=options.passage_max_len, **common)
     else:
         encoder = BiEncoder.from_pretrained(model_path, pooling=pooling, query_instruction=options.query_instruction,
                                             passage_instruction=options.passage_instruction, **common)
-    train = EmbedderTrainDataset(options.data, train_group_size=options.group_size,
+    train = EmbedderTrainDataset(options.data, train_group_size=options.train_group_size,
                                  query_instruction=options.query_instruction,
                                  passage_instruction=options.passage_instruction,
                                  max_examples_per_dataset=options.max_examples_per_dataset, seed=options.seed)
@@ -211,10 +211,10 @@ def train_reranker(model: str, options: TrainingOptions, *, layout: str = "resea
 
         lm = get_peft_model(lm, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                            target_modules=list(lora_targets), task_type="CAUSAL_LM"))
-    reranker = LLMRerankerModel(lm, tokenizer, train_group_size=options.group_size, answer=answer)
+    reranker = LLMRerankerModel(lm, tokenizer, train_group_size=options.train_group_size, answer=answer)
     prompt = FlagLLMTemplate.prompt if prompt is None else prompt
     train = RerankTrainDataset(
-        options.data, tokenizer, train_group_size=options.group_size, query_max_len=options.query_max_len,
+        options.data, tokenizer, train_group_size=options.train_group_size, query_max_len=options.query_max_len,
         passage_max_len=options.passage_max_len, query_instruction=query_instruction,
         passage_instruction=passage_instruction, prompt=prompt, answer=answer if layout == "research" else None,
         knowledge_distillation=knowledge_distillation, max_examples_per_dataset=options.max_examples_per_dataset,

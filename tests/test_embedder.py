@@ -4,6 +4,7 @@ models against the reference formulas from the unpatched HF model's hidden state
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_llara_matches_reference(backend, device, kind):
     model = tiny_causal_lm("llama").to(device)
     tokenizer = tiny_tokenizer("llama", padding_side="right")
     rows_before = model.get_input_embeddings().weight.shape[0]
-    encoder = fastrank.LlaraEncoder(model, tokenizer, normalize=True, query_max_length=40, passage_max_length=48)
+    encoder = fastrank.LlaraEncoder(model, tokenizer, normalize=True, query_max_len=40, passage_max_len=48)
     assert all(tokenizer.convert_tokens_to_ids(f"<s{i}>") != tokenizer.unk_token_id for i in range(1, 17))
     assert model.get_input_embeddings().weight.shape[0] >= max(rows_before, len(tokenizer))
     texts = ["river water history", "music album of the league season " * 12, "yes"]
@@ -191,12 +192,19 @@ def test_llara_matches_reference(backend, device, kind):
 
 def test_llara_save_and_load(tmp_path):
     model = tiny_causal_lm("llama")
-    encoder = fastrank.LlaraEncoder(model, tiny_tokenizer("llama"), temperature=0.01, passage_max_length=32)
+    encoder = fastrank.LlaraEncoder(model, tiny_tokenizer("llama"), temperature=0.01, passage_max_len=32)
     encoder.save(str(tmp_path))
     embedder = fastrank.Embedder.from_pretrained(str(tmp_path), device="cpu", dtype="float32")
-    assert embedder.encoder.kind == "llara" and embedder.encoder.passage_max_length == 32
+    assert embedder.encoder.kind == "llara" and embedder.encoder.passage_max_len == 32
     assert_close(embedder.encode(["a text"]), fastrank.Embedder(encoder).encode(["a text"]), SAME_COMPUTATION,
                  what="reloaded")
+    # A folder written by fastrank 0.2 names the budgets query_max_length / passage_max_length.
+    config = tmp_path / "fastrank_embedder.json"
+    saved = json.loads(config.read_text())
+    saved["query_max_length"], saved["passage_max_length"] = saved.pop("query_max_len"), saved.pop("passage_max_len")
+    config.write_text(json.dumps(saved))
+    old = fastrank.LlaraEncoder.from_pretrained(str(tmp_path), dtype="float32")
+    assert (old.query_max_len, old.passage_max_len) == (encoder.query_max_len, 32)
 
 
 def test_encode_api(device):

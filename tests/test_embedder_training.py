@@ -84,7 +84,7 @@ def test_llara_training_loss_matches_reference_formula(backend, device):
     """LLARA's loss: CE of normalised last-8 means (left padding, full model with hidden states) / tau."""
     model = tiny_causal_lm("llama").to(device)
     tokenizer = tiny_tokenizer("llama", padding_side="left")
-    encoder = fastrank.LlaraEncoder(model, tokenizer, temperature=0.05, query_max_length=24, passage_max_length=32).train()
+    encoder = fastrank.LlaraEncoder(model, tokenizer, temperature=0.05, query_max_len=24, passage_max_len=32).train()
     queries = ["river water", "music album", "city history"]
     passages = [f"passage {i} about " + w for i, w in enumerate(["water", "songs", "rain", "music", "town", "stone"])]
     collator = fastrank.EmbedderCollator(encoder)
@@ -279,7 +279,7 @@ def test_trainer_fine_tunes_minilm_and_saves(minilm_path, tmp_path):
                              max_steps=12, save_steps=6, logging_steps=6, report_to=[], use_cpu=True, seed=0)
     trainer = EmbedderTrainer(model=encoder.train(), args=args,
                               train_dataset=fastrank.EmbedderTrainDataset(str(tmp_path / "train.jsonl"), train_group_size=4),
-                              data_collator=fastrank.EmbedderCollator(encoder, query_max_length=32, passage_max_length=48))
+                              data_collator=fastrank.EmbedderCollator(encoder, query_max_len=32, passage_max_len=48))
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     after = retrieval_metrics(fastrank.Embedder(encoder.eval()), held_out)

@@ -138,8 +138,8 @@ def test_model_folders_and_devices(tmp_path):
 def test_training_options_are_checked_when_built(tmp_path):
     from fastrank.training import TrainingOptions, train_reranker
 
-    with pytest.raises(ValueError, match="group_size: must be a positive int, got 0"):
-        TrainingOptions(output=str(tmp_path), data=["x.jsonl"], group_size=0)
+    with pytest.raises(ValueError, match="train_group_size: must be a positive int, got 0"):
+        TrainingOptions(output=str(tmp_path), data=["x.jsonl"], train_group_size=0)
     with pytest.raises(ValueError, match="data: give at least one"):
         TrainingOptions(output=str(tmp_path), data=[])
     with pytest.raises(ValueError, match="warmup_ratio"):

@@ -88,7 +88,7 @@ def _llara(case: Case, device: torch.device):
     model = build_causal_lm(config, dtype=getattr(torch, case.dtype), device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        encoder = fastrank.LlaraEncoder(model, tokenizer, normalize=True, passage_max_length=case.max_length)
+        encoder = fastrank.LlaraEncoder(model, tokenizer, normalize=True, passage_max_len=case.max_length)
     embedder = fastrank.Embedder(encoder)
     texts = _texts(case.texts)
 

@@ -97,18 +97,18 @@ def read_retrieval_jsonl(data, max_examples_per_dataset: Optional[int] = None, n
     return records
 
 
-def sample_group(record: dict, group_size: int, key, with_scores: bool):
+def sample_group(record: dict, train_group_size: int, key, with_scores: bool):
     """(passages, teacher scores or None) of one record's group: one positive drawn at random, then
-    ``group_size - 1`` negatives without replacement (the negative list repeated first when it is too
+    ``train_group_size - 1`` negatives without replacement (the negative list repeated first when it is too
     short), positive first. The draw is a pure function of ``key`` (a tuple of ints), so an item is the
     same in every worker and process for a given (seed, epoch, index)."""
     rng = random.Random(hash(key))
     p = rng.randrange(len(record["pos"]))
     passages = [record["pos"][p]]
     scores = [record["pos_scores"][p]] if with_scores else None
-    if group_size > 1:
+    if train_group_size > 1:
         neg_index = list(range(len(record["neg"])))
-        need = group_size - 1
+        need = train_group_size - 1
         if len(neg_index) < need:
             neg_index = neg_index * math.ceil(need / len(neg_index))
         for n in rng.sample(neg_index, need):
@@ -135,7 +135,7 @@ class EmbedderTrainDataset(torch.utils.data.Dataset):
                  seed: int = 42):
         positive_int("train_group_size", train_group_size)
         self.records = read_retrieval_jsonl(data, max_examples_per_dataset, need_negatives=train_group_size > 1)
-        self.group_size = train_group_size
+        self.train_group_size = train_group_size
         self.query_instruction = query_instruction or ""
         self.passage_instruction = passage_instruction or ""
         self.seed = seed
@@ -150,7 +150,7 @@ class EmbedderTrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         record = self.records[index]
-        chosen, scores = sample_group(record, self.group_size, (self.seed, self.epoch, index), self.has_teacher)
+        chosen, scores = sample_group(record, self.train_group_size, (self.seed, self.epoch, index), self.has_teacher)
         instruction = record.get("prompt") if record.get("prompt") is not None else self.query_instruction
         return {
             "query": instruction + record["query"],
@@ -161,13 +161,13 @@ class EmbedderTrainDataset(torch.utils.data.Dataset):
 
 class EmbedderCollator:
     """Tokenises a list of dataset items with the encoder's own rule (its special tokens, or LLARA's
-    prompt) and pads them: ``{"query": {...}, "passage": {...}, "teacher_score": [B, G] or None}``."""
+    prompt) and pads them: ``{"query": {...}, "passage": {...}, "teacher_scores": [B, G] or None}``."""
 
-    def __init__(self, encoder, query_max_length: Optional[int] = None, passage_max_length: Optional[int] = None,
+    def __init__(self, encoder, query_max_len: Optional[int] = None, passage_max_len: Optional[int] = None,
                  pad_to_multiple_of: int = 8):
         self.encoder = encoder
-        self.query_max_length = query_max_length
-        self.passage_max_length = passage_max_length
+        self.query_max_len = query_max_len
+        self.passage_max_len = passage_max_len
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_id = pad_token_id_of(encoder.tokenizer)
         self.side = getattr(encoder.tokenizer, "padding_side", "right")
@@ -184,7 +184,7 @@ class EmbedderCollator:
         if all(item.get("teacher_scores") is not None for item in items):
             teacher = torch.tensor([item["teacher_scores"] for item in items], dtype=torch.float32)
         return {
-            "query": self._features(queries, "query", self.query_max_length),
-            "passage": self._features(passages, "passage", self.passage_max_length),
-            "teacher_score": teacher,
+            "query": self._features(queries, "query", self.query_max_len),
+            "passage": self._features(passages, "passage", self.passage_max_len),
+            "teacher_scores": teacher,
         }

@@ -79,7 +79,7 @@ class RerankTrainDataset(torch.utils.data.Dataset):
             raise ValueError("answer: give the answer text (e.g. 'Yes') or None for the layout without one")
         self.records = read_retrieval_jsonl(data, max_examples_per_dataset, need_negatives=train_group_size > 1)
         self.tokenizer = tokenizer
-        self.group_size = train_group_size
+        self.train_group_size = train_group_size
         self.query_instruction = query_instruction or ""
         self.passage_instruction = passage_instruction or ""
         self.instruction_format = instruction_format
@@ -113,7 +113,7 @@ class RerankTrainDataset(torch.utils.data.Dataset):
     def sample(self, index: int):
         """(query, passages, teacher scores or None) of item ``index``: the positive first."""
         record = self.records[index]
-        passages, scores = sample_group(record, self.group_size, (self.seed, self.epoch, index), self.has_teacher)
+        passages, scores = sample_group(record, self.train_group_size, (self.seed, self.epoch, index), self.has_teacher)
         return record["query"], passages, scores
 
     def encode_pairs(self, query: str, passages: Sequence[str], record: Optional[dict] = None):

@@ -60,13 +60,13 @@ class _WrappedModelTrainer(Trainer):
 class EmbedderTrainer(_WrappedModelTrainer):
     """A ``transformers.Trainer`` whose model is a fastrank embedder.
 
-    Batches are the ``EmbedderCollator``'s ``{"query", "passage", "teacher_score"}``. Everything else
+    Batches are the ``EmbedderCollator``'s ``{"query", "passage", "teacher_scores"}``. Everything else
     (gradient accumulation, bf16, gradient checkpointing, DDP, checkpoints and ``resume_from_checkpoint``)
     is the Trainer's own.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(query=inputs["query"], passage=inputs["passage"], teacher_score=inputs.get("teacher_score"))
+        out = model(query=inputs["query"], passage=inputs["passage"], teacher_score=inputs.get("teacher_scores"))
         return (out.loss, out) if return_outputs else out.loss
 
 

@@ -331,7 +331,12 @@ def read_embedder_settings(path: str) -> dict:
     own = os.path.join(path, FASTRANK_CONFIG)
     if os.path.exists(own):
         with open(own) as f:
-            settings.update(json.load(f))
+            saved = json.load(f)
+        # LLARA folders written by fastrank 0.2 name the budgets as the inference templates do.
+        for old, new in (("query_max_length", "query_max_len"), ("passage_max_length", "passage_max_len")):
+            if old in saved:
+                saved[new] = saved.pop(old)
+        settings.update(saved)
     return settings
 
 
@@ -357,12 +362,12 @@ class LlaraEncoder(_EmbedderBase):
     kind = "llara"
 
     def __init__(self, model, tokenizer, *, normalize: bool = True, temperature: float = 0.02,
-                 query_max_length: int = 64, passage_max_length: int = 160, negatives_cross_device: bool = False,
+                 query_max_len: int = 64, passage_max_len: int = 160, negatives_cross_device: bool = False,
                  sub_batch_size: int = -1, use_inbatch_neg: bool = True):
         super().__init__(model, tokenizer, normalize, temperature, negatives_cross_device, sub_batch_size,
                          use_inbatch_neg)
-        self.query_max_length = int(query_max_length)
-        self.passage_max_length = int(passage_max_length)
+        self.query_max_len = int(query_max_len)
+        self.passage_max_len = int(passage_max_len)
         self._add_special_tokens()
         self._prefix = tokenizer('"')["input_ids"]
         self._suffix = {
@@ -386,7 +391,7 @@ class LlaraEncoder(_EmbedderBase):
     def tokenize(self, texts: Sequence[str], kind: str = "passage", max_length: Optional[int] = None) -> List[List[int]]:
         if kind not in ("query", "passage"):
             raise ValueError(f"kind: must be 'query' or 'passage', got {kind!r}")
-        limit = max_length or (self.query_max_length if kind == "query" else self.passage_max_length)
+        limit = max_length or (self.query_max_len if kind == "query" else self.passage_max_len)
         suffix = self._suffix[kind]
         budget = limit - len(self._prefix) - len(suffix)
         if budget < 1:
@@ -407,18 +412,14 @@ class LlaraEncoder(_EmbedderBase):
         self.model.save_pretrained(path)  # a PEFT model writes its adapter
         self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, FASTRANK_CONFIG), "w") as f:
-            json.dump(dict(self._common_config(), kind=self.kind, query_max_length=self.query_max_length,
-                           passage_max_length=self.passage_max_length), f, indent=2)
+            json.dump(dict(self._common_config(), kind=self.kind, query_max_len=self.query_max_len,
+                           passage_max_len=self.passage_max_len), f, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype="auto", **overrides) -> "LlaraEncoder":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        settings = {}
-        own = os.path.join(path, FASTRANK_CONFIG)
-        if os.path.exists(own):
-            with open(own) as f:
-                settings = json.load(f)
+        settings = read_embedder_settings(path)
         settings.pop("kind", None)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
