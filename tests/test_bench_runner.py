@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from references import require
 
 import fastrank
 from fastrank.benchmarks import embedder_train, pool, runner
@@ -214,7 +215,7 @@ def _results():
 
 
 def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     from fastrank.benchmarks.plot import plot, plot_results
 
     out = tmp_path / "ratios.png"
@@ -227,7 +228,7 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_bench_from_json_prints_the_table_and_plots(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     saved = tmp_path / "r.json"
     runner.write_json(_results(), str(saved))
     out = tmp_path / "fig.png"
@@ -261,7 +262,7 @@ def test_bench_plot_needs_matplotlib(monkeypatch, tmp_path):
 
 
 def test_bench_plot_path_is_checked_before_the_run(tmp_path):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     with pytest.raises(ValueError, match=r"^--plot .*r\.txt: cannot write a figure of type 'txt'; use \.png"):
         main(["--traceback", "bench", "--op", "pool", "--plot", str(tmp_path / "r.txt")])
     with pytest.raises(ValueError, match=r"^--plot .*r\.png: the folder .*no_dir does not exist"):

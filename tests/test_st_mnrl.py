@@ -12,9 +12,10 @@ import re
 import pytest
 import torch
 
+from references import require
 from tolerances import GRADS_SAME_FORWARD, LOSS_VS_REFERENCE, assert_close
 
-st = pytest.importorskip("sentence_transformers")
+st = require("sentence_transformers")  # a reference that fails to import fails this module, never skips it
 from sentence_transformers import util  # noqa: E402
 
 try:
