@@ -27,8 +27,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def _case_id(case) -> str:
     """``mean_fwd-sequences16-seq_len128-...``: names -k can select."""
-    return "-".join(value if isinstance(value, str) else f"{key}{value}"
-                    for key, value in dataclasses.asdict(case).items())
+    return "-".join(
+        value if isinstance(value, str) else f"{key}{value}" for key, value in dataclasses.asdict(case).items()
+    )
 
 
 PARAMS = [

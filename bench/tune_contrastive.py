@@ -64,11 +64,13 @@ def main():
     configs += [(128, 128, 32, 8, 4), (128, 128, 128, 8, 3), (128, 256, 32, 8, 3), (256, 128, 64, 8, 3)]
     rows = []
     for cfg in configs:
-        ck._config = (lambda c: (lambda dtype, d, device=None: c))(cfg)
+        ck._config = (lambda c: lambda dtype, d, device=None: c)(cfg)
         try:
             t_f = bench(lambda: ck.contrastive_forward(qd, pd, targets, None, TAU, G, True), rep=20)
-            t_b = bench(lambda: ck.contrastive_backward(qd, pd, targets, None, stats, row_grad, TAU, G, True,
-                                                        True, True), rep=20)
+            t_b = bench(
+                lambda: ck.contrastive_backward(qd, pd, targets, None, stats, row_grad, TAU, G, True, True, True),
+                rep=20,
+            )
         except Exception as e:  # noqa: BLE001 - out of shared memory etc.: report and go on
             print(f"{cfg}: {type(e).__name__} {str(e)[:80]}")
             continue
@@ -76,15 +78,17 @@ def main():
         print(f"{cfg}: fwd {t_f:.3f} ({tflops(t_f):.0f}) | bwd {t_b:.3f} | sum {t_f + t_b:.3f}", flush=True)
     rows.sort()
     best = rows[0][1]
-    ck._config = (lambda c: (lambda dtype, d, device=None: c))(best)
+    ck._config = (lambda c: lambda dtype, d, device=None: c)(best)
     for entries in (1 << 22, 1 << 23, 1 << 24, 1 << 25):
         ck.CHUNK_ENTRIES = entries
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t = bench(ours_step)
         peak = torch.cuda.max_memory_allocated() - base
-        print(f"best {best} chunk 2^{entries.bit_length() - 1}: step {t:.3f} ms, torch/ours {t_torch / t:.2f}x, "
-              f"peak {peak / 2**20:.0f} MiB")
+        print(
+            f"best {best} chunk 2^{entries.bit_length() - 1}: step {t:.3f} ms, torch/ours {t_torch / t:.2f}x, "
+            f"peak {peak / 2**20:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import triton  # noqa: E402 - after the check: on a CPU the script says why it s
 import triton.testing  # noqa: E402
 
 import fastrank  # noqa: E402
+from fastrank.common import cdiv  # noqa: E402
 from fastrank.kernels import score_head as sh  # noqa: E402
 from fastrank.ops.score_head import lse_forward_chunked  # noqa: E402
-from fastrank.common import cdiv  # noqa: E402
 
 H, V = 896, 151936
 DEV = torch.device("cuda")
@@ -62,14 +62,43 @@ def row_kernel(n, t):
     out = torch.empty(n, 1, device=DEV)
     rows_out = torch.empty(n, dtype=torch.int64, device=DEV)
     for warps, block_h, block_t in itertools.product((2, 4), (512, 1024), (1024,)):
+
         def launch():
             sh._score_head_fwd_kernel[(n,)](
-                hidden, weight, None, ids_t, None, mask, None, None, out, rows_out, None,
-                n, t, H, 1, 0, *hidden.stride(), *weight.stride(), *mask.stride(), out.stride(0), 0,
-                HAS_BIAS=False, HAS_COMBINE=False, HAS_MASK=True, HAS_POSITIONS=False, PACKED=False,
-                STORE_GATHERED=False, BLOCK_T=min(block_t, triton.next_power_of_2(t)), BLOCK_H=block_h,
-                BLOCK_K=2, BLOCK_C=2, num_warps=warps,
+                hidden,
+                weight,
+                None,
+                ids_t,
+                None,
+                mask,
+                None,
+                None,
+                out,
+                rows_out,
+                None,
+                n,
+                t,
+                H,
+                1,
+                0,
+                *hidden.stride(),
+                *weight.stride(),
+                *mask.stride(),
+                out.stride(0),
+                0,
+                HAS_BIAS=False,
+                HAS_COMBINE=False,
+                HAS_MASK=True,
+                HAS_POSITIONS=False,
+                PACKED=False,
+                STORE_GATHERED=False,
+                BLOCK_T=min(block_t, triton.next_power_of_2(t)),
+                BLOCK_H=block_h,
+                BLOCK_K=2,
+                BLOCK_C=2,
+                num_warps=warps,
             )
+
         print(f"  kernel only warps={warps} BLOCK_H={block_h} BLOCK_T={block_t}: {bench(launch) * 1e3:.1f} us")
 
 
@@ -100,10 +129,25 @@ def lse_kernel(n):
 
         def launch():
             sh._score_head_lse_kernel[(n_blocks, splits)](
-                gathered, weight, None, partial, n, H, V, v_per_split,
-                gathered.stride(0), *weight.stride(), partial.stride(0),
-                HAS_BIAS=False, DOT_FP32=False, TRANS_W=trans_w, BLOCK_N=block_n, BLOCK_V=block_v,
-                BLOCK_H=block_h, num_warps=warps, num_stages=stages,
+                gathered,
+                weight,
+                None,
+                partial,
+                n,
+                H,
+                V,
+                v_per_split,
+                gathered.stride(0),
+                *weight.stride(),
+                partial.stride(0),
+                HAS_BIAS=False,
+                DOT_FP32=False,
+                TRANS_W=trans_w,
+                BLOCK_N=block_n,
+                BLOCK_V=block_v,
+                BLOCK_H=block_h,
+                num_warps=warps,
+                num_stages=stages,
             )
             return torch.logsumexp(partial, 1)
 

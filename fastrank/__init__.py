@@ -9,13 +9,13 @@ Trainers:   fastrank.integrations.trainer.EmbedderTrainer, fastrank.integrations
             fastrank.integrations.sentence_transformers.FusedMultipleNegativesRankingLoss
 """
 
-from fastrank.functional import ContrastiveLoss, ScoreHeadOutput, contrastive_loss, pool, score_head
-from fastrank.heads import Convention, digit_ev, token_diff, yes_logit, yes_no
-from fastrank.presets import Preset, get_preset, presets, register_preset
 from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset
 from fastrank.data.reranker import RerankCollator, RerankTrainDataset
+from fastrank.functional import ContrastiveLoss, ScoreHeadOutput, contrastive_loss, pool, score_head
+from fastrank.heads import Convention, digit_ev, token_diff, yes_logit, yes_no
 from fastrank.inference import Embedder, Reranker
 from fastrank.models import BiEncoder, LlaraEncoder, LLMRerankerModel, patch, unpatch
+from fastrank.presets import Preset, get_preset, presets, register_preset
 
 __version__ = "0.3.0"
 

@@ -109,8 +109,12 @@ def cmd_rerank(args) -> int:
             args.model, args.preset, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation
         )
         scores = reranker.score(
-            pairs, batch_size=args.batch_size, max_length=args.max_length, max_tokens=args.max_tokens,
-            normalize=args.normalize, show_progress=False if args.no_progress else None,
+            pairs,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_tokens=args.max_tokens,
+            normalize=args.normalize,
+            show_progress=False if args.no_progress else None,
         )
     out = _open_output(args.output)
     try:
@@ -133,8 +137,11 @@ def cmd_rerank(args) -> int:
         if out is not sys.stdout:
             out.close()
     if errors:
-        print(f"{errors} of {len(parsed)} lines could not be scored (see above; each has an \"error\" record); "
-              f"the other {len(parsed) - errors} were scored", file=sys.stderr)
+        print(
+            f'{errors} of {len(parsed)} lines could not be scored (see above; each has an "error" record); '
+            f"the other {len(parsed) - errors} were scored",
+            file=sys.stderr,
+        )
     return 1 if errors else 0
 
 
@@ -177,15 +184,24 @@ def cmd_encode(args) -> int:
     good = [(i, text) for i, (_, text, _, err) in enumerate(items) if not err]
     normalize = None if args.normalize is None else args.normalize == "yes"
     embedder = Embedder.from_pretrained(
-        args.model, kind=args.kind, pooling=args.pooling, normalize=normalize, max_length=args.max_length,
-        dtype=args.dtype, device=args.device,
+        args.model,
+        kind=args.kind,
+        pooling=args.pooling,
+        normalize=normalize,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        device=args.device,
     )
     method = embedder.encode_queries if args.queries else embedder.encode_corpus
     # One row per input line: a line that could not be encoded is a row of NaN, so row i is always line i + 1.
     vectors = np.full((len(items), embedder.dim), np.nan, dtype="float32")
     if good:
-        vectors[[i for i, _ in good]] = method([t for _, t in good], batch_size=args.batch_size,
-                                               max_tokens=args.max_tokens, show_progress=False if args.no_progress else None)
+        vectors[[i for i, _ in good]] = method(
+            [t for _, t in good],
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            show_progress=False if args.no_progress else None,
+        )
     if args.output.endswith(".npy"):
         np.save(args.output, vectors)
     else:
@@ -205,8 +221,11 @@ def cmd_encode(args) -> int:
                 out.close()
     if errors:
         rows = f"; their rows in {args.output} are NaN" if args.output.endswith(".npy") else ""
-        print(f"{len(errors)} of {len(items)} lines could not be encoded (see above){rows}; the other "
-              f"{len(items) - len(errors)} were encoded", file=sys.stderr)
+        print(
+            f"{len(errors)} of {len(items)} lines could not be encoded (see above){rows}; the other "
+            f"{len(items) - len(errors)} were encoded",
+            file=sys.stderr,
+        )
     return 1 if errors else 0
 
 
@@ -232,10 +251,17 @@ def cmd_train_embedder(args) -> int:
     from fastrank.training import train_embedder
 
     train_embedder(
-        args.model, _training_options(args), kind=args.kind, pooling=args.pooling,
-        normalize=None if args.normalize is None else args.normalize == "yes", temperature=args.temperature,
-        in_batch_negatives=not args.no_in_batch_neg, negatives_cross_device=args.negatives_cross_device,
-        sub_batch_size=args.sub_batch_size, report=_report, log=_log,
+        args.model,
+        _training_options(args),
+        kind=args.kind,
+        pooling=args.pooling,
+        normalize=None if args.normalize is None else args.normalize == "yes",
+        temperature=args.temperature,
+        in_batch_negatives=not args.no_in_batch_neg,
+        negatives_cross_device=args.negatives_cross_device,
+        sub_batch_size=args.sub_batch_size,
+        report=_report,
+        log=_log,
     )
     return 0
 
@@ -244,12 +270,20 @@ def cmd_train_reranker(args) -> int:
     from fastrank.training import LORA_TARGETS, train_reranker
 
     train_reranker(
-        args.model, _training_options(args), layout=args.layout, answer=args.answer, prompt=args.prompt,
+        args.model,
+        _training_options(args),
+        layout=args.layout,
+        answer=args.answer,
+        prompt=args.prompt,
         knowledge_distillation={"auto": None, "yes": True, "no": False}[args.knowledge_distillation],
-        padding_side=args.padding_side, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        padding_side=args.padding_side,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets.split(",") if args.lora_targets else LORA_TARGETS, dtype=args.dtype,
-        report=_report, log=_log,
+        lora_targets=args.lora_targets.split(",") if args.lora_targets else LORA_TARGETS,
+        dtype=args.dtype,
+        report=_report,
+        log=_log,
     )
     return 0
 
@@ -259,16 +293,24 @@ def cmd_demo_model(args) -> int:
 
     overrides = {}
     if args.size == "tiny":
-        overrides = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=1024, max_position_embeddings=8192)
+        overrides = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+            max_position_embeddings=8192,
+        )
     config = qwen25_config(num_layers=args.layers, pad_token_id=0, eos_token_id=0, **overrides)
     tokenizer = build_tokenizer()
     model = build_causal_lm(config)
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     params = sum(p.numel() for p in model.parameters())
-    print(f"wrote a random-weight {args.size} Qwen2-architecture causal LM ({params / 1e6:.1f}M parameters, "
-          f"{args.layers} layers) and a byte-level BPE tokenizer built in code to {args.output}")
+    print(
+        f"wrote a random-weight {args.size} Qwen2-architecture causal LM ({params / 1e6:.1f}M parameters, "
+        f"{args.layers} layers) and a byte-level BPE tokenizer built in code to {args.output}"
+    )
     return 0
 
 
@@ -283,31 +325,49 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_training_flags(p, *, batch_size, lr, lr_note, query_max_len, passage_max_len, query_instruction,
-                        passage_instruction) -> None:
+def _add_training_flags(
+    p, *, batch_size, lr, lr_note, query_max_len, passage_max_len, query_instruction, passage_instruction
+) -> None:
     """The flags both train commands take (data, budget, Trainer options), with each command's defaults."""
     p.add_argument("--model", required=True, help="local path or hub name of the model to fine-tune")
     p.add_argument("--data", required=True, nargs="+", help="training JSONL file(s) or folder(s)")
     p.add_argument("--output", required=True, help="folder for checkpoints and the final model")
     p.add_argument("--eval", default=None, help="held-out JSONL (query, pos, neg) for metrics before and after")
-    p.add_argument("--group-size", dest="train_group_size", type=_positive, default=8,
-                   help="passages per query: 1 positive + G-1 negatives (default 8)")
-    p.add_argument("--batch-size", type=_positive, default=batch_size,
-                   help=f"queries per device and step (default {batch_size})")
+    p.add_argument(
+        "--group-size",
+        dest="train_group_size",
+        type=_positive,
+        default=8,
+        help="passages per query: 1 positive + G-1 negatives (default 8)",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive, default=batch_size, help=f"queries per device and step (default {batch_size})"
+    )
     p.add_argument("--grad-accum", type=_positive, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g}{lr_note})")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: the epochs)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up fraction (default 0.1)")
-    p.add_argument("--query-max-len", type=_positive, default=query_max_len,
-                   help=f"query token budget (default {query_max_len})")
-    p.add_argument("--passage-max-len", type=_positive, default=passage_max_len,
-                   help=f"passage token budget (default {passage_max_len})")
-    p.add_argument("--query-instruction", default=query_instruction,
-                   help=f"before every query (default {query_instruction!r})")
-    p.add_argument("--passage-instruction", default=passage_instruction,
-                   help=f"before every passage (default {passage_instruction!r})")
-    p.add_argument("--max-examples-per-dataset", type=_positive, default=None, help="use at most this many lines per file")
+    p.add_argument(
+        "--query-max-len", type=_positive, default=query_max_len, help=f"query token budget (default {query_max_len})"
+    )
+    p.add_argument(
+        "--passage-max-len",
+        type=_positive,
+        default=passage_max_len,
+        help=f"passage token budget (default {passage_max_len})",
+    )
+    p.add_argument(
+        "--query-instruction", default=query_instruction, help=f"before every query (default {query_instruction!r})"
+    )
+    p.add_argument(
+        "--passage-instruction",
+        default=passage_instruction,
+        help=f"before every passage (default {passage_instruction!r})",
+    )
+    p.add_argument(
+        "--max-examples-per-dataset", type=_positive, default=None, help="use at most this many lines per file"
+    )
     p.add_argument("--save-steps", type=_positive, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--logging-steps", type=_positive, default=10, help="log the loss every N steps (default 10)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
@@ -323,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastrank", description="Fused kernels for LLM rerankers and embedders.")
     parser.add_argument("--version", action="version", version=f"fastrank {__version__} (distribution fastrank-llm)")
-    parser.add_argument("--traceback", action="store_true",
-                        help="on an error, show the full Python traceback instead of one line")
+    parser.add_argument(
+        "--traceback", action="store_true", help="on an error, show the full Python traceback instead of one line"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser(
@@ -339,32 +400,46 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--op", action="append", help="benchmark only this op (repeatable); default: all")
     bench.add_argument("--full", action="store_true", help="run the full sweep of shapes instead of the quick set")
     bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    bench.add_argument("--json", metavar="PATH", help="also write every measurement, with versions and GPU name, as JSON")
-    bench.add_argument("--plot", metavar="PATH.png",
-                       help="also draw the time and memory ratios per op and case as a bar chart (.png, .svg, .pdf; "
-                       "needs matplotlib: pip install matplotlib)")
-    bench.add_argument("--from-json", nargs="+", metavar="RESULTS.json",
-                       help="run nothing: print the tables of these files saved by --json (and plot them with --plot)")
+    bench.add_argument(
+        "--json", metavar="PATH", help="also write every measurement, with versions and GPU name, as JSON"
+    )
+    bench.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="also draw the time and memory ratios per op and case as a bar chart (.png, .svg, .pdf; "
+        "needs matplotlib: pip install matplotlib)",
+    )
+    bench.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="RESULTS.json",
+        help="run nothing: print the tables of these files saved by --json (and plot them with --plot)",
+    )
     bench.add_argument("--quiet", action="store_true", help="no per-case and per-provider progress lines on stderr")
     bench.set_defaults(func=cmd_bench)
 
     rerank = sub.add_parser(
         "rerank",
         help="score JSONL (query + documents, or query + document) with an LLM reranker",
-        description="Reads JSONL lines {\"query\": ..., \"documents\": [...]} (ranked: results best first) or "
-        "{\"query\": ..., \"document\": ...} (one score), optionally with an \"id\", and writes one JSONL "
-        "line per input line. A bad or empty line is reported (line number on stderr, an \"error\" record in "
+        description='Reads JSONL lines {"query": ..., "documents": [...]} (ranked: results best first) or '
+        '{"query": ..., "document": ...} (one score), optionally with an "id", and writes one JSONL '
+        'line per input line. A bad or empty line is reported (line number on stderr, an "error" record in '
         "the output) and the other lines are still scored; the exit status is then 1.",
     )
     rerank.add_argument("--model", required=True, help="local path or hub name of the causal-LM reranker")
-    rerank.add_argument("--preset", default=None,
-                        help="one of " + ", ".join(_preset_names()) + " (default: the one the model folder names, or "
-                        "recognised from the checkpoint's name; an error when neither tells)")
+    rerank.add_argument(
+        "--preset",
+        default=None,
+        help="one of " + ", ".join(_preset_names()) + " (default: the one the model folder names, or "
+        "recognised from the checkpoint's name; an error when neither tells)",
+    )
     rerank.add_argument("--input", default="-", help="JSONL file to read (default: stdin)")
     rerank.add_argument("--output", default="-", help="JSONL file to write (default: stdout)")
     rerank.add_argument("--batch-size", type=_positive, default=64, help="pairs per forward pass at most (default 64)")
     rerank.add_argument("--max-tokens", type=_positive, default=32768, help="padded tokens per forward pass at most")
-    rerank.add_argument("--max-length", type=_positive, default=None, help="token budget per pair (default: the preset's)")
+    rerank.add_argument(
+        "--max-length", type=_positive, default=None, help="token budget per pair (default: the preset's)"
+    )
     rerank.add_argument("--top-k", type=_positive, default=None, help="keep the k best documents per query")
     rerank.add_argument("--normalize", action="store_true", help="scores in [0, 1] (sigmoid, or the preset's mapping)")
     rerank.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
@@ -376,21 +451,31 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser(
         "encode",
         help="embed texts (JSONL or one text per line) with a bi-encoder or LLARA into .npy or JSONL",
-        description="Reads texts (a .jsonl/.json input is JSONL: strings or {\"text\": ..., \"id\": ...}; anything "
+        description='Reads texts (a .jsonl/.json input is JSONL: strings or {"text": ..., "id": ...}; anything '
         "else is one text per line) and writes one embedding per input line, in order: a .npy matrix, or JSONL "
-        "records {\"line\", \"embedding\"}. A bad or empty line is reported with its number (an \"error\" record, "
+        'records {"line", "embedding"}. A bad or empty line is reported with its number (an "error" record, '
         "or a row of NaN in the .npy, so rows stay aligned with lines) and the others are still encoded; the exit "
         "status is then 1. A causal LM without pooling settings is pooled at its last token.",
     )
     enc.add_argument("--model", required=True, help="local path or hub name (sentence-transformers or HF folder)")
     enc.add_argument("--input", default="-", help="input file (default: stdin)")
-    enc.add_argument("--format", choices=["auto", "jsonl", "text"], default="auto", help="input format (default: by extension)")
+    enc.add_argument(
+        "--format", choices=["auto", "jsonl", "text"], default="auto", help="input format (default: by extension)"
+    )
     enc.add_argument("--output", default="-", help="output .npy or JSONL file (default: JSONL on stdout)")
-    enc.add_argument("--kind", choices=["auto", "bi", "llara"], default="auto", help="embedder kind (default: from the folder)")
-    enc.add_argument("--pooling", choices=["cls", "mean", "last"], default=None,
-                     help="override the folder's pooling (default: the folder's, else cls, or last for a causal LM)")
+    enc.add_argument(
+        "--kind", choices=["auto", "bi", "llara"], default="auto", help="embedder kind (default: from the folder)"
+    )
+    enc.add_argument(
+        "--pooling",
+        choices=["cls", "mean", "last"],
+        default=None,
+        help="override the folder's pooling (default: the folder's, else cls, or last for a causal LM)",
+    )
     enc.add_argument("--normalize", choices=["yes", "no"], default=None, help="override the folder's normalisation")
-    enc.add_argument("--queries", action="store_true", help="encode as queries (query instruction / LLARA query suffix)")
+    enc.add_argument(
+        "--queries", action="store_true", help="encode as queries (query instruction / LLARA query suffix)"
+    )
     enc.add_argument("--batch-size", type=_positive, default=64, help="texts per forward pass at most (default 64)")
     enc.add_argument("--max-tokens", type=_positive, default=32768, help="padded tokens per forward pass at most")
     enc.add_argument("--max-length", type=_positive, default=None, help="tokens per text (default: the folder's)")
@@ -406,13 +491,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-steps in --output, --resume from the last one, and with --eval a held-out recall@1/@10, MRR@10 and "
         "NDCG@10 before and after training (printed and written to OUTPUT/eval_results.json).",
     )
-    _add_training_flags(te, batch_size=8, lr=1e-5, lr_note="", query_max_len=64, passage_max_len=256,
-                        query_instruction=None, passage_instruction=None)
+    _add_training_flags(
+        te,
+        batch_size=8,
+        lr=1e-5,
+        lr_note="",
+        query_max_len=64,
+        passage_max_len=256,
+        query_instruction=None,
+        passage_instruction=None,
+    )
     te.add_argument("--kind", choices=["bi", "llara"], default="bi", help="bi-encoder (default) or LLARA")
-    te.add_argument("--pooling", choices=["cls", "mean", "last"], default=None,
-                    help="bi-encoder pooling (default: the folder's, else cls, or last for a causal LM)")
-    te.add_argument("--normalize", choices=["yes", "no"], default=None, help="L2-normalise embeddings (default: the folder's, else yes)")
-    te.add_argument("--temperature", type=float, default=0.02, help="similarity temperature (default 0.02; 1.0 without normalisation)")
+    te.add_argument(
+        "--pooling",
+        choices=["cls", "mean", "last"],
+        default=None,
+        help="bi-encoder pooling (default: the folder's, else cls, or last for a causal LM)",
+    )
+    te.add_argument(
+        "--normalize",
+        choices=["yes", "no"],
+        default=None,
+        help="L2-normalise embeddings (default: the folder's, else yes)",
+    )
+    te.add_argument(
+        "--temperature",
+        type=float,
+        default=0.02,
+        help="similarity temperature (default 0.02; 1.0 without normalisation)",
+    )
     te.add_argument("--no-in-batch-neg", action="store_true", help="score each query against its own group only")
     te.add_argument("--negatives-cross-device", action="store_true", help="negatives from every process (torchrun)")
     te.add_argument("--sub-batch-size", type=int, default=-1, help="encode in chunks of this many texts")
@@ -428,21 +535,41 @@ def build_parser() -> argparse.ArgumentParser:
         "written to OUTPUT/eval_results.json). The output folder holds the scoring preset too, so "
         "fastrank.Reranker.from_pretrained(OUTPUT) and `fastrank rerank --model OUTPUT` score as trained.",
     )
-    _add_training_flags(tr, batch_size=1, lr=2e-4, lr_note=", for LoRA; use ~1e-5 in full", query_max_len=32,
-                        passage_max_len=128, query_instruction="A: ", passage_instruction="B: ")
-    tr.add_argument("--layout", choices=["research", "package"], default="research",
-                    help="research: the answer is appended and labelled (the seeds' recipe); package: nothing appended")
-    tr.add_argument("--answer", default="Yes", help="the answer token whose logit is the score (default Yes; one token)")
+    _add_training_flags(
+        tr,
+        batch_size=1,
+        lr=2e-4,
+        lr_note=", for LoRA; use ~1e-5 in full",
+        query_max_len=32,
+        passage_max_len=128,
+        query_instruction="A: ",
+        passage_instruction="B: ",
+    )
+    tr.add_argument(
+        "--layout",
+        choices=["research", "package"],
+        default="research",
+        help="research: the answer is appended and labelled (the seeds' recipe); package: nothing appended",
+    )
+    tr.add_argument(
+        "--answer", default="Yes", help="the answer token whose logit is the score (default Yes; one token)"
+    )
     tr.add_argument("--prompt", default=None, help="the trailing prompt (default: FlagEmbedding's)")
-    tr.add_argument("--knowledge-distillation", choices=["auto", "yes", "no"], default="auto",
-                    help="add the teacher-score term: auto when every line has pos_scores/neg_scores")
+    tr.add_argument(
+        "--knowledge-distillation",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="add the teacher-score term: auto when every line has pos_scores/neg_scores",
+    )
     tr.add_argument("--padding-side", choices=["left", "right"], default=None, help="default: the tokenizer's")
     tr.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0: full fine-tune)")
     tr.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
     tr.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default 0.1)")
-    tr.add_argument("--lora-targets", default=None,
-                    help="comma-separated module names for LoRA (default: q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,"
-                    "gate_proj)")
+    tr.add_argument(
+        "--lora-targets",
+        default=None,
+        help="comma-separated module names for LoRA (default: q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj)",
+    )
     tr.add_argument("--dtype", default="auto", help="weights as loaded: auto (the checkpoint's), float32, bfloat16")
     tr.set_defaults(func=cmd_train_reranker)
 
@@ -452,8 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="For trying the CLI and API offline: the scores of a random model mean nothing.",
     )
     demo.add_argument("output", help="folder to write (save_pretrained layout)")
-    demo.add_argument("--size", choices=["tiny", "qwen2.5-0.5b"], default="tiny",
-                      help="tiny (hidden 64) or the Qwen2.5-0.5B shape (hidden 896, vocab 151936)")
+    demo.add_argument(
+        "--size",
+        choices=["tiny", "qwen2.5-0.5b"],
+        default="tiny",
+        help="tiny (hidden 64) or the Qwen2.5-0.5B shape (hidden 896, vocab 151936)",
+    )
     demo.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     demo.set_defaults(func=cmd_demo_model)
     return parser

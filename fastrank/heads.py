@@ -9,7 +9,7 @@ one score per pair:
 | ``yes_logit`` | raw logit of one token ("Yes")                            | sigmoid                    |
 | ``yes_no``    | ``l_yes - l_no`` as one fp32 row                          | sigmoid (= P(yes | yes,no)) |
 | ``token_diff``| ``l_a - l_b`` for two given tokens                        | sigmoid                    |
-| ``digit_ev``  | ``sum_d d * p(d)``, p the full-vocabulary softmax         | renormalised over the digits, rescaled to [0, 1] |
+| ``digit_ev``  | ``sum_d d * p(d)``, p the full-vocabulary softmax         | renormalised, rescaled to [0, 1] |
 
 Token strings are looked up with the model's own tokenizer and must each be one token.
 """

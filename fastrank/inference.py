@@ -8,9 +8,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from fastrank.data.batching import collate, pad_token_id_of, token_budget_batches
-from fastrank.presets import Preset, detect_preset, get_preset
 from fastrank.models.loading import check_model_source, resolve_device, resolve_dtype
 from fastrank.models.reranker import CausalLMScorer, unwrap_model
+from fastrank.presets import Preset, detect_preset, get_preset
 from fastrank.utils import positive_int, value_checks
 
 DEFAULT_BATCH_SIZE = 64
@@ -20,8 +20,10 @@ DEFAULT_MAX_TOKENS = 32768  # padded tokens per batch: 64 pairs of 512, or 4 of 
 def document_texts(documents) -> List[str]:
     """The text of each document (a string or a ``{"text": ...}`` dict), checked: a non-empty list."""
     if isinstance(documents, str):
-        raise ValueError("documents: got one string; pass a list of documents (e.g. [text]), not a string, "
-                         "whose characters would each be ranked")
+        raise ValueError(
+            "documents: got one string; pass a list of documents (e.g. [text]), not a string, "
+            "whose characters would each be ranked"
+        )
     if not isinstance(documents, list) or not documents:
         raise ValueError("documents: must be a non-empty list; give at least one document to rank")
     texts = []
@@ -66,7 +68,9 @@ def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_
         for idx in token_budget_batches(lengths, batch_size, max_tokens, multiple):
             batch = collate([sequences[i] for i in idx], pad_id, padding_side, multiple, device=device, indices=idx)
             rows = torch.tensor(idx) + offset
-            out[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = compute(batch).float()
+            out[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = compute(
+                batch
+            ).float()
             bar.update(len(idx))
 
 
@@ -86,8 +90,17 @@ class Reranker:
         self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
 
     @classmethod
-    def from_pretrained(cls, path_or_model, preset: Union[str, Preset, None] = None, *,
-                        tokenizer=None, dtype="auto", device=None, attn_implementation=None, **model_kwargs):
+    def from_pretrained(
+        cls,
+        path_or_model,
+        preset: Union[str, Preset, None] = None,
+        *,
+        tokenizer=None,
+        dtype="auto",
+        device=None,
+        attn_implementation=None,
+        **model_kwargs,
+    ):
         """Load a reranker from a local path or hub name, or wrap an already loaded causal LM.
 
         Args:
@@ -139,12 +152,21 @@ class Reranker:
     def tokenize(self, pairs: Sequence, max_length: Optional[int] = None):
         """Token ids of each pair under the preset's layout (``TokenizedPair`` list)."""
         positive_int("max_length", max_length, none_ok=True)
-        return self.preset.template.tokenize(self.tokenizer, pairs, self.preset.max_length if max_length is None else max_length)
+        return self.preset.template.tokenize(
+            self.tokenizer, pairs, self.preset.max_length if max_length is None else max_length
+        )
 
     @torch.inference_mode()
-    def score(self, pairs: Sequence, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: Optional[int] = None,
-              max_tokens: int = DEFAULT_MAX_TOKENS, normalize: bool = False,
-              show_progress: Optional[bool] = None) -> List[float]:
+    def score(
+        self,
+        pairs: Sequence,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: Optional[int] = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        normalize: bool = False,
+        show_progress: Optional[bool] = None,
+    ) -> List[float]:
         """One score per (query, passage) pair, in input order.
 
         Args:
@@ -189,9 +211,15 @@ class Reranker:
         return scores.cpu().tolist()
 
     @torch.inference_mode()
-    def score_encoded(self, sequences: Sequence[Sequence[int]], *, batch_size: int = DEFAULT_BATCH_SIZE,
-                      max_tokens: int = DEFAULT_MAX_TOKENS, normalize: bool = False,
-                      show_progress: Optional[bool] = None) -> List[float]:
+    def score_encoded(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        normalize: bool = False,
+        show_progress: Optional[bool] = None,
+    ) -> List[float]:
         """Scores of already tokenised sequences (``tokenize``'s ids), in input order."""
         scores = torch.empty(len(sequences), dtype=torch.float32, device=self.device)
         show = show_progress if show_progress is not None else len(sequences) > 4 * batch_size
@@ -204,14 +232,22 @@ class Reranker:
     def _enqueue(self, sequences, offset, scores, batch_size, max_tokens, normalize, bar):
         side = getattr(self.tokenizer, "padding_side", "right")
         run_batches(
-            sequences, offset, scores, batch_size, max_tokens, self.pad_token_id, side, bar,
+            sequences,
+            offset,
+            scores,
+            batch_size,
+            max_tokens,
+            self.pad_token_id,
+            side,
+            bar,
             lambda b: self.scorer(
                 input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, normalize=normalize
             ),
         )
 
-    def rank(self, query: str, documents: Sequence, *, top_k: Optional[int] = None, normalize: bool = False,
-             **score_kwargs) -> List[dict]:
+    def rank(
+        self, query: str, documents: Sequence, *, top_k: Optional[int] = None, normalize: bool = False, **score_kwargs
+    ) -> List[dict]:
         """Documents for ``query``, best first: ``[{"index", "relevance_score", "document"}, ...]``.
 
         ``documents`` are strings or ``{"text": ...}`` dicts (returned as given); ``top_k`` keeps the best k.
@@ -224,14 +260,24 @@ class Reranker:
         scores = self.score([(query, t) for t in texts], normalize=normalize, **score_kwargs)
         return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in best_first(scores, top_k)]
 
-    def compute_score(self, sentence_pairs, *, batch_size: int = DEFAULT_BATCH_SIZE, max_length: Optional[int] = None,
-                      normalize: bool = False, **kwargs):
+    def compute_score(
+        self,
+        sentence_pairs,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: Optional[int] = None,
+        normalize: bool = False,
+        **kwargs,
+    ):
         """FlagEmbedding's ``compute_score``: the list of scores of ``sentence_pairs`` (a list of ``[query,
         passage]``, or one such pair, which gives a one-element list as FlagEmbedding 1.4 does); ``normalize=True``
         applies the preset's mapping to [0, 1] (a sigmoid for the logit conventions, as FlagEmbedding does).
         Other keywords go to ``score``."""
-        single = (isinstance(sentence_pairs, (list, tuple)) and len(sentence_pairs) == 2
-                  and all(isinstance(x, str) for x in sentence_pairs))
+        single = (
+            isinstance(sentence_pairs, (list, tuple))
+            and len(sentence_pairs) == 2
+            and all(isinstance(x, str) for x in sentence_pairs)
+        )
         pairs = [tuple(sentence_pairs)] if single else sentence_pairs
         return self.score(pairs, batch_size=batch_size, max_length=max_length, normalize=normalize, **kwargs)
 
@@ -260,10 +306,21 @@ class Embedder:
         self.pad_token_id = pad_token_id_of(self.tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path_or_model, *, kind: str = "auto", tokenizer=None, pooling: Optional[str] = None,
-                        normalize: Optional[bool] = None, query_instruction: Optional[str] = None,
-                        passage_instruction: Optional[str] = None, max_length: Optional[int] = None,
-                        dtype="auto", device=None, attn_implementation=None) -> "Embedder":
+    def from_pretrained(
+        cls,
+        path_or_model,
+        *,
+        kind: str = "auto",
+        tokenizer=None,
+        pooling: Optional[str] = None,
+        normalize: Optional[bool] = None,
+        query_instruction: Optional[str] = None,
+        passage_instruction: Optional[str] = None,
+        max_length: Optional[int] = None,
+        dtype="auto",
+        device=None,
+        attn_implementation=None,
+    ) -> "Embedder":
         """Load an embedder from a folder (a sentence-transformers or fastrank folder, or any HF model), or
         wrap a loaded model.
 
@@ -304,17 +361,28 @@ class Embedder:
                     raise ValueError("tokenizer: none given and the model has no name_or_path to load one from")
                 tokenizer = AutoTokenizer.from_pretrained(source)
         else:
-            raise ValueError(f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}")
+            raise ValueError(
+                f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}"
+            )
         if kind == "llara":
-            keep = {k: settings[k] for k in ("normalize", "temperature", "query_max_len", "passage_max_len") if k in settings}
+            keep = {
+                k: settings[k]
+                for k in ("normalize", "temperature", "query_max_len", "passage_max_len")
+                if k in settings
+            }
             if normalize is not None:
                 keep["normalize"] = normalize
             if max_length is not None:
                 keep["query_max_len"] = keep["passage_max_len"] = max_length
             encoder = LlaraEncoder(model, tokenizer, **keep)
         else:
-            overrides = dict(pooling=pooling, normalize=normalize, query_instruction=query_instruction,
-                             passage_instruction=passage_instruction, max_length=max_length)
+            overrides = dict(
+                pooling=pooling,
+                normalize=normalize,
+                query_instruction=query_instruction,
+                passage_instruction=passage_instruction,
+                max_length=max_length,
+            )
             settings.update({k: v for k, v in overrides.items() if v is not None})
             if not settings.get("normalize", True):
                 settings["temperature"] = 1.0
@@ -330,12 +398,23 @@ class Embedder:
         return unwrap_model(self.encoder.model).config.hidden_size
 
     @torch.inference_mode()
-    def encode(self, texts, *, kind: str = "passage", batch_size: int = DEFAULT_BATCH_SIZE,
-               max_length: Optional[int] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-               normalize: Optional[bool] = None, prompt: Optional[str] = None, convert_to: str = "numpy",
-               show_progress: Optional[bool] = None, normalize_embeddings: Optional[bool] = None,
-               convert_to_tensor: Optional[bool] = None, convert_to_numpy: Optional[bool] = None,
-               show_progress_bar: Optional[bool] = None):
+    def encode(
+        self,
+        texts,
+        *,
+        kind: str = "passage",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: Optional[int] = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        normalize: Optional[bool] = None,
+        prompt: Optional[str] = None,
+        convert_to: str = "numpy",
+        show_progress: Optional[bool] = None,
+        normalize_embeddings: Optional[bool] = None,
+        convert_to_tensor: Optional[bool] = None,
+        convert_to_numpy: Optional[bool] = None,
+        show_progress_bar: Optional[bool] = None,
+    ):
         """Embeddings of ``texts`` in input order: ``[N, H]`` fp32 (a single string gives ``[H]``).
 
         Args:
@@ -379,7 +458,9 @@ class Embedder:
         from tqdm.auto import tqdm
 
         def compute(batch):
-            return self.encoder.encode({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, normalize)
+            return self.encoder.encode(
+                {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, normalize
+            )
 
         with tqdm(total=len(texts), unit="text", desc="encoding", disable=not show) as bar:
             for start in range(0, len(texts), window):

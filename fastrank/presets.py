@@ -125,8 +125,12 @@ def preset_to_dict(preset: Preset) -> dict:
     conv = preset.convention
     return {
         "name": preset.name,
-        "convention": {"kind": conv.kind, "tokens": list(conv.tokens), "values": list(conv.values),
-                       "renormalize": conv.renormalize},
+        "convention": {
+            "kind": conv.kind,
+            "tokens": list(conv.tokens),
+            "values": list(conv.values),
+            "renormalize": conv.renormalize,
+        },
         "template": {"type": kind, **fields},
         "max_length": preset.max_length,
         "description": preset.description,
@@ -143,7 +147,9 @@ def preset_from_dict(data: dict, where: str = "preset") -> Preset:
         template_cls = templates.TEMPLATES[spec.pop("type")]
         return Preset(
             data["name"],
-            Convention(conv["kind"], tuple(conv["tokens"]), tuple(conv.get("values", ())), conv.get("renormalize", False)),
+            Convention(
+                conv["kind"], tuple(conv["tokens"]), tuple(conv.get("values", ())), conv.get("renormalize", False)
+            ),
             template_cls(**spec),
             max_length=int(data["max_length"]),
             description=data.get("description", ""),

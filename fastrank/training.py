@@ -78,8 +78,15 @@ class TrainingOptions:
         self.data = [self.data] if isinstance(self.data, (str, os.PathLike)) else list(self.data)
         if not self.data:
             raise ValueError("data: give at least one training JSONL file or folder")
-        for name in ("train_group_size", "batch_size", "grad_accum", "query_max_len", "passage_max_len", "save_steps",
-                     "logging_steps"):
+        for name in (
+            "train_group_size",
+            "batch_size",
+            "grad_accum",
+            "query_max_len",
+            "passage_max_len",
+            "save_steps",
+            "logging_steps",
+        ):
             positive_int(name, getattr(self, name))
         positive_int("max_examples_per_dataset", self.max_examples_per_dataset, none_ok=True)
         if not self.lr > 0:
@@ -101,11 +108,23 @@ class TrainingOptions:
             f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if self.gradient_checkpointing else None,
         }
         return TrainingArguments(
-            output_dir=self.output, per_device_train_batch_size=self.batch_size,
-            gradient_accumulation_steps=self.grad_accum, learning_rate=self.lr, num_train_epochs=self.epochs,
-            max_steps=self.max_steps, save_steps=self.save_steps, logging_steps=self.logging_steps, bf16=self.bf16,
-            fp16=self.fp16, seed=self.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
-            remove_unused_columns=False, disable_tqdm=not self.progress, **warmup, **checkpointing,
+            output_dir=self.output,
+            per_device_train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum,
+            learning_rate=self.lr,
+            num_train_epochs=self.epochs,
+            max_steps=self.max_steps,
+            save_steps=self.save_steps,
+            logging_steps=self.logging_steps,
+            bf16=self.bf16,
+            fp16=self.fp16,
+            seed=self.seed,
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            remove_unused_columns=False,
+            disable_tqdm=not self.progress,
+            **warmup,
+            **checkpointing,
         )
 
 
@@ -113,8 +132,14 @@ Report = Callable[[str, dict], None]
 Log = Callable[[str], None]
 
 
-def _train_and_report(trainer, options: TrainingOptions, evaluate: Callable[[], dict], what: str,
-                      report: Optional[Report], log: Optional[Log]) -> dict:
+def _train_and_report(
+    trainer,
+    options: TrainingOptions,
+    evaluate: Callable[[], dict],
+    what: str,
+    report: Optional[Report],
+    log: Optional[Log],
+) -> dict:
     """Train (from the last checkpoint with ``resume``), save to ``output``, and with ``eval`` measure the
     held-out metrics before and after (``evaluate()`` gives them for the model as it is)."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -142,10 +167,20 @@ def _train_and_report(trainer, options: TrainingOptions, evaluate: Callable[[], 
     return result
 
 
-def train_embedder(model: str, options: TrainingOptions, *, kind: str = "bi", pooling: Optional[str] = None,
-                   normalize: Optional[bool] = None, temperature: float = 0.02, in_batch_negatives: bool = True,
-                   negatives_cross_device: bool = False, sub_batch_size: int = -1,
-                   report: Optional[Report] = None, log: Optional[Log] = None) -> dict:
+def train_embedder(
+    model: str,
+    options: TrainingOptions,
+    *,
+    kind: str = "bi",
+    pooling: Optional[str] = None,
+    normalize: Optional[bool] = None,
+    temperature: float = 0.02,
+    in_batch_negatives: bool = True,
+    negatives_cross_device: bool = False,
+    sub_batch_size: int = -1,
+    report: Optional[Report] = None,
+    log: Optional[Log] = None,
+) -> dict:
     """Fine-tune a bi-encoder (``kind="bi"``, any ``AutoModel``) or LLARA (``kind="llara"``, a causal LM) on
     fastrank's contrastive loss. ``pooling`` / ``normalize`` default to the folder's settings (else ``cls``,
     or ``last`` for a causal LM, and normalised). Returns ``{"output", "before_training", "after_training"}``
@@ -154,35 +189,69 @@ def train_embedder(model: str, options: TrainingOptions, *, kind: str = "bi", po
     if kind not in ("bi", "llara"):
         raise ValueError(f"kind: must be 'bi' or 'llara', got {kind!r}")
     model_path = check_model_source(model, "model")
-    common = dict(temperature=temperature, negatives_cross_device=negatives_cross_device,
-                  sub_batch_size=sub_batch_size, use_inbatch_neg=in_batch_negatives)
+    common = dict(
+        temperature=temperature,
+        negatives_cross_device=negatives_cross_device,
+        sub_batch_size=sub_batch_size,
+        use_inbatch_neg=in_batch_negatives,
+    )
     if normalize is not None:
         common["normalize"] = normalize
     if kind == "llara":
-        encoder = LlaraEncoder.from_pretrained(model_path, query_max_len=options.query_max_len,
-                                               passage_max_len=options.passage_max_len, **common)
+        encoder = LlaraEncoder.from_pretrained(
+            model_path, query_max_len=options.query_max_len, passage_max_len=options.passage_max_len, **common
+        )
     else:
-        encoder = BiEncoder.from_pretrained(model_path, pooling=pooling, query_instruction=options.query_instruction,
-                                            passage_instruction=options.passage_instruction, **common)
-    train = EmbedderTrainDataset(options.data, train_group_size=options.train_group_size,
-                                 query_instruction=options.query_instruction,
-                                 passage_instruction=options.passage_instruction,
-                                 max_examples_per_dataset=options.max_examples_per_dataset, seed=options.seed)
+        encoder = BiEncoder.from_pretrained(
+            model_path,
+            pooling=pooling,
+            query_instruction=options.query_instruction,
+            passage_instruction=options.passage_instruction,
+            **common,
+        )
+    train = EmbedderTrainDataset(
+        options.data,
+        train_group_size=options.train_group_size,
+        query_instruction=options.query_instruction,
+        passage_instruction=options.passage_instruction,
+        max_examples_per_dataset=options.max_examples_per_dataset,
+        seed=options.seed,
+    )
     eval_rows = read_retrieval_jsonl(options.eval, need_negatives=False) if options.eval else None
     encoder.to(default_device())
     trainer = EmbedderTrainer(
-        model=encoder.train(), args=options.trainer_arguments(), train_dataset=train,
+        model=encoder.train(),
+        args=options.trainer_arguments(),
+        train_dataset=train,
         data_collator=EmbedderCollator(encoder, options.query_max_len, options.passage_max_len),
     )
-    return _train_and_report(trainer, options, lambda: retrieval_metrics(Embedder(encoder.eval()), eval_rows),
-                             f"{encoder.kind} embedder", report, log)
+    return _train_and_report(
+        trainer,
+        options,
+        lambda: retrieval_metrics(Embedder(encoder.eval()), eval_rows),
+        f"{encoder.kind} embedder",
+        report,
+        log,
+    )
 
 
-def train_reranker(model: str, options: TrainingOptions, *, layout: str = "research", answer: str = "Yes",
-                   prompt: Optional[str] = None, knowledge_distillation: Optional[bool] = None,
-                   padding_side: Optional[str] = None, lora_rank: int = 0, lora_alpha: int = 16,
-                   lora_dropout: float = 0.1, lora_targets: Sequence[str] = LORA_TARGETS, dtype="auto",
-                   report: Optional[Report] = None, log: Optional[Log] = None) -> dict:
+def train_reranker(
+    model: str,
+    options: TrainingOptions,
+    *,
+    layout: str = "research",
+    answer: str = "Yes",
+    prompt: Optional[str] = None,
+    knowledge_distillation: Optional[bool] = None,
+    padding_side: Optional[str] = None,
+    lora_rank: int = 0,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.1,
+    lora_targets: Sequence[str] = LORA_TARGETS,
+    dtype="auto",
+    report: Optional[Report] = None,
+    log: Optional[Log] = None,
+) -> dict:
     """Fine-tune a causal LM as a reranker on the logit of ``answer`` (FlagEmbedding's LLM reranker recipe:
     groups of 1 positive + G-1 negatives, cross-entropy, optional distillation) through the fused score head.
 
@@ -209,36 +278,65 @@ def train_reranker(model: str, options: TrainingOptions, *, layout: str = "resea
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        lm = get_peft_model(lm, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                           target_modules=list(lora_targets), task_type="CAUSAL_LM"))
+        lm = get_peft_model(
+            lm,
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=list(lora_targets),
+                task_type="CAUSAL_LM",
+            ),
+        )
     reranker = LLMRerankerModel(lm, tokenizer, train_group_size=options.train_group_size, answer=answer)
     prompt = FlagLLMTemplate.prompt if prompt is None else prompt
     train = RerankTrainDataset(
-        options.data, tokenizer, train_group_size=options.train_group_size, query_max_len=options.query_max_len,
-        passage_max_len=options.passage_max_len, query_instruction=query_instruction,
-        passage_instruction=passage_instruction, prompt=prompt, answer=answer if layout == "research" else None,
-        knowledge_distillation=knowledge_distillation, max_examples_per_dataset=options.max_examples_per_dataset,
+        options.data,
+        tokenizer,
+        train_group_size=options.train_group_size,
+        query_max_len=options.query_max_len,
+        passage_max_len=options.passage_max_len,
+        query_instruction=query_instruction,
+        passage_instruction=passage_instruction,
+        prompt=prompt,
+        answer=answer if layout == "research" else None,
+        knowledge_distillation=knowledge_distillation,
+        max_examples_per_dataset=options.max_examples_per_dataset,
         seed=options.seed,
     )
     eval_rows = read_retrieval_jsonl(options.eval, need_negatives=False) if options.eval else None
     # Evaluation scores pairs the way inference will: the same instructions, separator and prompt, the score
     # read at the prompt's last token. The preset is saved with the model, so Reranker.from_pretrained(output)
     # scores that way too.
-    preset = Preset("trained", yes_logit(answer), FlagLLMTemplate(
-        prompt=prompt, query_instruction=query_instruction, passage_instruction=passage_instruction,
-        query_max_length=options.query_max_len), max_length=options.query_max_len + options.passage_max_len,
-        description=f"trained by fastrank from {model}")
+    preset = Preset(
+        "trained",
+        yes_logit(answer),
+        FlagLLMTemplate(
+            prompt=prompt,
+            query_instruction=query_instruction,
+            passage_instruction=passage_instruction,
+            query_max_length=options.query_max_len,
+        ),
+        max_length=options.query_max_len + options.passage_max_len,
+        description=f"trained by fastrank from {model}",
+    )
     training_args = options.trainer_arguments()
     if options.gradient_checkpointing and lora_rank:
         reranker.enable_input_require_grads()
     lm.to(default_device())
     trainer = RerankerTrainer(
-        model=reranker.train(), args=training_args, train_dataset=train,
+        model=reranker.train(),
+        args=training_args,
+        train_dataset=train,
         data_collator=RerankCollator(tokenizer, padding_side=padding_side),
     )
     result = _train_and_report(
-        trainer, options, lambda: reranking_metrics(Reranker(lm.eval(), tokenizer, preset), eval_rows),
-        "reranker's " + ("LoRA adapter" if lora_rank else "model") + " and tokenizer", report, log,
+        trainer,
+        options,
+        lambda: reranking_metrics(Reranker(lm.eval(), tokenizer, preset), eval_rows),
+        "reranker's " + ("LoRA adapter" if lora_rank else "model") + " and tokenizer",
+        report,
+        log,
     )
     save_preset(preset, options.output)
     return result

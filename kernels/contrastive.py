@@ -37,17 +37,37 @@ _INTERPRET = is_interpreting()
 
 
 @triton.jit
-def _score_tile(q_ptr, p_ptr, offs_m, m_mask, offs_n, n_mask, D, stride_qm, stride_pn, inv_tau,
-                DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _score_tile(
+    q_ptr,
+    p_ptr,
+    offs_m,
+    m_mask,
+    offs_n,
+    n_mask,
+    D,
+    stride_qm,
+    stride_pn,
+    inv_tau,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """fp32 [BLOCK_M, BLOCK_N] tile of q p^T / tau."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
-        q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        p_t = tl.load(p_ptr + offs_n[None, :].to(tl.int64) * stride_pn + offs_d[:, None],
-                      mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        p_t = tl.load(
+            p_ptr + offs_n[None, :].to(tl.int64) * stride_pn + offs_d[:, None],
+            mask=d_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
         if DOT_FP32:
             acc = tl.dot(q.to(tl.float32), p_t.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -57,11 +77,28 @@ def _score_tile(q_ptr, p_ptr, offs_m, m_mask, offs_n, n_mask, D, stride_qm, stri
 
 @triton.jit
 def _contrastive_fwd_kernel(
-    q_ptr, p_ptr, targets_ptr, teacher_ptr, part_ptr,
-    B, P, D, G, inv_tau, cols_per_split,
-    stride_qm, stride_pn, stride_tm, stride_ps, stride_pm,
-    IN_BATCH: tl.constexpr, HAS_TEACHER: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    p_ptr,
+    targets_ptr,
+    teacher_ptr,
+    part_ptr,
+    B,
+    P,
+    D,
+    G,
+    inv_tau,
+    cols_per_split,
+    stride_qm,
+    stride_pn,
+    stride_tm,
+    stride_ps,
+    stride_pm,
+    IN_BATCH: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """part[split, i] = over this split's passages: (lse over the candidates, target score, lse over the own
     group, sum_g t_ig s_i,group+g). A split holding none of a row's group gives -inf / 0 there."""
@@ -89,8 +126,22 @@ def _contrastive_fwd_kernel(
     for n0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < P
-        s = _score_tile(q_ptr, p_ptr, offs_m, m_mask, offs_n, n_mask, D, stride_qm, stride_pn, inv_tau,
-                        DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = _score_tile(
+            q_ptr,
+            p_ptr,
+            offs_m,
+            m_mask,
+            offs_n,
+            n_mask,
+            D,
+            stride_qm,
+            stride_pn,
+            inv_tau,
+            DOT_FP32,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
         in_group = (offs_n[None, :] >= group_lo[:, None]) & (offs_n[None, :] < group_hi[:, None])
         if IN_BATCH:
             cand = n_mask[None, :]
@@ -106,8 +157,11 @@ def _contrastive_fwd_kernel(
             mg_new = tl.maximum(mg_i, tl.max(s_g, axis=1))
             lg_i = lg_i * tl.exp(mg_i - mg_new) + tl.sum(tl.exp(s_g - mg_new[:, None]), axis=1)
             mg_i = mg_new
-            t = tl.load(teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
-                        mask=in_group & n_mask[None, :] & m_mask[:, None], other=0.0)
+            t = tl.load(
+                teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
+                mask=in_group & n_mask[None, :] & m_mask[:, None],
+                other=0.0,
+            )
             kd += tl.sum(t * tl.where(in_group, s, 0.0), axis=1)
     base = part_ptr + split * stride_ps + offs_m.to(tl.int64) * stride_pm
     tl.store(base + 0, m_i + tl.log(l_i), mask=m_mask)
@@ -118,8 +172,23 @@ def _contrastive_fwd_kernel(
 
 
 @triton.jit
-def _coef_tile(s, offs_m, m_mask, offs_n, n_mask, target, group_lo, group_hi, lse, lse_g, teacher_ptr, stride_tm,
-               row_scale, IN_BATCH: tl.constexpr, HAS_TEACHER: tl.constexpr):
+def _coef_tile(
+    s,
+    offs_m,
+    m_mask,
+    offs_n,
+    n_mask,
+    target,
+    group_lo,
+    group_hi,
+    lse,
+    lse_g,
+    teacher_ptr,
+    stride_tm,
+    row_scale,
+    IN_BATCH: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+):
     """d loss / d s for one tile: row_scale * (softmax - onehot(target)) (+ group softmax - teacher)."""
     in_group = (offs_n[None, :] >= group_lo[:, None]) & (offs_n[None, :] < group_hi[:, None])
     valid = m_mask[:, None] & n_mask[None, :]
@@ -130,20 +199,41 @@ def _coef_tile(s, offs_m, m_mask, offs_n, n_mask, target, group_lo, group_hi, ls
     c = tl.where(cand, tl.exp(s - lse[:, None]), 0.0)
     c -= tl.where((offs_n[None, :] == target[:, None]) & valid, 1.0, 0.0)
     if HAS_TEACHER:
-        t = tl.load(teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
-                    mask=in_group & valid, other=0.0)
+        t = tl.load(
+            teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
+            mask=in_group & valid,
+            other=0.0,
+        )
         c += tl.where(in_group & valid, tl.exp(s - lse_g[:, None]) - t, 0.0)
     return c * row_scale[:, None]
 
 
-
 @triton.jit
 def _contrastive_coef_kernel(
-    q_ptr, p_ptr, targets_ptr, teacher_ptr, stats_ptr, grad_ptr, c_ptr,
-    B, P, D, G, inv_tau, col0, cols,
-    stride_qm, stride_pn, stride_tm, stride_sm, stride_cm,
-    HAS_TEACHER: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    p_ptr,
+    targets_ptr,
+    teacher_ptr,
+    stats_ptr,
+    grad_ptr,
+    c_ptr,
+    B,
+    P,
+    D,
+    G,
+    inv_tau,
+    col0,
+    cols,
+    stride_qm,
+    stride_pn,
+    stride_tm,
+    stride_sm,
+    stride_cm,
+    HAS_TEACHER: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """c[i, j - col0] = row_grad_i / tau * d loss_i / d s_ij for all query rows and the chunk's passage columns
     [col0, col0 + cols) of the in-batch loss, in c's dtype."""
@@ -161,20 +251,71 @@ def _contrastive_coef_kernel(
     lse = tl.load(base + 0, mask=m_mask, other=0.0)
     lse_g = tl.load(base + 2, mask=m_mask & HAS_TEACHER, other=0.0)
     row_scale = tl.load(grad_ptr + offs_m, mask=m_mask, other=0.0) * inv_tau
-    s = _score_tile(q_ptr, p_ptr, offs_m, m_mask, offs_n, n_mask, D, stride_qm, stride_pn, inv_tau,
-                    DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
-    c = _coef_tile(s, offs_m, m_mask, offs_n, n_mask, target, group_lo, group_hi, lse, lse_g, teacher_ptr,
-                   stride_tm, row_scale, True, HAS_TEACHER)
-    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_c[None, :], c.to(c_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    s = _score_tile(
+        q_ptr,
+        p_ptr,
+        offs_m,
+        m_mask,
+        offs_n,
+        n_mask,
+        D,
+        stride_qm,
+        stride_pn,
+        inv_tau,
+        DOT_FP32,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+    )
+    c = _coef_tile(
+        s,
+        offs_m,
+        m_mask,
+        offs_n,
+        n_mask,
+        target,
+        group_lo,
+        group_hi,
+        lse,
+        lse_g,
+        teacher_ptr,
+        stride_tm,
+        row_scale,
+        True,
+        HAS_TEACHER,
+    )
+    tl.store(
+        c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_c[None, :],
+        c.to(c_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
 
 @triton.jit
 def _contrastive_dq_kernel(
-    q_ptr, p_ptr, targets_ptr, teacher_ptr, stats_ptr, grad_ptr, dq_ptr,
-    B, P, D, G, inv_tau,
-    stride_qm, stride_pn, stride_tm, stride_sm, stride_dm,
-    IN_BATCH: tl.constexpr, HAS_TEACHER: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    p_ptr,
+    targets_ptr,
+    teacher_ptr,
+    stats_ptr,
+    grad_ptr,
+    dq_ptr,
+    B,
+    P,
+    D,
+    G,
+    inv_tau,
+    stride_qm,
+    stride_pn,
+    stride_tm,
+    stride_sm,
+    stride_dm,
+    IN_BATCH: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Program i owns query rows [i*BLOCK_M, (i+1)*BLOCK_M): dq = (c p) / tau into the fp32 dq slab."""
     pid = tl.program_id(0)
@@ -196,15 +337,47 @@ def _contrastive_dq_kernel(
     for n0 in range(col_lo, col_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < P
-        s = _score_tile(q_ptr, p_ptr, offs_m, m_mask, offs_n, n_mask, D, stride_qm, stride_pn, inv_tau,
-                        DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
-        c = _coef_tile(s, offs_m, m_mask, offs_n, n_mask, target, group_lo, group_hi, lse, lse_g, teacher_ptr,
-                       stride_tm, row_scale, IN_BATCH, HAS_TEACHER)
+        s = _score_tile(
+            q_ptr,
+            p_ptr,
+            offs_m,
+            m_mask,
+            offs_n,
+            n_mask,
+            D,
+            stride_qm,
+            stride_pn,
+            inv_tau,
+            DOT_FP32,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
+        c = _coef_tile(
+            s,
+            offs_m,
+            m_mask,
+            offs_n,
+            n_mask,
+            target,
+            group_lo,
+            group_hi,
+            lse,
+            lse_g,
+            teacher_ptr,
+            stride_tm,
+            row_scale,
+            IN_BATCH,
+            HAS_TEACHER,
+        )
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
-            p = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            p = tl.load(
+                p_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_d[None, :],
+                mask=n_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
             slab = dq_ptr + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :]
             both = m_mask[:, None] & d_mask[None, :]
             acc = tl.load(slab, mask=both, other=0.0)
@@ -222,11 +395,29 @@ def _contrastive_dq_kernel(
 
 @triton.jit
 def _contrastive_dp_kernel(
-    q_ptr, p_ptr, targets_ptr, teacher_ptr, stats_ptr, grad_ptr, dp_ptr,
-    B, P, D, G, inv_tau,
-    stride_qm, stride_pn, stride_tm, stride_sm, stride_dn,
-    IN_BATCH: tl.constexpr, HAS_TEACHER: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    p_ptr,
+    targets_ptr,
+    teacher_ptr,
+    stats_ptr,
+    grad_ptr,
+    dp_ptr,
+    B,
+    P,
+    D,
+    G,
+    inv_tau,
+    stride_qm,
+    stride_pn,
+    stride_tm,
+    stride_sm,
+    stride_dn,
+    IN_BATCH: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Program j owns passage rows [j*BLOCK_N, (j+1)*BLOCK_N): dp = (c^T q) / tau into the fp32 dp slab."""
     pid = tl.program_id(0)
@@ -248,16 +439,48 @@ def _contrastive_dp_kernel(
             lse = tl.load(base + 0, mask=m_mask, other=0.0)
             lse_g = tl.load(base + 2, mask=m_mask & HAS_TEACHER, other=0.0)
             row_scale = tl.load(grad_ptr + offs_m, mask=m_mask, other=0.0)
-            s = _score_tile(q_ptr, p_ptr, offs_m, m_mask, offs_n, n_mask, D, stride_qm, stride_pn, inv_tau,
-                            DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_D)
-            c = _coef_tile(s, offs_m, m_mask, offs_n, n_mask, target, group_lo, group_hi, lse, lse_g, teacher_ptr,
-                           stride_tm, row_scale, IN_BATCH, HAS_TEACHER)
+            s = _score_tile(
+                q_ptr,
+                p_ptr,
+                offs_m,
+                m_mask,
+                offs_n,
+                n_mask,
+                D,
+                stride_qm,
+                stride_pn,
+                inv_tau,
+                DOT_FP32,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
+            c = _coef_tile(
+                s,
+                offs_m,
+                m_mask,
+                offs_n,
+                n_mask,
+                target,
+                group_lo,
+                group_hi,
+                lse,
+                lse_g,
+                teacher_ptr,
+                stride_tm,
+                row_scale,
+                IN_BATCH,
+                HAS_TEACHER,
+            )
             c_t = tl.trans(c)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_mask = offs_d < D
-                q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                            mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                q = tl.load(
+                    q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
                 slab = dp_ptr + offs_n[:, None].to(tl.int64) * stride_dn + offs_d[None, :]
                 both = n_mask[:, None] & d_mask[None, :]
                 acc = tl.load(slab, mask=both, other=0.0)
@@ -320,12 +543,30 @@ def contrastive_forward(q, p, targets, teacher, config: ContrastiveConfig):
     part = torch.zeros((splits, b, 4), dtype=torch.float32, device=q.device)
     if b:
         _contrastive_fwd_kernel[(row_blocks, splits)](
-            q, p, targets, teacher, part,
-            b, n, d, group_size, 1.0 / temperature, cols_per_split,
-            q.stride(0), p.stride(0), teacher.stride(0) if teacher is not None else 0,
-            part.stride(0), part.stride(1),
-            IN_BATCH=in_batch, HAS_TEACHER=teacher is not None, DOT_FP32=dot_fp32(q.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+            q,
+            p,
+            targets,
+            teacher,
+            part,
+            b,
+            n,
+            d,
+            group_size,
+            1.0 / temperature,
+            cols_per_split,
+            q.stride(0),
+            p.stride(0),
+            teacher.stride(0) if teacher is not None else 0,
+            part.stride(0),
+            part.stride(1),
+            IN_BATCH=in_batch,
+            HAS_TEACHER=teacher is not None,
+            DOT_FP32=dot_fp32(q.dtype),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=warps,
+            num_stages=stages,
         )
     if splits == 1:
         return part[0]
@@ -338,8 +579,9 @@ def contrastive_forward(q, p, targets, teacher, config: ContrastiveConfig):
     return stats
 
 
-def contrastive_backward(q, p, targets, teacher, stats, row_grad, config: ContrastiveConfig, need_q: bool,
-                         need_p: bool):
+def contrastive_backward(
+    q, p, targets, teacher, stats, row_grad, config: ContrastiveConfig, need_q: bool, need_p: bool
+):
     """``(dq, dp)`` in q's and p's dtypes for per-row upstream gradients ``row_grad`` ``[B]`` fp32."""
     backward = _backward_in_batch if config.in_batch else _backward_own_group
     return backward(q, p, targets, teacher, stats, row_grad, config.temperature, config.group_size, need_q, need_p)
@@ -366,18 +608,39 @@ def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, gro
         cols = min(chunk, n - col0)
         c_view = c[:, :cols]
         _contrastive_coef_kernel[(cdiv(b, block_m), cdiv(cols, block_n))](
-            q, p, targets, teacher, stats, row_grad, c_view,
-            b, n, d, group_size, 1.0 / temperature, col0, cols,
-            q.stride(0), p.stride(0), t_stride, stats.stride(0), c_view.stride(0),
-            HAS_TEACHER=teacher is not None, DOT_FP32=dot_fp32(q.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+            q,
+            p,
+            targets,
+            teacher,
+            stats,
+            row_grad,
+            c_view,
+            b,
+            n,
+            d,
+            group_size,
+            1.0 / temperature,
+            col0,
+            cols,
+            q.stride(0),
+            p.stride(0),
+            t_stride,
+            stats.stride(0),
+            c_view.stride(0),
+            HAS_TEACHER=teacher is not None,
+            DOT_FP32=dot_fp32(q.dtype),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=warps,
+            num_stages=stages,
         )
-        p_chunk = p[col0:col0 + cols]
+        p_chunk = p[col0 : col0 + cols]
         if need_p:
             if c_dtype == p.dtype:
-                torch.mm(c_view.t(), q, out=dp[col0:col0 + cols])
+                torch.mm(c_view.t(), q, out=dp[col0 : col0 + cols])
             else:
-                dp[col0:col0 + cols] = (c_view.t() @ q.to(c_dtype)).to(p.dtype)
+                dp[col0 : col0 + cols] = (c_view.t() @ q.to(c_dtype)).to(p.dtype)
         if need_q:
             dq += matmul_acc(c_view, p_chunk.to(c_dtype) if c_dtype != p.dtype else p_chunk, torch.float32)
     return (dq.to(q.dtype) if need_q else None), dp
@@ -388,28 +651,69 @@ def _backward_own_group(q, p, targets, teacher, stats, row_grad, temperature, gr
     n = p.shape[0]
     # The band's work is O(B * G * D): small tiles suffice, and the fp32 slab tiles of the dq / dp kernels
     # would not fit in shared memory at the in-batch tile shapes (288 KiB at 256 x 128 on the H100).
-    block_m, block_n, block_d, warps, stages = _BAND_CONFIG_INTERPRET if _INTERPRET else (
-        (32, 32, 32, 4, 2) if q.dtype == torch.float32 else (64, 64, 64, 4, 2))
-    common = dict(IN_BATCH=False, HAS_TEACHER=teacher is not None, DOT_FP32=dot_fp32(q.dtype),
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    block_m, block_n, block_d, warps, stages = (
+        _BAND_CONFIG_INTERPRET
+        if _INTERPRET
+        else ((32, 32, 32, 4, 2) if q.dtype == torch.float32 else (64, 64, 64, 4, 2))
+    )
+    common = dict(
+        IN_BATCH=False,
+        HAS_TEACHER=teacher is not None,
+        DOT_FP32=dot_fp32(q.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=warps,
+        num_stages=stages,
+    )
     t_stride = teacher.stride(0) if teacher is not None else 0
     dq = dp = None
     if need_q:
         dq = torch.zeros((b, d), dtype=torch.float32, device=q.device)
         if b:
             _contrastive_dq_kernel[(cdiv(b, block_m),)](
-                q, p, targets, teacher, stats, row_grad, dq,
-                b, n, d, group_size, 1.0 / temperature,
-                q.stride(0), p.stride(0), t_stride, stats.stride(0), dq.stride(0), **common,
+                q,
+                p,
+                targets,
+                teacher,
+                stats,
+                row_grad,
+                dq,
+                b,
+                n,
+                d,
+                group_size,
+                1.0 / temperature,
+                q.stride(0),
+                p.stride(0),
+                t_stride,
+                stats.stride(0),
+                dq.stride(0),
+                **common,
             )
         dq = dq.to(q.dtype)
     if need_p:
         dp = torch.zeros((n, d), dtype=torch.float32, device=p.device)
         if n:
             _contrastive_dp_kernel[(cdiv(n, block_n),)](
-                q, p, targets, teacher, stats, row_grad, dp,
-                b, n, d, group_size, 1.0 / temperature,
-                q.stride(0), p.stride(0), t_stride, stats.stride(0), dp.stride(0), **common,
+                q,
+                p,
+                targets,
+                teacher,
+                stats,
+                row_grad,
+                dp,
+                b,
+                n,
+                d,
+                group_size,
+                1.0 / temperature,
+                q.stride(0),
+                p.stride(0),
+                t_stride,
+                stats.stride(0),
+                dp.stride(0),
+                **common,
             )
         dp = dp.to(p.dtype)
     return dq, dp

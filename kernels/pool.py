@@ -36,8 +36,18 @@ _BAD_CU_SEQLENS = tl.constexpr(common.POOL_BAD_CU_SEQLENS)
 
 @triton.jit
 def _pool_bounds(
-    mask_ptr, cu_seqlens_ptr, n, N, T, stride_mn, stride_mt, LAST_K,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK_T: tl.constexpr,
+    mask_ptr,
+    cu_seqlens_ptr,
+    n,
+    N,
+    T,
+    stride_mn,
+    stride_mt,
+    LAST_K,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """(start, end, lo, hi, ok) of sequence n: its rows [start, end), the row range [lo, hi) the mode
     can select from, and whether cu_seqlens is consistent there."""
@@ -82,8 +92,23 @@ def _pool_bounds(
 
 @triton.jit
 def _pool_token_weights(
-    mask_ptr, input_ids_ptr, ids_ptr, offs_t, n, lo, hi, T, K, stride_mn, stride_mt, stride_in, stride_it,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK_K: tl.constexpr,
+    mask_ptr,
+    input_ids_ptr,
+    ids_ptr,
+    offs_t,
+    n,
+    lo,
+    hi,
+    T,
+    K,
+    stride_mn,
+    stride_mt,
+    stride_in,
+    stride_it,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """1.0 where the mode selects token offs_t of sequence n, else 0.0 (fp32, [BLOCK_T])."""
     selected = (offs_t >= lo) & (offs_t < hi)
@@ -104,15 +129,36 @@ def _pool_token_weights(
 @triton.jit
 def _pool_fwd_kernel(
     # data pointers
-    hidden_ptr, mask_ptr, input_ids_ptr, ids_ptr, cu_seqlens_ptr,
-    out_ptr, count_ptr, status_ptr,
+    hidden_ptr,
+    mask_ptr,
+    input_ids_ptr,
+    ids_ptr,
+    cu_seqlens_ptr,
+    out_ptr,
+    count_ptr,
+    status_ptr,
     # sizes
-    N, T, H, K, LAST_K,
+    N,
+    T,
+    H,
+    K,
+    LAST_K,
     # strides
-    stride_hn, stride_ht, stride_hh, stride_mn, stride_mt, stride_in, stride_it, stride_on,
+    stride_hn,
+    stride_ht,
+    stride_hh,
+    stride_mn,
+    stride_mt,
+    stride_in,
+    stride_it,
+    stride_on,
     # feature flags
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Program (n, j): out[n, j*BLOCK_H : (j+1)*BLOCK_H] = mean of the selected rows of sequence n, in fp32.
 
@@ -129,8 +175,23 @@ def _pool_fwd_kernel(
     for t0 in range(lo, hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         w = _pool_token_weights(
-            mask_ptr, input_ids_ptr, ids_ptr, offs_t, n, lo, hi, T, K, stride_mn, stride_mt, stride_in, stride_it,
-            MODE, HAS_MASK, PACKED, BLOCK_K,
+            mask_ptr,
+            input_ids_ptr,
+            ids_ptr,
+            offs_t,
+            n,
+            lo,
+            hi,
+            T,
+            K,
+            stride_mn,
+            stride_mt,
+            stride_in,
+            stride_it,
+            MODE,
+            HAS_MASK,
+            PACKED,
+            BLOCK_K,
         )
         rows = tl.load(
             hidden_ptr + n * stride_hn + offs_t[:, None].to(tl.int64) * stride_ht + offs_h[None, :] * stride_hh,
@@ -181,11 +242,32 @@ def _pool_normalize_kernel(x_ptr, y_ptr, norm_ptr, H, stride_xn, stride_yn, BLOC
 
 @triton.jit
 def _pool_bwd_kernel(
-    grad_out_ptr, count_ptr, mask_ptr, input_ids_ptr, ids_ptr, cu_seqlens_ptr, grad_hidden_ptr,
-    N, T, H, K, LAST_K,
-    stride_gn, stride_mn, stride_mt, stride_in, stride_it, stride_dn, stride_dt, stride_dh,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    grad_out_ptr,
+    count_ptr,
+    mask_ptr,
+    input_ids_ptr,
+    ids_ptr,
+    cu_seqlens_ptr,
+    grad_hidden_ptr,
+    N,
+    T,
+    H,
+    K,
+    LAST_K,
+    stride_gn,
+    stride_mn,
+    stride_mt,
+    stride_in,
+    stride_it,
+    stride_dn,
+    stride_dt,
+    stride_dh,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Program (n, j): grad_hidden[n, t, block j] = w_t / count[n] * grad_out[n, block j] for every row t of
     sequence n (zeros where w_t = 0)."""
@@ -201,8 +283,23 @@ def _pool_bwd_kernel(
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         w = _pool_token_weights(
-            mask_ptr, input_ids_ptr, ids_ptr, offs_t, n, lo, hi, T, K, stride_mn, stride_mt, stride_in, stride_it,
-            MODE, HAS_MASK, PACKED, BLOCK_K,
+            mask_ptr,
+            input_ids_ptr,
+            ids_ptr,
+            offs_t,
+            n,
+            lo,
+            hi,
+            T,
+            K,
+            stride_mn,
+            stride_mt,
+            stride_in,
+            stride_it,
+            MODE,
+            HAS_MASK,
+            PACKED,
+            BLOCK_K,
         )
         tl.store(
             grad_hidden_ptr + n * stride_dn + offs_t[:, None].to(tl.int64) * stride_dt + offs_h[None, :] * stride_dh,
@@ -253,12 +350,29 @@ def pool_forward(hidden, attention_mask, input_ids, cu_seqlens, config: PoolConf
     hs, ids_s, ms = _layout(hidden, mask, input_ids, packed)
     if n > 0:
         _pool_fwd_kernel[(n, cdiv(h, block_h))](
-            hidden, mask, input_ids, ids, cu_seqlens,
-            pooled, count, status,
-            n, t, h, len(config.token_ids), config.last_k or 0,
-            *hs, *ms, *ids_s, pooled.stride(0),
-            MODE=config.mode_code, HAS_MASK=mask is not None, PACKED=packed,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, next_power_of_2(len(config.token_ids) or 1)),
+            hidden,
+            mask,
+            input_ids,
+            ids,
+            cu_seqlens,
+            pooled,
+            count,
+            status,
+            n,
+            t,
+            h,
+            len(config.token_ids),
+            config.last_k or 0,
+            *hs,
+            *ms,
+            *ids_s,
+            pooled.stride(0),
+            MODE=config.mode_code,
+            HAS_MASK=mask is not None,
+            PACKED=packed,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            BLOCK_K=max(2, next_power_of_2(len(config.token_ids) or 1)),
             num_warps=4,
         )
     if not config.normalize:
@@ -266,13 +380,22 @@ def pool_forward(hidden, attention_mask, input_ids, cu_seqlens, config: PoolConf
     out = torch.empty_like(pooled)
     norm = torch.empty((n,), dtype=torch.float32, device=device)
     if n > 0:
-        _pool_normalize_kernel[(n,)](pooled, out, norm, h, pooled.stride(0), out.stride(0),
-                                     BLOCK_H=min(next_power_of_2(h), 64 if _INTERPRET else 1024), num_warps=4)
+        _pool_normalize_kernel[(n,)](
+            pooled,
+            out,
+            norm,
+            h,
+            pooled.stride(0),
+            out.stride(0),
+            BLOCK_H=min(next_power_of_2(h), 64 if _INTERPRET else 1024),
+            num_warps=4,
+        )
     return out, count, status, (pooled if needs_grad else None), norm
 
 
-def pool_backward(grad_out, hidden_meta, out, pooled, norm, count, attention_mask, input_ids, cu_seqlens,
-                  config: PoolConfig):
+def pool_backward(
+    grad_out, hidden_meta, out, pooled, norm, count, attention_mask, input_ids, cu_seqlens, config: PoolConfig
+):
     """Gradient with respect to the hidden states, ``hidden_meta`` = (shape, dtype, device)."""
     shape, dtype, device = hidden_meta
     packed = cu_seqlens is not None
@@ -296,11 +419,28 @@ def pool_backward(grad_out, hidden_meta, out, pooled, norm, count, attention_mas
     ds = (0, grad_hidden.stride(0), grad_hidden.stride(1)) if packed else grad_hidden.stride()
     if n > 0:
         _pool_bwd_kernel[(n, cdiv(h, block_h))](
-            grad.contiguous(), count, mask, input_ids, ids, cu_seqlens, grad_hidden,
-            n, t, h, len(config.token_ids), config.last_k or 0,
-            h, *ms, *ids_s, *ds,
-            MODE=config.mode_code, HAS_MASK=mask is not None, PACKED=packed,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, next_power_of_2(len(config.token_ids) or 1)),
+            grad.contiguous(),
+            count,
+            mask,
+            input_ids,
+            ids,
+            cu_seqlens,
+            grad_hidden,
+            n,
+            t,
+            h,
+            len(config.token_ids),
+            config.last_k or 0,
+            h,
+            *ms,
+            *ids_s,
+            *ds,
+            MODE=config.mode_code,
+            HAS_MASK=mask is not None,
+            PACKED=packed,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            BLOCK_K=max(2, next_power_of_2(len(config.token_ids) or 1)),
             num_warps=4,
         )
     return grad_hidden

@@ -20,7 +20,6 @@ the hidden and weight gradients; only one ``[N, chunk]`` block exists at a time.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -45,21 +44,45 @@ _INTERPRET = is_interpreting()
 @triton.jit
 def _score_head_fwd_kernel(
     # data pointers
-    hidden_ptr, weight_ptr, bias_ptr, ids_ptr, combine_ptr,
-    mask_ptr, positions_ptr, cu_seqlens_ptr,
-    out_ptr, rows_ptr, gathered_ptr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    ids_ptr,
+    combine_ptr,
+    mask_ptr,
+    positions_ptr,
+    cu_seqlens_ptr,
+    out_ptr,
+    rows_ptr,
+    gathered_ptr,
     # sizes
-    N, T, H, K, C,
+    N,
+    T,
+    H,
+    K,
+    C,
     # strides
-    stride_hn, stride_ht, stride_hh,
-    stride_wv, stride_wh,
-    stride_mn, stride_mt,
-    stride_on, stride_gn,
+    stride_hn,
+    stride_ht,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_mn,
+    stride_mt,
+    stride_on,
+    stride_gn,
     # feature flags
-    HAS_BIAS: tl.constexpr, HAS_COMBINE: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_POSITIONS: tl.constexpr, PACKED: tl.constexpr, STORE_GATHERED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_COMBINE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr,
+    PACKED: tl.constexpr,
+    STORE_GATHERED: tl.constexpr,
     # blocks
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """One program per sequence n.
 
@@ -151,10 +174,23 @@ def _score_head_fwd_kernel(
 
 @triton.jit
 def _vocab_tile_scores(
-    gathered_ptr, weight_ptr, bias_ptr, offs_n, n_mask, offs_v, v_mask, H,
-    stride_gn, stride_wv, stride_wh,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, TRANS_W: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    gathered_ptr,
+    weight_ptr,
+    bias_ptr,
+    offs_n,
+    n_mask,
+    offs_v,
+    v_mask,
+    H,
+    stride_gn,
+    stride_wv,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    TRANS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """fp32 ``[BLOCK_N, BLOCK_V]`` tile of ``gathered @ weight.T + bias``; columns outside v_mask are -inf.
 
@@ -171,11 +207,13 @@ def _vocab_tile_scores(
             other=0.0,
         )
         if TRANS_W:  # load [BLOCK_V, BLOCK_H] as stored, transpose in registers
-            w_t = tl.trans(tl.load(
-                weight_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_h[None, :] * stride_wh,
-                mask=v_mask[:, None] & h_mask[None, :],
-                other=0.0,
-            ))
+            w_t = tl.trans(
+                tl.load(
+                    weight_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_h[None, :] * stride_wh,
+                    mask=v_mask[:, None] & h_mask[None, :],
+                    other=0.0,
+                )
+            )
         else:  # [BLOCK_H, BLOCK_V]: the weight tile, read transposed
             w_t = tl.load(
                 weight_ptr + offs_v[None, :].to(tl.int64) * stride_wv + offs_h[:, None] * stride_wh,
@@ -193,11 +231,24 @@ def _vocab_tile_scores(
 
 @triton.jit
 def _score_head_lse_kernel(
-    gathered_ptr, weight_ptr, bias_ptr, partial_ptr,
-    N, H, V, V_PER_SPLIT,
-    stride_gn, stride_wv, stride_wh, stride_pn,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, TRANS_W: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    gathered_ptr,
+    weight_ptr,
+    bias_ptr,
+    partial_ptr,
+    N,
+    H,
+    V,
+    V_PER_SPLIT,
+    stride_gn,
+    stride_wv,
+    stride_wh,
+    stride_pn,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    TRANS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against vocabulary slice s of V_PER_SPLIT rows.
 
@@ -217,8 +268,23 @@ def _score_head_lse_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         scores = _vocab_tile_scores(
-            gathered_ptr, weight_ptr, bias_ptr, offs_n, n_mask, offs_v, offs_v < v_end, H,
-            stride_gn, stride_wv, stride_wh, HAS_BIAS, DOT_FP32, TRANS_W, BLOCK_N, BLOCK_V, BLOCK_H,
+            gathered_ptr,
+            weight_ptr,
+            bias_ptr,
+            offs_n,
+            n_mask,
+            offs_v,
+            offs_v < v_end,
+            H,
+            stride_gn,
+            stride_wv,
+            stride_wh,
+            HAS_BIAS,
+            DOT_FP32,
+            TRANS_W,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
         )
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
@@ -238,11 +304,31 @@ def _score_head_lse_merge_kernel(partial_ptr, lse_ptr, SPLITS, stride_pn, BLOCK_
 
 @triton.jit
 def _score_head_lse_prob_kernel(
-    gathered_ptr, weight_ptr, bias_ptr, lse_ptr, grad_lse_ptr, prob_ptr, ids_ptr, grad_k_ptr,
-    N, H, K, V0, V_CHUNK,
-    stride_gn, stride_wv, stride_wh, stride_pn, stride_gkn,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, TRANS_W: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    gathered_ptr,
+    weight_ptr,
+    bias_ptr,
+    lse_ptr,
+    grad_lse_ptr,
+    prob_ptr,
+    ids_ptr,
+    grad_k_ptr,
+    N,
+    H,
+    K,
+    V0,
+    V_CHUNK,
+    stride_gn,
+    stride_wv,
+    stride_wh,
+    stride_pn,
+    stride_gkn,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    TRANS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """prob[n, j] = softmax(h_n W^T + b)[V0 + j] * grad_lse[n] (+ grad_k[n, k] where V0 + j = ids[k], for
     k < K), j < V_CHUNK: the gradient of ``sum(grad_lse * lse)`` (and of ``sum(grad_k * logits_K)``) with
@@ -254,8 +340,23 @@ def _score_head_lse_prob_kernel(
     offs_j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     j_mask = offs_j < V_CHUNK
     scores = _vocab_tile_scores(
-        gathered_ptr, weight_ptr, bias_ptr, offs_n, n_mask, V0 + offs_j, j_mask, H,
-        stride_gn, stride_wv, stride_wh, HAS_BIAS, DOT_FP32, TRANS_W, BLOCK_N, BLOCK_V, BLOCK_H,
+        gathered_ptr,
+        weight_ptr,
+        bias_ptr,
+        offs_n,
+        n_mask,
+        V0 + offs_j,
+        j_mask,
+        H,
+        stride_gn,
+        stride_wv,
+        stride_wh,
+        HAS_BIAS,
+        DOT_FP32,
+        TRANS_W,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
     )
     lse = tl.load(lse_ptr + offs_n, mask=n_mask, other=0.0)
     g = tl.load(grad_lse_ptr + offs_n, mask=n_mask, other=0.0)
@@ -275,11 +376,25 @@ def _score_head_lse_prob_kernel(
 
 @triton.jit
 def _score_head_bwd_hidden_kernel(
-    grad_k_ptr, weight_ptr, ids_ptr, rows_ptr, extra_ptr, grad_hidden_ptr,
-    H, K,
-    stride_gkn, stride_wv, stride_wh, stride_en,
-    stride_dn, stride_dt, stride_dh,
-    HAS_GRAD_K: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    grad_k_ptr,
+    weight_ptr,
+    ids_ptr,
+    rows_ptr,
+    extra_ptr,
+    grad_hidden_ptr,
+    H,
+    K,
+    stride_gkn,
+    stride_wv,
+    stride_wh,
+    stride_en,
+    stride_dn,
+    stride_dt,
+    stride_dh,
+    HAS_GRAD_K: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One program per sequence: grad_hidden[n, rows[n]] = g_K[n] @ W[ids] (if HAS_GRAD_K) + extra[n]
     (if HAS_EXTRA), the rest of grad_hidden being zeros already."""
@@ -308,10 +423,21 @@ def _score_head_bwd_hidden_kernel(
 
 @triton.jit
 def _score_head_bwd_weight_kernel(
-    grad_k_ptr, gathered_ptr, ids_ptr, out_ptr,
-    N, H, K,
-    stride_gkn, stride_gn, stride_ok, stride_oh,
-    SCATTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    grad_k_ptr,
+    gathered_ptr,
+    ids_ptr,
+    out_ptr,
+    N,
+    H,
+    K,
+    stride_gkn,
+    stride_gn,
+    stride_ok,
+    stride_oh,
+    SCATTER: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One program per H block: sum over sequences of g_K[n, k] * h[n, block], exact fp32 dot.
 
@@ -377,8 +503,9 @@ def _lse_config(n: int, h: int, dtype: torch.dtype):
 # ------------------------------------------------------------------------------------------------
 # drivers
 # ------------------------------------------------------------------------------------------------
-def score_head_forward(hidden, weight, bias, attention_mask, positions, cu_seqlens, config: ScoreHeadConfig,
-                       store_gathered: bool):
+def score_head_forward(
+    hidden, weight, bias, attention_mask, positions, cu_seqlens, config: ScoreHeadConfig, store_gathered: bool
+):
     """Launch the forward kernels. Returns ``(out, lse or None, rows, gathered or None)``."""
     device = hidden.device
     k = len(config.token_ids)
@@ -402,19 +529,41 @@ def score_head_forward(hidden, weight, bias, attention_mask, positions, cu_seqle
 
     if n > 0:
         _score_head_fwd_kernel[(n,)](
-            hidden, weight, bias, ids, mix,
-            mask, positions, cu_seqlens,
-            out, rows, gathered,
-            n, t, h, k, c,
-            stride_hn, stride_ht, stride_hh,
-            weight.stride(0), weight.stride(1),
-            mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
-            out.stride(0), gathered.stride(0) if gathered is not None else 0,
-            HAS_BIAS=bias is not None, HAS_COMBINE=c > 0, HAS_MASK=mask is not None,
-            HAS_POSITIONS=positions is not None, PACKED=config.packed, STORE_GATHERED=store_gathered,
+            hidden,
+            weight,
+            bias,
+            ids,
+            mix,
+            mask,
+            positions,
+            cu_seqlens,
+            out,
+            rows,
+            gathered,
+            n,
+            t,
+            h,
+            k,
+            c,
+            stride_hn,
+            stride_ht,
+            stride_hh,
+            weight.stride(0),
+            weight.stride(1),
+            mask.stride(0) if mask is not None else 0,
+            mask.stride(1) if mask is not None else 0,
+            out.stride(0),
+            gathered.stride(0) if gathered is not None else 0,
+            HAS_BIAS=bias is not None,
+            HAS_COMBINE=c > 0,
+            HAS_MASK=mask is not None,
+            HAS_POSITIONS=positions is not None,
+            PACKED=config.packed,
+            STORE_GATHERED=store_gathered,
             BLOCK_T=min(next_power_of_2(max(t, 1)), 64 if _INTERPRET else 1024),  # masks up to 1024 wide in one trip
             BLOCK_H=_row_block_h(h),
-            BLOCK_K=max(2, next_power_of_2(k)), BLOCK_C=max(2, next_power_of_2(max(c, 1))),
+            BLOCK_K=max(2, next_power_of_2(k)),
+            BLOCK_C=max(2, next_power_of_2(max(c, 1))),
             num_warps=2,
         )
 
@@ -438,12 +587,26 @@ def _lse_forward(gathered, weight, bias):
     splits = cdiv(vocab, v_per_split)
     partial = torch.empty((n, splits), dtype=torch.float32, device=gathered.device)
     _score_head_lse_kernel[(n_blocks, splits)](
-        gathered, weight, bias, partial,
-        n, h, vocab, v_per_split,
-        gathered.stride(0), weight.stride(0), weight.stride(1), partial.stride(0),
-        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32(gathered.dtype), TRANS_W=False,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
-        num_warps=num_warps, num_stages=num_stages,
+        gathered,
+        weight,
+        bias,
+        partial,
+        n,
+        h,
+        vocab,
+        v_per_split,
+        gathered.stride(0),
+        weight.stride(0),
+        weight.stride(1),
+        partial.stride(0),
+        HAS_BIAS=bias is not None,
+        DOT_FP32=dot_fp32(gathered.dtype),
+        TRANS_W=False,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if splits == 1:
         return partial[:, 0]
@@ -482,12 +645,33 @@ def _lse_backward(gathered, weight, bias, lse, grad_lse, token_ids, grad_k, need
         width = min(chunk, vocab - v0)
         prob = prob_buf[:, :width]
         _score_head_lse_prob_kernel[(cdiv(n, block_n), cdiv(width, block_v))](
-            gathered, weight, bias, lse, grad_lse, prob, ids, grad_k,
-            n, h, len(token_ids), v0, width,
-            gathered.stride(0), weight.stride(0), weight.stride(1), prob.stride(0), grad_k.stride(0),
-            HAS_BIAS=bias is not None, DOT_FP32=dot_fp32(gathered.dtype), TRANS_W=False,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, BLOCK_K=next_power_of_2(len(token_ids)),
-            num_warps=num_warps, num_stages=num_stages,
+            gathered,
+            weight,
+            bias,
+            lse,
+            grad_lse,
+            prob,
+            ids,
+            grad_k,
+            n,
+            h,
+            len(token_ids),
+            v0,
+            width,
+            gathered.stride(0),
+            weight.stride(0),
+            weight.stride(1),
+            prob.stride(0),
+            grad_k.stride(0),
+            HAS_BIAS=bias is not None,
+            DOT_FP32=dot_fp32(gathered.dtype),
+            TRANS_W=False,
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
+            BLOCK_H=block_h,
+            BLOCK_K=next_power_of_2(len(token_ids)),
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
         grad_h += matmul_acc(prob, weight[v0 : v0 + width], torch.float32)
         if need_weight:
@@ -497,8 +681,9 @@ def _lse_backward(gathered, weight, bias, lse, grad_lse, token_ids, grad_k, need
     return grad_h, grad_weight, grad_bias
 
 
-def score_head_backward(grad_out, grad_lse, hidden_meta, gathered, weight, bias, lse, rows,
-                        config: ScoreHeadConfig, needs):
+def score_head_backward(
+    grad_out, grad_lse, hidden_meta, gathered, weight, bias, lse, rows, config: ScoreHeadConfig, needs
+):
     """Gradients for (hidden, weight, bias); see the module docstring for the scheme."""
     device = gathered.device
     n, h = gathered.shape
@@ -530,12 +715,24 @@ def score_head_backward(grad_out, grad_lse, hidden_meta, gathered, weight, bias,
             strides = grad_hidden.stride()
         if n > 0:
             _score_head_bwd_hidden_kernel[(n,)](
-                grad_k, weight, ids, rows, extra, grad_hidden,
-                h, k,
-                grad_k.stride(0), weight.stride(0), weight.stride(1), extra.stride(0) if extra is not None else 0,
+                grad_k,
+                weight,
+                ids,
+                rows,
+                extra,
+                grad_hidden,
+                h,
+                k,
+                grad_k.stride(0),
+                weight.stride(0),
+                weight.stride(1),
+                extra.stride(0) if extra is not None else 0,
                 *strides,
                 # With the lse in the loss, extra already holds the K rows' part (folded into its chunks).
-                HAS_GRAD_K=extra is None, HAS_EXTRA=extra is not None, BLOCK_H=_row_block_h(h), BLOCK_K=block_k,
+                HAS_GRAD_K=extra is None,
+                HAS_EXTRA=extra is not None,
+                BLOCK_H=_row_block_h(h),
+                BLOCK_K=block_k,
                 num_warps=2,
             )
 
@@ -546,10 +743,21 @@ def score_head_backward(grad_out, grad_lse, hidden_meta, gathered, weight, bias,
         block_h = 32 if _INTERPRET else 64
         if n > 0:
             _score_head_bwd_weight_kernel[(cdiv(h, block_h),)](
-                grad_k, gathered, ids, target,
-                n, h, k,
-                grad_k.stride(0), gathered.stride(0), target.stride(0), target.stride(1),
-                SCATTER=scatter, BLOCK_N=16 if _INTERPRET else 32, BLOCK_H=block_h, BLOCK_K=block_k,
+                grad_k,
+                gathered,
+                ids,
+                target,
+                n,
+                h,
+                k,
+                grad_k.stride(0),
+                gathered.stride(0),
+                target.stride(0),
+                target.stride(1),
+                SCATTER=scatter,
+                BLOCK_N=16 if _INTERPRET else 32,
+                BLOCK_H=block_h,
+                BLOCK_K=block_k,
                 num_warps=4,
             )
         if not scatter:

@@ -35,31 +35,84 @@ def signature(fn, types, constexprs):
 
 def variants():
     for dtype in ("bf16", "fp32"):
-        for has_mask, has_positions, packed in [(True, False, False), (True, True, False), (False, True, True), (False, False, False)]:
+        for has_mask, has_positions, packed in [
+            (True, False, False),
+            (True, True, False),
+            (False, True, True),
+            (False, False, False),
+        ]:
             for combine in (False, True):
-                yield S._score_head_fwd_kernel, dict(
-                    hidden_ptr=f"*{dtype}", weight_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", ids_ptr="*i64",
-                    mask_ptr="*i64", positions_ptr="*i64", cu_seqlens_ptr="*i32", rows_ptr="*i64",
-                    gathered_ptr=f"*{dtype}",
-                ), dict(HAS_BIAS=True, HAS_COMBINE=combine, HAS_MASK=has_mask, HAS_POSITIONS=has_positions,
-                        PACKED=packed, STORE_GATHERED=True, BLOCK_T=1024, BLOCK_H=512, BLOCK_K=2, BLOCK_C=2)
+                yield (
+                    S._score_head_fwd_kernel,
+                    dict(
+                        hidden_ptr=f"*{dtype}",
+                        weight_ptr=f"*{dtype}",
+                        bias_ptr=f"*{dtype}",
+                        ids_ptr="*i64",
+                        mask_ptr="*i64",
+                        positions_ptr="*i64",
+                        cu_seqlens_ptr="*i32",
+                        rows_ptr="*i64",
+                        gathered_ptr=f"*{dtype}",
+                    ),
+                    dict(
+                        HAS_BIAS=True,
+                        HAS_COMBINE=combine,
+                        HAS_MASK=has_mask,
+                        HAS_POSITIONS=has_positions,
+                        PACKED=packed,
+                        STORE_GATHERED=True,
+                        BLOCK_T=1024,
+                        BLOCK_H=512,
+                        BLOCK_K=2,
+                        BLOCK_C=2,
+                    ),
+                )
         for block in [(16, 64, 128), (64, 128, 64), (128, 256, 64)] if dtype == "bf16" else [(64, 64, 32)]:
-            cfg = dict(HAS_BIAS=False, DOT_FP32=dtype == "fp32", TRANS_W=False,
-                       BLOCK_N=block[0], BLOCK_V=block[1], BLOCK_H=block[2])
-            yield S._score_head_lse_kernel, dict(gathered_ptr=f"*{dtype}", weight_ptr=f"*{dtype}", bias_ptr=f"*{dtype}"), cfg
-            yield S._score_head_lse_prob_kernel, dict(
-                gathered_ptr=f"*{dtype}", weight_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", prob_ptr=f"*{dtype}",
-                ids_ptr="*i64",
-            ), dict(cfg, BLOCK_K=8)
-        yield S._score_head_bwd_hidden_kernel, dict(ids_ptr="*i64", rows_ptr="*i64", weight_ptr=f"*{dtype}",
-                                                    grad_hidden_ptr=f"*{dtype}"), dict(
-            HAS_GRAD_K=True, HAS_EXTRA=True, BLOCK_H=512, BLOCK_K=16)
+            cfg = dict(
+                HAS_BIAS=False,
+                DOT_FP32=dtype == "fp32",
+                TRANS_W=False,
+                BLOCK_N=block[0],
+                BLOCK_V=block[1],
+                BLOCK_H=block[2],
+            )
+            yield (
+                S._score_head_lse_kernel,
+                dict(gathered_ptr=f"*{dtype}", weight_ptr=f"*{dtype}", bias_ptr=f"*{dtype}"),
+                cfg,
+            )
+            yield (
+                S._score_head_lse_prob_kernel,
+                dict(
+                    gathered_ptr=f"*{dtype}",
+                    weight_ptr=f"*{dtype}",
+                    bias_ptr=f"*{dtype}",
+                    prob_ptr=f"*{dtype}",
+                    ids_ptr="*i64",
+                ),
+                dict(cfg, BLOCK_K=8),
+            )
+        yield (
+            S._score_head_bwd_hidden_kernel,
+            dict(ids_ptr="*i64", rows_ptr="*i64", weight_ptr=f"*{dtype}", grad_hidden_ptr=f"*{dtype}"),
+            dict(HAS_GRAD_K=True, HAS_EXTRA=True, BLOCK_H=512, BLOCK_K=16),
+        )
         for scatter in (False, True):
-            yield S._score_head_bwd_weight_kernel, dict(gathered_ptr=f"*{dtype}", ids_ptr="*i64",
-                                                        out_ptr=f"*{dtype}" if scatter else "*fp32"), dict(
-                SCATTER=scatter, BLOCK_N=32, BLOCK_H=64, BLOCK_K=16)
-        pool_types = dict(hidden_ptr=f"*{dtype}", mask_ptr="*i64", input_ids_ptr="*i64", ids_ptr="*i64",
-                          cu_seqlens_ptr="*i32", status_ptr="*i32", grad_hidden_ptr=f"*{dtype}")
+            yield (
+                S._score_head_bwd_weight_kernel,
+                dict(gathered_ptr=f"*{dtype}", ids_ptr="*i64", out_ptr=f"*{dtype}" if scatter else "*fp32"),
+                dict(SCATTER=scatter, BLOCK_N=32, BLOCK_H=64, BLOCK_K=16),
+            )
+        pool_types = dict(
+            hidden_ptr=f"*{dtype}",
+            mask_ptr="*i64",
+            input_ids_ptr="*i64",
+            ids_ptr="*i64",
+            cu_seqlens_ptr="*i32",
+            status_ptr="*i32",
+            grad_hidden_ptr=f"*{dtype}",
+        )
         for mode in range(5):
             for has_mask, packed in [(True, False), (False, True), (False, False)]:
                 cfg = dict(MODE=mode, HAS_MASK=has_mask, PACKED=packed, BLOCK_T=32, BLOCK_H=128, BLOCK_K=2)
@@ -69,14 +122,38 @@ def variants():
         types = dict(q_ptr=f"*{dtype}", p_ptr=f"*{dtype}", targets_ptr="*i64", inv_tau="fp32")
         for teacher in (True, False):
             for in_batch in (True, False):
-                yield C._contrastive_fwd_kernel, types, dict(
-                    IN_BATCH=in_batch, HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32",
-                    BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
-            yield C._contrastive_coef_kernel, dict(types, c_ptr=f"*{dtype}"), dict(
-                HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32", BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
+                yield (
+                    C._contrastive_fwd_kernel,
+                    types,
+                    dict(
+                        IN_BATCH=in_batch,
+                        HAS_TEACHER=teacher,
+                        DOT_FP32=dtype == "fp32",
+                        BLOCK_M=block[0],
+                        BLOCK_N=block[1],
+                        BLOCK_D=block[2],
+                    ),
+                )
+            yield (
+                C._contrastive_coef_kernel,
+                dict(types, c_ptr=f"*{dtype}"),
+                dict(
+                    HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32", BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2]
+                ),
+            )
             for fn in (C._contrastive_dq_kernel, C._contrastive_dp_kernel):
-                yield fn, types, dict(IN_BATCH=False, HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32",
-                                      BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
+                yield (
+                    fn,
+                    types,
+                    dict(
+                        IN_BATCH=False,
+                        HAS_TEACHER=teacher,
+                        DOT_FP32=dtype == "fp32",
+                        BLOCK_M=block[0],
+                        BLOCK_N=block[1],
+                        BLOCK_D=block[2],
+                    ),
+                )
     yield S._score_head_lse_merge_kernel, {}, dict(BLOCK_S=512)
     yield P._pool_normalize_kernel, {}, dict(BLOCK_H=1024)
 
@@ -86,8 +163,13 @@ def main() -> int:
     for fn, types, constexprs in variants():
         flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK")}
         try:
-            triton.compile(ASTSource(fn=fn, signature=signature(fn, types, constexprs), constexprs=constexprs), target=TARGET)
-            print(f"ok   {fn.__name__} {types.get('hidden_ptr', types.get('gathered_ptr', types.get('q_ptr', '')))} {flags}")
+            triton.compile(
+                ASTSource(fn=fn, signature=signature(fn, types, constexprs), constexprs=constexprs), target=TARGET
+            )
+            print(
+                f"ok   {fn.__name__} "
+                f"{types.get('hidden_ptr', types.get('gathered_ptr', types.get('q_ptr', '')))} {flags}"
+            )
         except Exception as e:  # noqa: BLE001 - report every failing variant
             failures += 1
             print(f"FAIL {fn.__name__} {flags}: {type(e).__name__}: {str(e)[:1500]}")

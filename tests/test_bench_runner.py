@@ -22,8 +22,10 @@ CPU = torch.device("cpu")
 CASE = pool.Case(mode="mean_fwd", sequences=2, seq_len=4, hidden_size=8, dtype="float32")
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results"
 # what FlagEmbedding 1.3 raises on import under transformers 5.24
-MOVED_MODULE = ("raise ModuleNotFoundError(\"No module named 'transformers.modeling_attn_mask_utils'\", "
-                "name='transformers.modeling_attn_mask_utils')\n")
+MOVED_MODULE = (
+    "raise ModuleNotFoundError(\"No module named 'transformers.modeling_attn_mask_utils'\", "
+    "name='transformers.modeling_attn_mask_utils')\n"
+)
 
 
 def _package(root, name, source):
@@ -34,8 +36,13 @@ def _package(root, name, source):
 def _fake_op(monkeypatch, providers, names=("fastrank",)):
     """Register op "fake": one tiny pool-shaped case whose providers() is ``providers``, returning ``names``."""
     benchmark = Benchmark(
-        name="fake", case_type=pool.Case, quick_cases=lambda device: [CASE], full_cases=lambda device: [CASE],
-        providers=lambda case, device: providers(), provider_names=names, table_label=pool.BENCHMARK.table_label,
+        name="fake",
+        case_type=pool.Case,
+        quick_cases=lambda device: [CASE],
+        full_cases=lambda device: [CASE],
+        providers=lambda case, device: providers(),
+        provider_names=names,
+        table_label=pool.BENCHMARK.table_label,
     )
     monkeypatch.setitem(runner.OPS, "fake", benchmark)
 
@@ -50,14 +57,18 @@ def test_unavailable_baselines_get_a_row_with_the_reason_and_the_rest_are_measur
     _package(tmp_path, "bench_moved_dep", MOVED_MODULE)
     _package(tmp_path, "bench_odd_error", "raise AttributeError('transformers has no attribute X\\nmore detail')\n")
     _package(tmp_path, "bench_fails_to_build", "def make():\n    raise RuntimeError('needs transformers<5')\n")
-    _fake_op(monkeypatch, lambda: {
-        "torch_ok": _double(),
-        "missing": reference_baseline("bench_no_such_package", lambda m: m.run),
-        "moved": reference_baseline("bench_moved_dep.sub", lambda m: m.run),
-        "odd": reference_baseline("bench_odd_error", lambda m: m.run),
-        "build": reference_baseline("bench_fails_to_build", lambda m: m.make()),
-        "fastrank": _double(),
-    }, names=("torch_ok", "missing", "moved", "odd", "build", "fastrank"))
+    _fake_op(
+        monkeypatch,
+        lambda: {
+            "torch_ok": _double(),
+            "missing": reference_baseline("bench_no_such_package", lambda m: m.run),
+            "moved": reference_baseline("bench_moved_dep.sub", lambda m: m.run),
+            "odd": reference_baseline("bench_odd_error", lambda m: m.run),
+            "build": reference_baseline("bench_fails_to_build", lambda m: m.make()),
+            "fastrank": _double(),
+        },
+        names=("torch_ok", "missing", "moved", "odd", "build", "fastrank"),
+    )
     lines = []
     results = runner.run(["fake"], CPU, log=lines.append)
 
@@ -67,9 +78,14 @@ def test_unavailable_baselines_get_a_row_with_the_reason_and_the_rest_are_measur
     assert list(entry["ratios"]) == ["torch_ok"]
     reasons = entry["unavailable"]
     assert list(reasons) == ["missing", "moved", "odd", "build"]
-    assert reasons["missing"] == "bench_no_such_package is not installed (pip install -c constraints.txt -e '.[bench]' installs the baselines)"
-    assert reasons["moved"] == ("bench_moved_dep.sub does not import: "
-                                "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'")
+    assert (
+        reasons["missing"] == "bench_no_such_package is not installed "
+        "(pip install -c constraints.txt -e '.[bench]' installs the baselines)"
+    )
+    assert reasons["moved"] == (
+        "bench_moved_dep.sub does not import: "
+        "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'"
+    )
     assert reasons["odd"] == "bench_odd_error does not import: AttributeError: transformers has no attribute X"
     assert reasons["build"] == "bench_fails_to_build fails to build this baseline: RuntimeError: needs transformers<5"
 
@@ -124,13 +140,17 @@ def test_flagembedding_failing_to_import_leaves_fastrank_measured(monkeypatch, t
     monkeypatch.syspath_prepend(str(tmp_path))
     _package(tmp_path, "FlagEmbedding", MOVED_MODULE)
     tiny = embedder_train.Case(queries=2, group_size=2, passage_max_length=16, dtype="float32")
-    monkeypatch.setitem(runner.OPS, "embedder_train",
-                        dataclasses.replace(embedder_train.BENCHMARK, quick_cases=lambda device: [tiny]))
+    monkeypatch.setitem(
+        runner.OPS, "embedder_train", dataclasses.replace(embedder_train.BENCHMARK, quick_cases=lambda device: [tiny])
+    )
     results = runner.run(["embedder_train"], CPU)
     entry = results["cases"][0]
     assert [m["provider"] for m in entry["measurements"]] == ["fastrank"]
     assert entry["measurements"][0]["time_ms"] > 0
-    assert "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'" in entry["unavailable"]["flagembedding"]
+    assert (
+        "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'"
+        in entry["unavailable"]["flagembedding"]
+    )
     table = runner.format_table(results)
     assert "queries/s" in table and "flagembedding   not run: FlagEmbedding." in table
 
@@ -175,41 +195,70 @@ def test_results_saved_before_the_rename_read_as_new_ones():
 
 
 def test_a_benchmark_that_breaks_the_protocol_is_refused():
-    shape = dict(name="bad", case_type=pool.Case, quick_cases=lambda device: [CASE],
-                 full_cases=lambda device: [CASE], table_label=pool.BENCHMARK.table_label)
+    shape = dict(
+        name="bad",
+        case_type=pool.Case,
+        quick_cases=lambda device: [CASE],
+        full_cases=lambda device: [CASE],
+        table_label=pool.BENCHMARK.table_label,
+    )
     with pytest.raises(ValueError, match="provider_names .* must include 'fastrank'"):
         Benchmark(providers=lambda case, device: {}, provider_names=("torch",), **shape)
     with pytest.raises(ValueError, match="items_per_call and unit go together"):
         Benchmark(providers=lambda case, device: {}, provider_names=("fastrank",), unit="texts", **shape)
     with pytest.raises(ValueError, match="legacy_keys maps 'n' -> 'rows'"):
         Benchmark(providers=lambda case, device: {}, provider_names=("fastrank",), legacy_keys={"n": "rows"}, **shape)
-    undeclared = Benchmark(providers=lambda case, device: {"torch": _double(), "fastrank": _double()},
-                           provider_names=("fastrank",), **shape)
+    undeclared = Benchmark(
+        providers=lambda case, device: {"torch": _double(), "fastrank": _double()},
+        provider_names=("fastrank",),
+        **shape,
+    )
     with pytest.raises(ValueError, match=r"^bad: providers\(\) returned \['torch', 'fastrank'\]; .*\['torch'\]\)$"):
         undeclared.providers_of(CASE, CPU)
 
 
 def _results():
     """A small saved run: two cases, a lower-bound memory ratio, an out-of-memory and an unavailable baseline."""
+
     def m(provider, time_ms, peak, error=None):
-        return {"provider": provider, "time_ms": time_ms, "time_ms_p20": time_ms, "time_ms_p80": time_ms,
-                "peak_bytes": peak, "graph_time_ms": None, "error": error, "extra": {}}
+        return {
+            "provider": provider,
+            "time_ms": time_ms,
+            "time_ms_p20": time_ms,
+            "time_ms_p80": time_ms,
+            "peak_bytes": peak,
+            "graph_time_ms": None,
+            "error": error,
+            "extra": {},
+        }
 
     def r(time, memory, lower=False):
         return {"time": time, "graph_time": None, "memory": memory, "memory_is_lower_bound": lower}
 
     return {
         "environment": {"torch": torch.__version__, "fastrank": "0.0-test", "cpu_threads": 2, "triton": None},
-        "command": "fastrank bench", "timestamp": "2026-01-01T00:00:00+00:00",
+        "command": "fastrank bench",
+        "timestamp": "2026-01-01T00:00:00+00:00",
         "cases": [
-            {"op": "pool", "case": asdict(CASE), "measurements": [m("torch_unfused", 2.0, 4 << 20), m("fastrank", 1.0, 1 << 19)],
-             "ratios": {"torch_unfused": r(2.0, 4.0, True)}, "unavailable": {}},
+            {
+                "op": "pool",
+                "case": asdict(CASE),
+                "measurements": [m("torch_unfused", 2.0, 4 << 20), m("fastrank", 1.0, 1 << 19)],
+                "ratios": {"torch_unfused": r(2.0, 4.0, True)},
+                "unavailable": {},
+            },
             # saved before the Case fields were renamed: n, t for sequences, seq_len
-            {"op": "score_head", "case": {"mode": "forward", "n": 4, "t": 32, "dtype": "float32"},
-             "measurements": [m("full_logits", 30.0, 1 << 30), m("logits_to_keep", None, None, "out of memory"),
-                              m("fastrank", 2.0, 1 << 10)],
-             "ratios": {"full_logits": r(15.0, 1e6), "logits_to_keep": r(None, None)},
-             "unavailable": {"flagembedding": "FlagEmbedding does not import: ModuleNotFoundError: ..."}},
+            {
+                "op": "score_head",
+                "case": {"mode": "forward", "n": 4, "t": 32, "dtype": "float32"},
+                "measurements": [
+                    m("full_logits", 30.0, 1 << 30),
+                    m("logits_to_keep", None, None, "out of memory"),
+                    m("fastrank", 2.0, 1 << 10),
+                ],
+                "ratios": {"full_logits": r(15.0, 1e6), "logits_to_keep": r(None, None)},
+                "unavailable": {"flagembedding": "FlagEmbedding does not import: ModuleNotFoundError: ..."},
+            },
         ],
     }
 
@@ -240,12 +289,18 @@ def test_bench_from_json_prints_the_table_and_plots(tmp_path, capsys):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--from-json", "r.json", "--op", "pool", "--full"], "--from-json shows saved results; --op, --full only apply"),
-    (["--from-json", "missing.json"], "--from-json missing.json: no such file"),
-    (["--from-json", "other.json"], "--from-json other.json: not the output of `fastrank bench --json`"),
-    (["--from-json", "broken.json"], "--from-json broken.json: not JSON"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--from-json", "r.json", "--op", "pool", "--full"],
+            "--from-json shows saved results; --op, --full only apply",
+        ),
+        (["--from-json", "missing.json"], "--from-json missing.json: no such file"),
+        (["--from-json", "other.json"], "--from-json other.json: not the output of `fastrank bench --json`"),
+        (["--from-json", "broken.json"], "--from-json broken.json: not JSON"),
+    ],
+)
 def test_bench_flag_errors(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "other.json").write_text(json.dumps({"cases": []}))

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from references import require
 from tolerances import SAME_COMPUTATION, assert_close
 
@@ -21,8 +20,17 @@ def minilm_path():
 
 def test_encode_jsonl_and_npy(minilm_path, tmp_path, capsys):
     src = tmp_path / "texts.jsonl"
-    src.write_text("\n".join([json.dumps({"id": "a", "text": "A man is eating food."}), "{oops",
-                              json.dumps("A woman plays violin."), json.dumps({"text": 5})]) + "\n")
+    src.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": "a", "text": "A man is eating food."}),
+                "{oops",
+                json.dumps("A woman plays violin."),
+                json.dumps({"text": 5}),
+            ]
+        )
+        + "\n"
+    )
     dst = tmp_path / "out.jsonl"
     assert main(["encode", "--model", minilm_path, "--input", str(src), "--output", str(dst), "--device", "cpu"]) == 1
     out = [json.loads(x) for x in dst.read_text().splitlines()]
@@ -31,14 +39,31 @@ def test_encode_jsonl_and_npy(minilm_path, tmp_path, capsys):
     assert "error" in out[1] and "error" in out[3]
     assert f"{src}:2:" in capsys.readouterr().err
 
-    want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(["A man is eating food.", "A woman plays violin."])
+    want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(
+        ["A man is eating food.", "A woman plays violin."]
+    )
     assert_close([out[0]["embedding"], out[2]["embedding"]], want, SAME_COMPUTATION, what="jsonl embeddings")
 
     txt = tmp_path / "texts.txt"
     txt.write_text("A man is eating food.\nA woman plays violin.\n")
     npy = tmp_path / "out.npy"
-    assert main(["encode", "--model", minilm_path, "--input", str(txt), "--output", str(npy), "--device", "cpu",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                minilm_path,
+                "--input",
+                str(txt),
+                "--output",
+                str(npy),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert_close(np.load(npy), want, SAME_COMPUTATION, what=".npy embeddings")
 
 
@@ -47,10 +72,27 @@ def test_encode_keeps_one_row_per_input_line(minilm_path, tmp_path, capsys):
     txt = tmp_path / "texts.txt"
     txt.write_text("A man is eating food.\n\nA woman plays violin.\n")
     npy = tmp_path / "out.npy"
-    assert main(["encode", "--model", minilm_path, "--input", str(txt), "--output", str(npy), "--device", "cpu",
-                 "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                minilm_path,
+                "--input",
+                str(txt),
+                "--output",
+                str(npy),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     got = np.load(npy)
-    want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(["A man is eating food.", "A woman plays violin."])
+    want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(
+        ["A man is eating food.", "A woman plays violin."]
+    )
     assert got.shape == (3, 384) and np.isnan(got[1]).all()
     assert_close(got[[0, 2]], want, SAME_COMPUTATION, what="the non-blank lines")
     err = capsys.readouterr().err
@@ -64,13 +106,29 @@ def test_encode_pools_a_causal_lm_at_its_last_token(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("hello world\nhello river of stones\n")
     npy = tmp_path / "x.npy"
-    assert main(["encode", "--model", str(tmp_path / "lm"), "--input", str(src), "--output", str(npy),
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                str(tmp_path / "lm"),
+                "--input",
+                str(src),
+                "--output",
+                str(npy),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     got = np.load(npy)
     assert np.abs(got[0] - got[1]).max() > 1e-3
     embedder = fastrank.Embedder.from_pretrained(str(tmp_path / "lm"), device="cpu")
     assert embedder.encoder.pooling == "last"
-    assert_close(got, embedder.encode(["hello world", "hello river of stones"]), SAME_COMPUTATION,
-                 what="causal LM embeddings")
+    assert_close(
+        got, embedder.encode(["hello world", "hello river of stones"]), SAME_COMPUTATION, what="causal LM embeddings"
+    )
     with pytest.raises(ValueError, match="pooling: 'cls' on .*causal LM"):
         fastrank.Embedder.from_pretrained(str(tmp_path / "lm"), pooling="cls", device="cpu")

@@ -31,8 +31,22 @@ def test_rerank_jsonl(demo_model, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
     dst = tmp_path / "out.jsonl"
-    code = main(["rerank", "--model", demo_model, "--preset", "qwen3-reranker", "--input", str(src),
-                 "--output", str(dst), "--top-k", "2", "--no-progress"])
+    code = main(
+        [
+            "rerank",
+            "--model",
+            demo_model,
+            "--preset",
+            "qwen3-reranker",
+            "--input",
+            str(src),
+            "--output",
+            str(dst),
+            "--top-k",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 1  # some lines were bad
     out = [json.loads(x) for x in dst.read_text().splitlines()]
     assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 6, 7]  # one record per input line, the empty one too
@@ -50,16 +64,35 @@ def test_rerank_jsonl(demo_model, tmp_path, capsys):
     reranker = fastrank.Reranker.from_pretrained(demo_model, "qwen3-reranker", device="cpu")
     ranked = reranker.rank("what river?", ["river water", "music album", "city"], top_k=2)
     assert [r["index"] for r in ranked] == [r["index"] for r in first["results"]]
-    assert_close([r["relevance_score"] for r in ranked], [r["relevance_score"] for r in first["results"]],
-                 SAME_COMPUTATION, what="API vs CLI scores")
+    assert_close(
+        [r["relevance_score"] for r in ranked],
+        [r["relevance_score"] for r in first["results"]],
+        SAME_COMPUTATION,
+        what="API vs CLI scores",
+    )
 
 
 def test_rerank_all_good_lines_exit_zero(demo_model, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"query": "a", "document": "b"}) + "\n")
     dst = tmp_path / "out.jsonl"
-    assert main(["rerank", "--model", demo_model, "--preset", "lb-reranker", "--input", str(src), "--output", str(dst),
-                 "--normalize"]) == 0
+    assert (
+        main(
+            [
+                "rerank",
+                "--model",
+                demo_model,
+                "--preset",
+                "lb-reranker",
+                "--input",
+                str(src),
+                "--output",
+                str(dst),
+                "--normalize",
+            ]
+        )
+        == 0
+    )
     (record,) = [json.loads(x) for x in dst.read_text().splitlines()]
     assert 0.0 <= record["score"] <= 1.0
 
@@ -90,8 +123,10 @@ def test_errors_are_one_line_with_the_trace_on_request(demo_model, tmp_path, cap
     assert "--input: there is no file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value", [("--top-k", "-1"), ("--top-k", "0"), ("--max-length", "0"),
-                                         ("--batch-size", "0"), ("--max-tokens", "-3")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--top-k", "-1"), ("--top-k", "0"), ("--max-length", "0"), ("--batch-size", "0"), ("--max-tokens", "-3")],
+)
 def test_non_positive_numbers_are_refused(demo_model, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["rerank", "--model", demo_model, "--preset", "qwen3-reranker", flag, value])
@@ -101,12 +136,30 @@ def test_non_positive_numbers_are_refused(demo_model, flag, value, capsys):
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
-    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"fastrank {fastrank.__version__} (distribution fastrank-llm)"
+    assert (
+        exit_info.value.code == 0
+        and capsys.readouterr().out.strip() == f"fastrank {fastrank.__version__} (distribution fastrank-llm)"
+    )
 
 
 def test_no_progress_silences_loading_bars(demo_model, tmp_path, capsys, progress_bars_restored):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"query": "a", "document": "b"}) + "\n")
-    assert main(["rerank", "--model", demo_model, "--preset", "qwen3-reranker", "--input", str(src), "--output",
-                 str(tmp_path / "out.jsonl"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "rerank",
+                "--model",
+                demo_model,
+                "--preset",
+                "qwen3-reranker",
+                "--input",
+                str(src),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().err == ""

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from tolerances import STORE_RTOL, UNIT_ROUNDOFF, assert_close
 
 import fastrank
-from tolerances import STORE_RTOL, UNIT_ROUNDOFF, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -78,7 +78,9 @@ def test_matches_float64(backend, device, dtype, distill, in_batch, case):
     q.requires_grad_(True)
     p.requires_grad_(True)
     teacher = torch.randn(b, g, device=device) * 3 if distill else None
-    loss, lse = fastrank.contrastive_loss(q, p, temperature=tau, in_batch=in_batch, teacher_scores=teacher, return_lse=True)
+    loss, lse = fastrank.contrastive_loss(
+        q, p, temperature=tau, in_batch=in_batch, teacher_scores=teacher, return_lse=True
+    )
     loss.backward()
     want, gq, gp, want_lse = oracle(q, p, tau, g, in_batch, teacher=teacher)
     loss_atol, gq_atol, gp_atol = tolerances(q, p, tau, dtype, device)
@@ -161,9 +163,18 @@ def test_bad_input_raises(device):
         (lambda: fastrank.contrastive_loss(q, p, temperature=-1), "temperature"),
         (lambda: fastrank.contrastive_loss(q, p[:, :7], temperature=0.1), "p: has D=7"),
         (lambda: fastrank.contrastive_loss(q, p.half(), temperature=0.1), "p: dtype"),
-        (lambda: fastrank.contrastive_loss(q, p, temperature=0.1, targets=torch.tensor([0, 6], device=device)), "targets: 6"),
-        (lambda: fastrank.contrastive_loss(q, p, temperature=0.1, targets=torch.tensor([0], device=device)), "targets: must be 1-D"),
-        (lambda: fastrank.contrastive_loss(q, p, temperature=0.1, teacher_scores=torch.zeros(2, 2, device=device)), "teacher_scores"),
+        (
+            lambda: fastrank.contrastive_loss(q, p, temperature=0.1, targets=torch.tensor([0, 6], device=device)),
+            "targets: 6",
+        ),
+        (
+            lambda: fastrank.contrastive_loss(q, p, temperature=0.1, targets=torch.tensor([0], device=device)),
+            "targets: must be 1-D",
+        ),
+        (
+            lambda: fastrank.contrastive_loss(q, p, temperature=0.1, teacher_scores=torch.zeros(2, 2, device=device)),
+            "teacher_scores",
+        ),
         (lambda: fastrank.contrastive_loss(q[:0], p, temperature=0.1), "q: the batch is empty"),
         (lambda: fastrank.contrastive_loss(q[0], p, temperature=0.1), "q: must be 2-D"),
     ]

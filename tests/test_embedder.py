@@ -9,9 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import fastrank
-from fastrank.data.batching import collate
 from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import (
@@ -22,6 +19,9 @@ from tolerances import (
     SCORES_SAME_FORWARD,
     assert_close,
 )
+
+import fastrank
+from fastrank.data.batching import collate
 
 TEXTS = [
     "A man is eating food.",
@@ -53,8 +53,9 @@ def test_minilm_matches_sentence_transformers(backend, device, minilm_path, st_m
     assert (embedder.encoder.pooling, embedder.encoder.normalize, embedder.encoder.max_length) == ("mean", True, 256)
     got = embedder.encode(TEXTS, batch_size=3)
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
-    assert_close(cosine, np.ones_like(cosine), EMBEDDINGS_VS_SENTENCE_TRANSFORMERS,
-                 what="cosine with sentence-transformers")
+    assert_close(
+        cosine, np.ones_like(cosine), EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="cosine with sentence-transformers"
+    )
     assert_close(got, want, EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="embeddings")
 
 
@@ -65,8 +66,12 @@ def test_sentence_transformers_names(minilm_path, st_model):
     got, want = embedder.encode(TEXTS, **kwargs), st_model.encode(TEXTS, **kwargs)
     assert torch.is_tensor(got) and got.shape == want.shape
     assert_close(got, want, EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="encode")
-    assert_close(embedder.similarity(got[:3], got), st_model.similarity(want[:3], want),
-                 EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="similarity")
+    assert_close(
+        embedder.similarity(got[:3], got),
+        st_model.similarity(want[:3], want),
+        EMBEDDINGS_VS_SENTENCE_TRANSFORMERS,
+        what="similarity",
+    )
     vectors = embedder.encode(TEXTS[:2], convert_to_numpy=True)
     assert isinstance(vectors, np.ndarray) and embedder.similarity(vectors[0], vectors).shape == (1, 2)
     with pytest.raises(ValueError, match="normalize, normalize_embeddings: two names for one option"):
@@ -91,21 +96,32 @@ def test_save_loads_in_sentence_transformers(tmp_path, minilm_path, st_model):
     encoder.query_instruction = "query: "
     encoder.save(str(tmp_path))
     reloaded = sentence_transformers.SentenceTransformer(str(tmp_path), device="cpu")
-    assert_close(reloaded.encode(TEXTS), st_model.encode(TEXTS), SAME_COMPUTATION,
-                 what="saved folder in sentence-transformers")
+    assert_close(
+        reloaded.encode(TEXTS), st_model.encode(TEXTS), SAME_COMPUTATION, what="saved folder in sentence-transformers"
+    )
     again = fastrank.Embedder.from_pretrained(str(tmp_path), device="cpu")
     assert again.encoder.query_instruction == "query: "
     assert_close(again.encode(TEXTS), st_model.encode(TEXTS), EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="reloaded")
-    assert_close(again.encode_queries(TEXTS[:2]), st_model.encode(["query: " + t for t in TEXTS[:2]]),
-                 EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, what="reloaded, queries")
+    assert_close(
+        again.encode_queries(TEXTS[:2]),
+        st_model.encode(["query: " + t for t in TEXTS[:2]]),
+        EMBEDDINGS_VS_SENTENCE_TRANSFORMERS,
+        what="reloaded, queries",
+    )
 
 
 def _tiny_bert(device, arch="bert"):
     from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
     torch.manual_seed(0)
-    kw = dict(vocab_size=1031, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-              max_position_embeddings=128)
+    kw = dict(
+        vocab_size=1031,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=128,
+    )
     if arch == "xlm-roberta":  # positions count from padding_idx + 1, derived from input_ids
         return XLMRobertaModel(XLMRobertaConfig(pad_token_id=1, **kw)).eval().to(device)
     return BertModel(BertConfig(pad_token_id=0, **kw)).eval().to(device)
@@ -152,7 +168,9 @@ def _llara_reference_ids(tokenizer, text, kind, max_len):
         else '", predict the following passage within eight words: <s9><s10><s11><s12><s13><s14><s15><s16>'
     )
     suffix = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
-    body = tokenizer(text, add_special_tokens=False, max_length=max_len - len(prefix) - len(suffix), truncation=True)["input_ids"]
+    body = tokenizer(text, add_special_tokens=False, max_length=max_len - len(prefix) - len(suffix), truncation=True)[
+        "input_ids"
+    ]
     return prefix + body + suffix
 
 
@@ -178,8 +196,11 @@ def test_llara_matches_reference(backend, device, kind):
     reference_tokenizer.padding_side = "left"
     left = reference_tokenizer.pad({"input_ids": want_ids}, padding=True, pad_to_multiple_of=8, return_tensors="pt")
     with torch.no_grad():
-        hs = model(input_ids=left["input_ids"].to(device), attention_mask=left["attention_mask"].to(device),
-                   output_hidden_states=True).hidden_states[-1]
+        hs = model(
+            input_ids=left["input_ids"].to(device),
+            attention_mask=left["attention_mask"].to(device),
+            output_hidden_states=True,
+        ).hidden_states[-1]
     want = torch.nn.functional.normalize(hs[:, -8:, :].double().mean(1), dim=-1)
 
     embedder = fastrank.Embedder(encoder)
@@ -196,8 +217,9 @@ def test_llara_save_and_load(tmp_path):
     encoder.save(str(tmp_path))
     embedder = fastrank.Embedder.from_pretrained(str(tmp_path), device="cpu", dtype="float32")
     assert embedder.encoder.kind == "llara" and embedder.encoder.passage_max_len == 32
-    assert_close(embedder.encode(["a text"]), fastrank.Embedder(encoder).encode(["a text"]), SAME_COMPUTATION,
-                 what="reloaded")
+    assert_close(
+        embedder.encode(["a text"]), fastrank.Embedder(encoder).encode(["a text"]), SAME_COMPUTATION, what="reloaded"
+    )
     # A folder written by fastrank 0.2 names the budgets query_max_length / passage_max_length.
     config = tmp_path / "fastrank_embedder.json"
     saved = json.loads(config.read_text())
@@ -220,8 +242,9 @@ def test_encode_api(device):
     assert_close(one, full[0], SAME_COMPUTATION, what="one string")
     as_torch = embedder.encode(texts[:2], convert_to="torch")
     assert isinstance(as_torch, torch.Tensor) and as_torch.device.type == device.type
-    assert_close(embedder.encode_queries(texts[:3]), embedder.encode(texts[:3], prompt="q: "), SAME_COMPUTATION,
-                 what="queries")
+    assert_close(
+        embedder.encode_queries(texts[:3]), embedder.encode(texts[:3], prompt="q: "), SAME_COMPUTATION, what="queries"
+    )
     raw = embedder.encode(texts[:3], normalize=False)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
     with pytest.raises(ValueError, match=r"^texts\[1\]"):
@@ -240,8 +263,10 @@ def test_forward_scores_with_temperature(device):
     encoder = fastrank.BiEncoder(model, pooling="cls", temperature=0.05).eval()
     q = collate([[3, 5, 4], [3, 6, 7, 4]], 0, "right", device=device)
     p = collate([[3, 8, 4], [3, 9, 4], [3, 10, 11, 4], [3, 12, 4]], 0, "right", device=device)
-    out = encoder(query={"input_ids": q.input_ids, "attention_mask": q.attention_mask},
-                  passage={"input_ids": p.input_ids, "attention_mask": p.attention_mask})
+    out = encoder(
+        query={"input_ids": q.input_ids, "attention_mask": q.attention_mask},
+        passage={"input_ids": p.input_ids, "attention_mask": p.attention_mask},
+    )
     full = encoder.compute_similarity(out.q_reps, out.p_reps) / 0.05
     assert out.scores.shape == (2, 2) and out.loss is None  # eval mode: each query's own group, no loss
     assert_close(out.scores, torch.stack([full[0, :2], full[1, 2:]]), SCORES_OVER_TEMPERATURE, what="scores")

@@ -11,9 +11,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import fastrank
-from fastrank.data.batching import collate
 from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import (
@@ -25,14 +22,25 @@ from tolerances import (
     assert_close,
 )
 
+import fastrank
+from fastrank.data.batching import collate
+
 
 def tiny_bert(seed=0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=1031, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=128, pad_token_id=0, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=1031,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertModel(config)
 
 
@@ -44,7 +52,9 @@ def batch_features(seqs, device):
 def random_batch(b, g, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = [torch.randint(5, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (b,), generator=gen)]
-    p = [torch.randint(5, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(3, 15, (b * g,), generator=gen)]
+    p = [
+        torch.randint(5, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(3, 15, (b * g,), generator=gen)
+    ]
     return batch_features(q, device), batch_features(p, device)
 
 
@@ -63,8 +73,9 @@ def test_matches_flagembedding_training_model(backend, device, pooling, normaliz
     ref_model = modeling.BiEncoderOnlyEmbedderModel(
         copy.deepcopy(base), temperature=tau, sentence_pooling_method=pooling, normalize_embeddings=normalize
     ).train()
-    ours = fastrank.BiEncoder(base, pooling=pooling, normalize=normalize, temperature=tau,
-                              use_inbatch_neg=in_batch).train()
+    ours = fastrank.BiEncoder(
+        base, pooling=pooling, normalize=normalize, temperature=tau, use_inbatch_neg=in_batch
+    ).train()
     q, p = random_batch(b, g, device)
     teacher = torch.randn(b * g).tolist() if distill else None
 
@@ -88,7 +99,9 @@ def test_llara_training_loss_matches_reference_formula(backend, device):
     queries = ["river water", "music album", "city history"]
     passages = [f"passage {i} about " + w for i, w in enumerate(["water", "songs", "rain", "music", "town", "stone"])]
     collator = fastrank.EmbedderCollator(encoder)
-    batch = collator([{"query": q, "passages": passages[2 * i : 2 * i + 2], "teacher_scores": None} for i, q in enumerate(queries)])
+    batch = collator(
+        [{"query": q, "passages": passages[2 * i : 2 * i + 2], "teacher_scores": None} for i, q in enumerate(queries)]
+    )
     batch = {k: {kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v for k, v in batch.items()}
     got = encoder(query=batch["query"], passage=batch["passage"]).loss
     got.backward()
@@ -217,16 +230,35 @@ def _write_jsonl(path, rows):
 
 
 def test_dataset_sampling_and_errors(tmp_path):
-    rows = [{"query": "q1", "pos": ["p1", "p1b"], "neg": ["n1"], "pos_scores": [3.0, 2.0], "neg_scores": [-1.0]},
-            {"query": "q2", "pos": ["p2"], "neg": ["n2", "n3", "n4", "n5"], "pos_scores": [1.0],
-             "neg_scores": [0.1, 0.2, 0.3, 0.4], "prompt": "search: "}]
+    rows = [
+        {"query": "q1", "pos": ["p1", "p1b"], "neg": ["n1"], "pos_scores": [3.0, 2.0], "neg_scores": [-1.0]},
+        {
+            "query": "q2",
+            "pos": ["p2"],
+            "neg": ["n2", "n3", "n4", "n5"],
+            "pos_scores": [1.0],
+            "neg_scores": [0.1, 0.2, 0.3, 0.4],
+            "prompt": "search: ",
+        },
+    ]
     _write_jsonl(tmp_path / "a.jsonl", rows)
-    data = fastrank.EmbedderTrainDataset(tmp_path, train_group_size=3, query_instruction="q: ", passage_instruction="d: ")
+    data = fastrank.EmbedderTrainDataset(
+        tmp_path, train_group_size=3, query_instruction="q: ", passage_instruction="d: "
+    )
     first, second = data[0], data[1]
     assert first["query"] == "q: q1" and second["query"] == "search: q2"
     assert first["passages"][0] in ("d: p1", "d: p1b") and first["passages"][1:] == ["d: n1", "d: n1"]
     assert len(set(second["passages"][1:])) == 2 and second["passages"][0] == "d: p2"
-    score_of = {"d: p1": 3.0, "d: p1b": 2.0, "d: n1": -1.0, "d: p2": 1.0, "d: n2": 0.1, "d: n3": 0.2, "d: n4": 0.3, "d: n5": 0.4}
+    score_of = {
+        "d: p1": 3.0,
+        "d: p1b": 2.0,
+        "d: n1": -1.0,
+        "d: p2": 1.0,
+        "d: n2": 0.1,
+        "d: n3": 0.2,
+        "d: n4": 0.3,
+        "d: n5": 0.4,
+    }
     for item in (first, second):
         assert item["teacher_scores"] == [score_of[t] for t in item["passages"]]
     assert data[0] == first  # deterministic per (seed, epoch, index)
@@ -248,15 +280,40 @@ def test_dataset_sampling_and_errors(tmp_path):
 def _retrieval_set(n_topics, seed):
     """Queries whose relevant passage shares a rare key word with them."""
     rng = np.random.default_rng(seed)
-    keys = ["alpaca", "bassoon", "caldera", "dynamo", "egret", "fjord", "gazebo", "hydrant", "igloo", "jackal",
-            "kiln", "lagoon", "marimba", "nebula", "oboe", "pylon", "quasar", "rotunda", "sitar", "tundra"][:n_topics]
+    keys = [
+        "alpaca",
+        "bassoon",
+        "caldera",
+        "dynamo",
+        "egret",
+        "fjord",
+        "gazebo",
+        "hydrant",
+        "igloo",
+        "jackal",
+        "kiln",
+        "lagoon",
+        "marimba",
+        "nebula",
+        "oboe",
+        "pylon",
+        "quasar",
+        "rotunda",
+        "sitar",
+        "tundra",
+    ][:n_topics]
     filler = "the a report on some general matters of the day with notes".split()
     rows = []
     for k in keys:
         others = [o for o in keys if o != k]
         neg = [" ".join(rng.choice(filler, 6)) + " " + rng.choice(others) for _ in range(3)]
-        rows.append({"query": f"tell me about the {k}", "pos": [f"{' '.join(rng.choice(filler, 5))} {k} {' '.join(rng.choice(filler, 4))}"],
-                     "neg": neg})
+        rows.append(
+            {
+                "query": f"tell me about the {k}",
+                "pos": [f"{' '.join(rng.choice(filler, 5))} {k} {' '.join(rng.choice(filler, 4))}"],
+                "neg": neg,
+            }
+        )
     return rows
 
 
@@ -275,11 +332,23 @@ def test_trainer_fine_tunes_minilm_and_saves(minilm_path, tmp_path):
     encoder.model.train()
     before = retrieval_metrics(fastrank.Embedder(encoder.to("cpu")), held_out)
 
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=7, learning_rate=1e-4,
-                             max_steps=12, save_steps=6, logging_steps=6, report_to=[], use_cpu=True, seed=0)
-    trainer = EmbedderTrainer(model=encoder.train(), args=args,
-                              train_dataset=fastrank.EmbedderTrainDataset(str(tmp_path / "train.jsonl"), train_group_size=4),
-                              data_collator=fastrank.EmbedderCollator(encoder, query_max_len=32, passage_max_len=48))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=7,
+        learning_rate=1e-4,
+        max_steps=12,
+        save_steps=6,
+        logging_steps=6,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = EmbedderTrainer(
+        model=encoder.train(),
+        args=args,
+        train_dataset=fastrank.EmbedderTrainDataset(str(tmp_path / "train.jsonl"), train_group_size=4),
+        data_collator=fastrank.EmbedderCollator(encoder, query_max_len=32, passage_max_len=48),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     after = retrieval_metrics(fastrank.Embedder(encoder.eval()), held_out)
@@ -298,9 +367,30 @@ def test_train_embedder_cli_with_resume(minilm_path, tmp_path, capsys):
     _write_jsonl(tmp_path / "train.jsonl", rows[:8])
     _write_jsonl(tmp_path / "eval.jsonl", rows[8:])
     out = tmp_path / "run"
-    common = ["train-embedder", "--model", minilm_path, "--data", str(tmp_path / "train.jsonl"), "--output", str(out),
-              "--eval", str(tmp_path / "eval.jsonl"), "--group-size", "3", "--batch-size", "4", "--lr", "1e-4",
-              "--temperature", "0.05", "--save-steps", "2", "--logging-steps", "1", "--no-progress"]
+    common = [
+        "train-embedder",
+        "--model",
+        minilm_path,
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--output",
+        str(out),
+        "--eval",
+        str(tmp_path / "eval.jsonl"),
+        "--group-size",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-4",
+        "--temperature",
+        "0.05",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--no-progress",
+    ]
     assert main(common + ["--max-steps", "2"]) == 0
     assert (out / "checkpoint-2").is_dir()
     assert main(common + ["--max-steps", "4", "--resume"]) == 0
@@ -324,9 +414,32 @@ def test_train_embedder_cli_grad_accum_and_checkpointing_warn_nothing(minilm_pat
     out = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(["train-embedder", "--model", minilm_path, "--data", str(tmp_path / "train.jsonl"), "--output",
-                     str(out), "--group-size", "2", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "1",
-                     "--save-steps", "1", "--gradient-checkpointing", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "train-embedder",
+                    "--model",
+                    minilm_path,
+                    "--data",
+                    str(tmp_path / "train.jsonl"),
+                    "--output",
+                    str(out),
+                    "--group-size",
+                    "2",
+                    "--batch-size",
+                    "2",
+                    "--grad-accum",
+                    "2",
+                    "--max-steps",
+                    "1",
+                    "--save-steps",
+                    "1",
+                    "--gradient-checkpointing",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     about_checkpointing = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
     assert not about_checkpointing, about_checkpointing
     args = torch.load(out / "checkpoint-1" / "training_args.bin", weights_only=False)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ARCHS, tiny_causal_lm, tiny_tokenizer
+from tolerances import SCORES_SAME_FORWARD, assert_close, dot_atol
 
 import fastrank
 from fastrank.data.batching import collate
 from fastrank.heads import convention_scores, single_token_id
 from fastrank.models import CausalLMScorer
-from tiny_models import ARCHS, tiny_causal_lm, tiny_tokenizer
-from tolerances import SCORES_SAME_FORWARD, assert_close, dot_atol
 
 PAIRS_TEXT = [
     "river water history of the city",
@@ -29,25 +29,41 @@ def _full_logits(model, batch):
     """What reference code computes: the HF model's own logits at each row's last real token."""
     with torch.no_grad():
         logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
             use_cache=False,
         ).logits.float()
-    last = torch.where(batch.attention_mask != 0, torch.arange(batch.input_ids.shape[1], device=logits.device), -1).amax(1)
+    last = torch.where(
+        batch.attention_mask != 0, torch.arange(batch.input_ids.shape[1], device=logits.device), -1
+    ).amax(1)
     return logits[torch.arange(logits.shape[0], device=logits.device), last].double()
 
 
 CONVENTIONS = {
-    "yes_logit": (fastrank.yes_logit("Yes"), lambda l, ids: l[:, ids[0]], lambda s: torch.sigmoid(s)),
-    "yes_no": (fastrank.yes_no("yes", "no"), lambda l, ids: l[:, ids[0]] - l[:, ids[1]], lambda s: torch.sigmoid(s)),
-    "token_diff": (fastrank.token_diff("1", "0"), lambda l, ids: l[:, ids[0]] - l[:, ids[1]], lambda s: torch.sigmoid(s)),
+    "yes_logit": (fastrank.yes_logit("Yes"), lambda logits, ids: logits[:, ids[0]], lambda s: torch.sigmoid(s)),
+    "yes_no": (
+        fastrank.yes_no("yes", "no"),
+        lambda logits, ids: logits[:, ids[0]] - logits[:, ids[1]],
+        lambda s: torch.sigmoid(s),
+    ),
+    "token_diff": (
+        fastrank.token_diff("1", "0"),
+        lambda logits, ids: logits[:, ids[0]] - logits[:, ids[1]],
+        lambda s: torch.sigmoid(s),
+    ),
     "digit_ev": (
         fastrank.digit_ev(),
-        lambda l, ids: (torch.softmax(l, -1)[:, list(ids)] * torch.arange(1, 8, dtype=l.dtype, device=l.device)).sum(1),
+        lambda logits, ids: (
+            torch.softmax(logits, -1)[:, list(ids)] * torch.arange(1, 8, dtype=logits.dtype, device=logits.device)
+        ).sum(1),
         None,
     ),
     "digit_ev_renorm": (
         fastrank.digit_ev(renormalize=True),
-        lambda l, ids: (torch.softmax(l[:, list(ids)], -1) * torch.arange(1, 8, dtype=l.dtype, device=l.device)).sum(1),
+        lambda logits, ids: (
+            torch.softmax(logits[:, list(ids)], -1) * torch.arange(1, 8, dtype=logits.dtype, device=logits.device)
+        ).sum(1),
         None,
     ),
 }
@@ -95,8 +111,17 @@ def test_softcapped_model(backend, device):
 
     torch.manual_seed(0)
     config = Gemma2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=1031, pad_token_id=0, bos_token_id=3, eos_token_id=0, final_logit_softcapping=3.0,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=1031,
+        pad_token_id=0,
+        bos_token_id=3,
+        eos_token_id=0,
+        final_logit_softcapping=3.0,
     )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval().to(device)
     with torch.no_grad():
@@ -135,7 +160,7 @@ def test_yes_no_is_one_fp32_row():
     weight = (torch.randn(10, h) * 8).bfloat16()
     got = convention_scores(fastrank.yes_no(), (1, 2), hidden, weight)
     exact = hidden[:, -1].double() @ (weight[1].double() - weight[2].double())
-    rounded = (hidden[:, -1] @ weight.t())  # what a bf16 forward returns
+    rounded = hidden[:, -1] @ weight.t()  # what a bf16 forward returns
     bf16_way = rounded[:, 1].double() - rounded[:, 2].double()
     # one fp32-accumulated dot product of length h per row (the op-level rule of tolerances.py)
     abs_dot = hidden[:, -1].double().abs() @ (weight[1].double().abs() + weight[2].double().abs())

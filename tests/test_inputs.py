@@ -27,12 +27,15 @@ def embedder():
     return fastrank.Embedder(fastrank.BiEncoder(tiny_causal_lm("qwen2"), tiny_tokenizer("qwen2")))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_length=0), "max_length: must be a positive int or None, got 0"),
-    (dict(max_length=-5), "max_length: must be a positive int or None, got -5"),
-    (dict(batch_size=0), "batch_size: must be a positive int, got 0"),
-    (dict(max_tokens=True), "max_tokens: must be a positive int, got True"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_length=0), "max_length: must be a positive int or None, got 0"),
+        (dict(max_length=-5), "max_length: must be a positive int or None, got -5"),
+        (dict(batch_size=0), "batch_size: must be a positive int, got 0"),
+        (dict(max_tokens=True), "max_tokens: must be a positive int, got True"),
+    ],
+)
 def test_reranker_score_refuses_non_positive_sizes(reranker, kwargs, message):
     with pytest.raises(ValueError, match=message):
         reranker.score([("q", "p")], **kwargs)
@@ -45,25 +48,31 @@ def test_reranker_rank_inputs(reranker):
         reranker.rank("q", ["a", "b"], top_k=-1)
     with pytest.raises(ValueError, match="pairs: expected a list of"):
         reranker.score("q")
-    assert [r["index"] for r in reranker.rank("q", ["a", "b", "c"], top_k=2)] == \
-        [r["index"] for r in reranker.rank("q", ["a", "b", "c"])][:2]
+    assert [r["index"] for r in reranker.rank("q", ["a", "b", "c"], top_k=2)] == [
+        r["index"] for r in reranker.rank("q", ["a", "b", "c"])
+    ][:2]
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda e: e.encode(["a"], kind="doc"), "kind: must be 'query' or 'passage', got 'doc'"),
-    (lambda e: e.encode(["a"], max_length=-5), "max_length: must be a positive int or None, got -5"),
-    (lambda e: e.encode(["a"], max_length=0), "max_length: must be a positive int or None, got 0"),
-    (lambda e: e.encode(None), "texts: expected a string or a list of strings, got NoneType"),
-    (lambda e: e.encode(["a", 3]), r"texts\[1\]: expected a string, got int"),
-    (lambda e: e.encode(["a"], batch_size=0), "batch_size: must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e: e.encode(["a"], kind="doc"), "kind: must be 'query' or 'passage', got 'doc'"),
+        (lambda e: e.encode(["a"], max_length=-5), "max_length: must be a positive int or None, got -5"),
+        (lambda e: e.encode(["a"], max_length=0), "max_length: must be a positive int or None, got 0"),
+        (lambda e: e.encode(None), "texts: expected a string or a list of strings, got NoneType"),
+        (lambda e: e.encode(["a", 3]), r"texts\[1\]: expected a string, got int"),
+        (lambda e: e.encode(["a"], batch_size=0), "batch_size: must be a positive int, got 0"),
+    ],
+)
 def test_embedder_encode_inputs(embedder, call, message):
     with pytest.raises(ValueError, match=message):
         call(embedder)
 
 
 def test_custom_template_fields_are_checked_when_built():
-    with pytest.raises(ValueError, match=r"query_format: \{qury\} is not a field of this template; the fields are \{query\}"):
+    with pytest.raises(
+        ValueError, match=r"query_format: \{qury\} is not a field of this template; the fields are \{query\}"
+    ):
         SegmentTemplate(query_format="Query: {qury}")
     with pytest.raises(ValueError, match="passage_format: 'Passage' has no {passage}"):
         SegmentTemplate(passage_format="Passage")
@@ -80,12 +89,15 @@ def test_contrastive_loss_names_q_on_a_device_mismatch():
         fastrank.contrastive_loss(q, torch.empty(4, 4, device="meta"), temperature=0.05)
 
 
-@pytest.mark.parametrize("name, preset", [
-    ("Qwen/Qwen3-Reranker-0.6B", "qwen3-reranker"),
-    ("mixedbread-ai/mxbai-rerank-base-v2", "mxbai-rerank-v2"),
-    ("lightblue/lb-reranker-0.5B-v1.0", "lb-reranker"),
-    ("BAAI/bge-reranker-v2-gemma", "bge-reranker-v2-gemma"),
-])
+@pytest.mark.parametrize(
+    "name, preset",
+    [
+        ("Qwen/Qwen3-Reranker-0.6B", "qwen3-reranker"),
+        ("mixedbread-ai/mxbai-rerank-base-v2", "mxbai-rerank-v2"),
+        ("lightblue/lb-reranker-0.5B-v1.0", "lb-reranker"),
+        ("BAAI/bge-reranker-v2-gemma", "bge-reranker-v2-gemma"),
+    ],
+)
 def test_public_rerankers_are_recognised_by_name(name, preset, tmp_path):
     assert detect_preset(name).name == preset
     folder = tmp_path / name.split("/")[1]  # a local copy keeps its checkpoint's name
@@ -106,8 +118,12 @@ def test_unknown_checkpoint_needs_a_preset(tmp_path):
 
 
 def test_a_saved_preset_travels_with_the_model(tmp_path):
-    custom = fastrank.Preset("judge", fastrank.yes_no("yes", "no"),
-                             SegmentTemplate(prefix="Judge.\n", query_format="Q: {query}", suffix="\nA:"), max_length=64)
+    custom = fastrank.Preset(
+        "judge",
+        fastrank.yes_no("yes", "no"),
+        SegmentTemplate(prefix="Judge.\n", query_format="Q: {query}", suffix="\nA:"),
+        max_length=64,
+    )
     assert preset_from_dict(json.loads(json.dumps(preset_to_dict(custom)))) == custom
     assert preset_to_dict("lb-reranker") == {"preset": "lb-reranker"}
     model, tokenizer = tiny_causal_lm("qwen2"), tiny_tokenizer("qwen2")
@@ -118,8 +134,12 @@ def test_a_saved_preset_travels_with_the_model(tmp_path):
     loaded = fastrank.Reranker.from_pretrained(str(tmp_path), device="cpu")
     assert loaded.preset == custom
     pairs = [("what is a river?", "a stream of water"), ("q", "p")]
-    assert_close(loaded.score(pairs), fastrank.Reranker(model, tokenizer, custom).score(pairs), SAME_COMPUTATION,
-                 what="reloaded with its preset")
+    assert_close(
+        loaded.score(pairs),
+        fastrank.Reranker(model, tokenizer, custom).score(pairs),
+        SAME_COMPUTATION,
+        what="reloaded with its preset",
+    )
 
 
 def test_model_folders_and_devices(tmp_path):

@@ -85,17 +85,22 @@ def test_no_import_runs_up_the_layers():
         own = _layer(module)
         for line, target in _imports(module, path):
             if _layer(target) > own:
-                upward.append(f"{path.relative_to(REPO)}:{line}: {module} ({LAYERS[own][0]}) imports {target} "
-                              f"({LAYERS[_layer(target)][0]})")
+                upward.append(
+                    f"{path.relative_to(REPO)}:{line}: {module} ({LAYERS[own][0]}) imports {target} "
+                    f"({LAYERS[_layer(target)][0]})"
+                )
     assert not upward, "imports up the layers:\n" + "\n".join(upward)
 
 
 def test_kernels_import_only_the_leaf():
     """The kernels never depend on the reference implementations they are tested against."""
-    wrong = [f"{path.relative_to(REPO)}:{line}: {target}"
-             for module, path in MODULES.items() if module.startswith("fastrank.kernels")
-             for line, target in _imports(module, path)
-             if not (target == "fastrank.common" or target.startswith("fastrank.kernels"))]
+    wrong = [
+        f"{path.relative_to(REPO)}:{line}: {target}"
+        for module, path in MODULES.items()
+        if module.startswith("fastrank.kernels")
+        for line, target in _imports(module, path)
+        if not (target == "fastrank.common" or target.startswith("fastrank.kernels"))
+    ]
     assert not wrong, "kernels import more than fastrank.common:\n" + "\n".join(wrong)
 
 

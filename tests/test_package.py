@@ -12,7 +12,9 @@ import torch
 from references import REFERENCE_PACKAGES, require
 
 import fastrank
-from fastrank.benchmarks import contrastive as bench_contrastive, pool as bench_pool, score_head as bench_score_head
+from fastrank.benchmarks import contrastive as bench_contrastive
+from fastrank.benchmarks import pool as bench_pool
+from fastrank.benchmarks import score_head as bench_score_head
 from fastrank.cli import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

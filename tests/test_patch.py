@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import fastrank
-from fastrank.data.batching import collate
 from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import GRADS_SAME_FORWARD, PROBABILITIES, SCORES_SAME_FORWARD, assert_close
+
+import fastrank
+from fastrank.data.batching import collate
 
 TEXTS = ["river water history", "music", "protein 2019 science network university city"]
 

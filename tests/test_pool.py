@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from tolerances import STORE_RTOL, assert_close, dot_atol
 
 import fastrank
-from tolerances import STORE_RTOL, assert_close, dot_atol
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SPECIAL = [7, 9]  # the special token ids of these tests
@@ -46,7 +46,7 @@ def selected_positions(mask_row, ids_row, mode, kw):
     if mode == "last":
         return real[-1:]
     if "last_k" in kw:
-        return real[-kw["last_k"]:]
+        return real[-kw["last_k"] :]
     return [j for j in real if int(ids_row[j]) in kw["token_ids"]]
 
 
@@ -85,7 +85,13 @@ def test_pool_matches_float64(backend, device, dtype, mode, kw, normalize, side,
     assert got.dtype == torch.float32 and got.shape == (len(lengths), h)
     tol = dot_atol(t, scale)  # a mean of up to T fp32-accumulated terms
     if normalize:
-        tol = tol / want.new_tensor([max(r.norm().item(), 1e-12) for r in oracle(hidden, mask, ids, mode, kw, False)[0]])[:, None] + 1e-6
+        tol = (
+            tol
+            / want.new_tensor([max(r.norm().item(), 1e-12) for r in oracle(hidden, mask, ids, mode, kw, False)[0]])[
+                :, None
+            ]
+            + 1e-6
+        )
     assert_close(got, want, atol=tol, rtol=1e-6, what=f"{mode} {kw}")
 
 

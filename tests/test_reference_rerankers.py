@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import fastrank
-from fastrank.benchmarks.synthetic import synthetic_pairs
 from references import require
 from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tolerances import PROBABILITIES, SCORES_OTHER_BATCH, SCORES_SAME_FORWARD, assert_close
+
+import fastrank
+from fastrank.benchmarks.synthetic import synthetic_pairs
 
 SHORT = synthetic_pairs(6, seed=1, passage_words=(3, 20))
 # Queries past 3/4 of max_length and passages past max_length: every truncation rule fires.
@@ -98,8 +98,9 @@ def _prepare_for_model_shim(tokenizer):
     the instance with FlagEmbedding's re-implementation of the legacy behaviour."""
     from FlagEmbedding.utils.tokenizer_compat import _truncate_second_sequence
 
-    def prepare_for_model(first_ids, second_ids=None, *, truncation=None, max_length=None,
-                          add_special_tokens=True, **_):
+    def prepare_for_model(
+        first_ids, second_ids=None, *, truncation=None, max_length=None, add_special_tokens=True, **_
+    ):
         assert not add_special_tokens, "mxbai-rerank calls it with add_special_tokens=False"
         second = _truncate_second_sequence(tokenizer, first_ids, second_ids or [], max_length, truncation)
         return {"input_ids": list(first_ids) + list(second)}
@@ -136,8 +137,12 @@ def test_qwen3_reranker_model_card_code(qwen_model):
     task = "Given a web search query, retrieve relevant passages that answer the query"
     texts = [f"<Instruct>: {task}\n<Query>: {q}\n<Document>: {d}" for q, d in SHORT + LONG]
     inputs = tokenizer(
-        texts, padding=False, truncation="longest_first", return_attention_mask=False,
-        max_length=max_length - len(prefix_tokens) - len(suffix_tokens), add_special_tokens=False,
+        texts,
+        padding=False,
+        truncation="longest_first",
+        return_attention_mask=False,
+        max_length=max_length - len(prefix_tokens) - len(suffix_tokens),
+        add_special_tokens=False,
     )
     for i, ele in enumerate(inputs["input_ids"]):
         inputs["input_ids"][i] = prefix_tokens + ele + suffix_tokens
@@ -148,7 +153,9 @@ def test_qwen3_reranker_model_card_code(qwen_model):
         logits = model(**batch).logits[:, -1, :]
     want = torch.nn.functional.log_softmax(torch.stack([logits[:, no], logits[:, yes]], dim=1), dim=1)[:, 1].exp()
 
-    got = fastrank.Reranker(model, tokenizer, "qwen3-reranker").score(SHORT + LONG, max_length=max_length, normalize=True)
+    got = fastrank.Reranker(model, tokenizer, "qwen3-reranker").score(
+        SHORT + LONG, max_length=max_length, normalize=True
+    )
     assert_close(got, want, SCORES_OTHER_BATCH, what="qwen3-reranker scores")
 
 
@@ -161,8 +168,13 @@ def test_lb_reranker_card(qwen_model):
     )
     want = []
     for q, t in SHORT:
-        chat = [{"role": "system", "content": system}, {"role": "user", "content": f"<<<Query>>>\n{q}\n\n<<<Context>>>\n{t}"}]
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        chat = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"<<<Query>>>\n{q}\n\n<<<Context>>>\n{t}"},
+        ]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
         with torch.no_grad():
             probs = torch.softmax(model(input_ids=ids).logits[0, -1].double(), -1)
         want.append(sum(d * probs[tokenizer.convert_tokens_to_ids(str(d))] for d in range(1, 8)))
@@ -177,6 +189,6 @@ def test_chat_template_truncation_keeps_the_suffix(qwen_model):
     suffix = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     for e in encoded:
         assert e.truncated and len(e.input_ids) <= 120
-        assert e.input_ids[-len(suffix):] == suffix
+        assert e.input_ids[-len(suffix) :] == suffix
     with pytest.raises(ValueError, match="^max_length: 10 is shorter than the chat template"):
         preset.template.tokenize(tokenizer, SHORT[:1], 10)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm, tiny_tokenizer
+from tolerances import SAME_COMPUTATION, SCORES_OTHER_BATCH, assert_close
 
 import fastrank
 from fastrank.benchmarks.synthetic import synthetic_pairs
 from fastrank.data.templates import SegmentTemplate
-from tiny_models import tiny_causal_lm, tiny_tokenizer
-from tolerances import SAME_COMPUTATION, SCORES_OTHER_BATCH, assert_close
 
 PAIRS = synthetic_pairs(11, seed=3, passage_words=(2, 60))
 
@@ -49,8 +49,14 @@ def test_rank_shape_and_order(device):
     reranker = fastrank.Reranker(model, tiny_tokenizer("qwen2"), "qwen3-reranker")
     docs = ["river water", {"text": "music album"}, "city history", "protein science"]
     ranked = reranker.rank("what river?", docs)
-    scores = reranker.score([("what river?", "river water"), ("what river?", "music album"),
-                             ("what river?", "city history"), ("what river?", "protein science")])
+    scores = reranker.score(
+        [
+            ("what river?", "river water"),
+            ("what river?", "music album"),
+            ("what river?", "city history"),
+            ("what river?", "protein science"),
+        ]
+    )
     assert [r["index"] for r in ranked] == sorted(range(4), key=lambda i: -scores[i])
     assert set(ranked[0]) == {"index", "relevance_score", "document"}
     assert ranked[[r["index"] for r in ranked].index(1)]["document"] == {"text": "music album"}
@@ -86,8 +92,12 @@ def test_custom_preset(device):
     preset = fastrank.Preset(
         "my-yes-no",
         fastrank.yes_no("Yes", "No"),
-        SegmentTemplate(prefix="Query and passage:\n", query_format="Q: {query}", passage_format="P: {passage}",
-                        suffix="\nRelevant?"),
+        SegmentTemplate(
+            prefix="Query and passage:\n",
+            query_format="Q: {query}",
+            passage_format="P: {passage}",
+            suffix="\nRelevant?",
+        ),
         max_length=48,
         description="test preset",
     )
@@ -102,9 +112,10 @@ def test_custom_preset(device):
     suffix = tokenizer("\nRelevant?", add_special_tokens=False)["input_ids"]
     for e in encoded:
         assert len(e.input_ids) <= 48 and e.input_ids[0] == tokenizer.bos_token_id
-        assert e.input_ids[-len(suffix):] == suffix
-    assert_close(reranker.score(PAIRS), _one_by_one(model, tokenizer, preset, PAIRS), SCORES_OTHER_BATCH,
-                 what="custom preset")
+        assert e.input_ids[-len(suffix) :] == suffix
+    assert_close(
+        reranker.score(PAIRS), _one_by_one(model, tokenizer, preset, PAIRS), SCORES_OTHER_BATCH, what="custom preset"
+    )
 
 
 def test_from_pretrained_folder(tmp_path):

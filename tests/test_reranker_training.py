@@ -40,9 +40,11 @@ def _rows(n=3, negs=3, scores=True, seed=0):
     words = "alpha beta gamma delta report notes river stone paper light".split()
     rows = []
     for i in range(n):
-        row = {"query": f"what is item {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 6))),
-               "pos": [f"item {i} is " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))],
-               "neg": [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(negs)]}
+        row = {
+            "query": f"what is item {i} " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 6))),
+            "pos": [f"item {i} is " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))],
+            "neg": [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(negs)],
+        }
         if scores:
             row["pos_scores"] = [rng.uniform(0, 3)]
             row["neg_scores"] = [rng.uniform(-3, 1) for _ in range(negs)]
@@ -67,8 +69,9 @@ def test_matches_flagembedding_cross_decoder(backend, device, tmp_path, arch, di
 
     _write_jsonl(tmp_path / "train.jsonl", _rows(3, negs=5))
     tok = tiny_tokenizer(arch, "left")
-    data = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=4, answer=None,
-                                       query_max_len=16, passage_max_len=24)
+    data = fastrank.RerankTrainDataset(
+        str(tmp_path / "train.jsonl"), tok, train_group_size=4, answer=None, query_max_len=16, passage_max_len=24
+    )
     batch = fastrank.RerankCollator(tok, padding_side="left")([data[i] for i in range(3)])
     pair = {k: v.to(device) for k, v in batch["pair"].items()}
     teacher = batch["teacher_scores"] if distill else None
@@ -95,19 +98,23 @@ def test_research_layout_scores_one_before_the_answer(backend, device, tmp_path,
     padding side, and the loss and gradients equal the grouped cross-entropy computed from HF's logits."""
     _write_jsonl(tmp_path / "train.jsonl", _rows(2, negs=2, scores=False))
     tok = tiny_tokenizer("llama", side)
-    data = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=3,
-                                       query_max_len=16, passage_max_len=24)
+    data = fastrank.RerankTrainDataset(
+        str(tmp_path / "train.jsonl"), tok, train_group_size=3, query_max_len=16, passage_max_len=24
+    )
     pair = fastrank.RerankCollator(tok, padding_side=side)([data[0], data[1]])["pair"]
     pair = {k: v.to(device) for k, v in pair.items()}
     hf = tiny_causal_lm("llama").to(device).train()
     ours_lm = copy.deepcopy(hf)
     model = fastrank.LLMRerankerModel(ours_lm, tok, train_group_size=3).train()
     out = model(pair=pair)
-    logits = hf(input_ids=pair["input_ids"], attention_mask=pair["attention_mask"],
-                position_ids=pair["position_ids"]).logits
+    logits = hf(
+        input_ids=pair["input_ids"], attention_mask=pair["attention_mask"], position_ids=pair["position_ids"]
+    ).logits
     idx = torch.max(pair["labels"], dim=1).indices
     want_scores = logits[torch.arange(6, device=device), idx - 1, model.yes_loc].float()
-    want_loss = torch.nn.functional.cross_entropy(want_scores.view(2, 3), torch.zeros(2, dtype=torch.long, device=device))
+    want_loss = torch.nn.functional.cross_entropy(
+        want_scores.view(2, 3), torch.zeros(2, dtype=torch.long, device=device)
+    )
     assert_close(out.scores, want_scores, SCORES_SAME_FORWARD, what="scores")
     assert_close(out.loss, want_loss, LOSS_VS_REFERENCE, what="loss")
     want_loss.backward()
@@ -122,8 +129,9 @@ def test_packed_equals_padded(backend, device, tmp_path):
     trains like the padded batch on sdpa."""
     _write_jsonl(tmp_path / "train.jsonl", _rows(2, negs=3, scores=False))
     tok = tiny_tokenizer("qwen2", "right")
-    data = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=4,
-                                       query_max_len=16, passage_max_len=24)
+    data = fastrank.RerankTrainDataset(
+        str(tmp_path / "train.jsonl"), tok, train_group_size=4, query_max_len=16, passage_max_len=24
+    )
     items = [data[0], data[1]]
     padded = fastrank.RerankCollator(tok, padding_side="right")(items)["pair"]
     packed = fastrank.RerankCollator(tok, packed=True)(items)["pair"]
@@ -144,8 +152,9 @@ def test_lora_checkpointing_and_bf16(device, tmp_path):
 
     _write_jsonl(tmp_path / "train.jsonl", _rows(2, negs=3, scores=False))
     tok = tiny_tokenizer("qwen2", "left")
-    data = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=4,
-                                       query_max_len=16, passage_max_len=24)
+    data = fastrank.RerankTrainDataset(
+        str(tmp_path / "train.jsonl"), tok, train_group_size=4, query_max_len=16, passage_max_len=24
+    )
     pair = {k: v.to(device) for k, v in fastrank.RerankCollator(tok)([data[0], data[1]])["pair"].items()}
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     lm = peft.get_peft_model(tiny_causal_lm("qwen2").to(device), config)
@@ -171,8 +180,9 @@ def test_lora_checkpointing_and_bf16(device, tmp_path):
     load_wrapped_weights(model, str(tmp_path / "adapter"))
     assert_close(model(pair=pair).loss, plain, LOSS_SAME_FORWARD, what="reloaded loss")
 
-    half = fastrank.LLMRerankerModel(tiny_causal_lm("qwen2", dtype=torch.bfloat16).to(device), tok,
-                                     train_group_size=4).train()
+    half = fastrank.LLMRerankerModel(
+        tiny_causal_lm("qwen2", dtype=torch.bfloat16).to(device), tok, train_group_size=4
+    ).train()
     out = half(pair=pair)
     assert out.scores.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
@@ -190,8 +200,14 @@ def test_dataset_layout_budget_and_labels(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", rows)
     tok = tiny_tokenizer("llama", "left")
     qmax, pmax = 16, 40
-    data = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=5, query_max_len=qmax,
-                                       passage_max_len=pmax, passage_instruction="P: ")
+    data = fastrank.RerankTrainDataset(
+        str(tmp_path / "train.jsonl"),
+        tok,
+        train_group_size=5,
+        query_max_len=qmax,
+        passage_max_len=pmax,
+        passage_instruction="P: ",
+    )
     item = data[0]
     assert len(item["input_ids"]) == 5 and len(item["teacher_scores"]) == 5
     assert item["teacher_scores"][0] == rows[0]["pos_scores"][0]  # the positive comes first
@@ -200,7 +216,7 @@ def test_dataset_layout_budget_and_labels(tmp_path):
     yes, sep, prompt = ids("Yes"), ids("\n"), ids("Relevant?")
     for seq, labels in zip(item["input_ids"], item["labels"]):
         assert seq[0] == tok.bos_token_id
-        assert seq[-len(yes):] == yes and seq[-len(yes) - len(prompt):-len(yes)] == prompt
+        assert seq[-len(yes) :] == yes and seq[-len(yes) - len(prompt) : -len(yes)] == prompt
         assert len(seq) <= qmax + pmax
         assert labels[-1] == seq[-1] and all(v == -100 for v in labels[:-1])
     q_ids = ids("Q: " + rows[0]["query"])[: qmax + pmax // 4]
@@ -209,14 +225,15 @@ def test_dataset_layout_budget_and_labels(tmp_path):
     assert first[1 + len(q_ids) : 1 + len(q_ids) + len(sep)] == sep
     # The long positive fills the budget exactly: query + passage + sep + prompt + answer = qmax + pmax.
     assert len(first) == qmax + pmax
-    package = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=5, query_max_len=qmax,
-                                          passage_max_len=pmax, answer=None)[0]
-    assert package["labels"] is None and package["input_ids"][0][-len(prompt):] == prompt
+    package = fastrank.RerankTrainDataset(
+        str(tmp_path / "train.jsonl"), tok, train_group_size=5, query_max_len=qmax, passage_max_len=pmax, answer=None
+    )[0]
+    assert package["labels"] is None and package["input_ids"][0][-len(prompt) :] == prompt
     assert all(len(seq) <= qmax + pmax for seq in package["input_ids"]) and len(package["input_ids"][0]) == qmax + pmax
     rows[0].pop("prompt")
     _write_jsonl(tmp_path / "default.jsonl", rows)
     default = fastrank.RerankTrainDataset(str(tmp_path / "default.jsonl"), tok, answer=None)[0]
-    assert default["input_ids"][0][-len(ids(FLAG_LLM_PROMPT)):] == ids(FLAG_LLM_PROMPT)
+    assert default["input_ids"][0][-len(ids(FLAG_LLM_PROMPT)) :] == ids(FLAG_LLM_PROMPT)
     no_kd = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, knowledge_distillation=False)[0]
     assert no_kd["teacher_scores"] is None
 
@@ -231,14 +248,21 @@ def test_dataset_matches_flagembedding_package_dataset(tmp_path):
     rows[0]["pos"] = ["a long passage about rivers and stones " * 30]
     _write_jsonl(tmp_path / "train.jsonl", rows)
     tok = tiny_tokenizer("llama", "left")
-    args = AbsRerankerDataArguments(train_data=[str(tmp_path / "train.jsonl")], train_group_size=4, query_max_len=16,
-                                    passage_max_len=48, query_instruction_for_rerank="A: ",
-                                    passage_instruction_for_rerank="B: ", sep_token="\n")
+    args = AbsRerankerDataArguments(
+        train_data=[str(tmp_path / "train.jsonl")],
+        train_group_size=4,
+        query_max_len=16,
+        passage_max_len=48,
+        query_instruction_for_rerank="A: ",
+        passage_instruction_for_rerank="B: ",
+        sep_token="\n",
+    )
     ref_data = AbsLLMRerankerTrainDataset(args, tok)
     random.seed(0)
     want = sorted(tuple(x["input_ids"]) for x in ref_data[0][0])
-    ours = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=4, query_max_len=16,
-                                       passage_max_len=48, answer=None)[0]
+    ours = fastrank.RerankTrainDataset(
+        str(tmp_path / "train.jsonl"), tok, train_group_size=4, query_max_len=16, passage_max_len=48, answer=None
+    )[0]
     assert sorted(tuple(x) for x in ours["input_ids"]) == want
 
 
@@ -263,14 +287,17 @@ def test_collator_padding_labels_and_teacher(tmp_path):
         fastrank.RerankCollator(tok)([])
 
 
-@pytest.mark.parametrize("line, message", [
-    ({"pos": ["p"], "neg": ["n"]}, "'query' must be a string"),
-    ({"query": "q", "pos": [], "neg": ["n"]}, "'pos' must be a non-empty list"),
-    ({"query": "q", "pos": "p", "neg": ["n"]}, "'pos' must be a non-empty list"),
-    ({"query": "q", "pos": ["p"], "neg": [3]}, "'neg' must be a list of strings"),
-    ({"query": "q", "pos": ["p"], "neg": ["n"], "prompt": 5}, "'prompt' must be a string"),
-    ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0]}, "give both"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"pos": ["p"], "neg": ["n"]}, "'query' must be a string"),
+        ({"query": "q", "pos": [], "neg": ["n"]}, "'pos' must be a non-empty list"),
+        ({"query": "q", "pos": "p", "neg": ["n"]}, "'pos' must be a non-empty list"),
+        ({"query": "q", "pos": ["p"], "neg": [3]}, "'neg' must be a list of strings"),
+        ({"query": "q", "pos": ["p"], "neg": ["n"], "prompt": 5}, "'prompt' must be a string"),
+        ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0]}, "give both"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     _write_jsonl(path, [{"query": "fine", "pos": ["p"], "neg": ["n"]}, line])
@@ -297,8 +324,20 @@ def test_argument_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # trainers
 # ---------------------------------------------------------------------------------------------------
-KEYS = ["alpaca", "bassoon", "caldera", "dynamo", "egret", "fjord", "gazebo", "hydrant", "igloo", "jackal",
-        "kiln", "lagoon"]
+KEYS = [
+    "alpaca",
+    "bassoon",
+    "caldera",
+    "dynamo",
+    "egret",
+    "fjord",
+    "gazebo",
+    "hydrant",
+    "igloo",
+    "jackal",
+    "kiln",
+    "lagoon",
+]
 
 
 def _key_task(n, seed, keys=KEYS):
@@ -309,8 +348,14 @@ def _key_task(n, seed, keys=KEYS):
     for _ in range(n):
         k = rng.choice(keys)
         others = [o for o in keys if o != k]
-        text = lambda key: " ".join(rng.choice(filler) for _ in range(rng.randint(2, 5))) + f" {key} " + \
-            " ".join(rng.choice(filler) for _ in range(rng.randint(1, 4)))  # noqa: E731
+
+        def text(key):
+            return (
+                " ".join(rng.choice(filler) for _ in range(rng.randint(2, 5)))
+                + f" {key} "
+                + " ".join(rng.choice(filler) for _ in range(rng.randint(1, 4)))
+            )
+
         rows.append({"query": f"about {k}", "pos": [text(k)], "neg": [text(rng.choice(others)) for _ in range(5)]})
     return rows
 
@@ -337,13 +382,25 @@ def test_trainer_raises_held_out_mrr(tmp_path):
     lm = tiny_causal_lm("qwen2")
     model = fastrank.LLMRerankerModel(lm, tok, train_group_size=4)
     before = reranking_metrics(fastrank.Reranker(lm, tok, "bge-reranker-v2-gemma"), held_out)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=2e-3,
-                             warmup_steps=120, max_steps=1200, logging_steps=100, save_strategy="no", report_to=[],
-                             use_cpu=True, seed=0, disable_tqdm=True)
-    data = fastrank.RerankTrainDataset(str(tmp_path / "train.jsonl"), tok, train_group_size=4, query_max_len=16,
-                                       passage_max_len=24)
-    trainer = RerankerTrainer(model=model.train(), args=args, train_dataset=data,
-                              data_collator=fastrank.RerankCollator(tok))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        warmup_steps=120,
+        max_steps=1200,
+        logging_steps=100,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    data = fastrank.RerankTrainDataset(
+        str(tmp_path / "train.jsonl"), tok, train_group_size=4, query_max_len=16, passage_max_len=24
+    )
+    trainer = RerankerTrainer(
+        model=model.train(), args=args, train_dataset=data, data_collator=fastrank.RerankCollator(tok)
+    )
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     after = reranking_metrics(fastrank.Reranker(lm.eval(), tok, "bge-reranker-v2-gemma"), held_out)
@@ -367,19 +424,38 @@ def _trainer_run(out_dir, per_device, data_path, ddp_backend=None):
     tok = tiny_tokenizer("qwen2", "left")
     lm = tiny_causal_lm("qwen2")
     model = fastrank.LLMRerankerModel(lm, tok, train_group_size=3)
-    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=per_device, learning_rate=1e-3,
-                             max_steps=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                             ddp_backend=ddp_backend, disable_tqdm=True, dataloader_drop_last=True)
+    args = TrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=per_device,
+        learning_rate=1e-3,
+        max_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        ddp_backend=ddp_backend,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+    )
     data = fastrank.RerankTrainDataset(data_path, tok, train_group_size=3, query_max_len=16, passage_max_len=24)
-    trainer = RerankerTrainer(model=model.train(), args=args, train_dataset=data, data_collator=fastrank.RerankCollator(tok))
+    trainer = RerankerTrainer(
+        model=model.train(), args=args, train_dataset=data, data_collator=fastrank.RerankCollator(tok)
+    )
     trainer.train()
     loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
     return loss, {n: p.detach().clone() for n, p in lm.named_parameters()}
 
 
 def _ddp_worker(rank, world, port, out_dir, data_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), FASTRANK_BACKEND="torch")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        FASTRANK_BACKEND="torch",
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     loss, params = _trainer_run(out_dir, 2, data_path, ddp_backend="gloo")
     if rank == 0:
@@ -408,10 +484,32 @@ def test_train_reranker_cli_with_resume(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", _key_task(16, seed=3))
     _write_jsonl(tmp_path / "eval.jsonl", _key_task(6, seed=4))
     out = tmp_path / "run"
-    common = ["train-reranker", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
-              "--output", str(out), "--eval", str(tmp_path / "eval.jsonl"), "--group-size", "3", "--batch-size", "2",
-              "--query-max-len", "16", "--passage-max-len", "24", "--lr", "1e-4", "--save-steps", "2",
-              "--logging-steps", "1", "--no-progress"]
+    common = [
+        "train-reranker",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--output",
+        str(out),
+        "--eval",
+        str(tmp_path / "eval.jsonl"),
+        "--group-size",
+        "3",
+        "--batch-size",
+        "2",
+        "--query-max-len",
+        "16",
+        "--passage-max-len",
+        "24",
+        "--lr",
+        "1e-4",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--no-progress",
+    ]
     assert main(common + ["--max-steps", "2"]) == 0
     assert (out / "checkpoint-2").is_dir()
     assert main(common + ["--max-steps", "4", "--resume"]) == 0

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from tolerances import STORE_RTOL, assert_close, dot_atol
 
 import fastrank
-from tolerances import STORE_RTOL, assert_close, dot_atol
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, T, H, V, K): N=1 and T=1, K=1, K=7, K=10; H not a multiple of any block; V not a multiple of a tile.
@@ -358,7 +358,9 @@ def test_reference_gradcheck_float64(monkeypatch):
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0]])
 
     def fn(hd, w, b):
-        res = fastrank.score_head(hd, w, [1, 4, 19], attention_mask=mask, bias=b, combine=[[1, -1, 0.5]], return_lse=True)
+        res = fastrank.score_head(
+            hd, w, [1, 4, 19], attention_mask=mask, bias=b, combine=[[1, -1, 0.5]], return_lse=True
+        )
         return res.logits, res.lse
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
@@ -391,14 +393,28 @@ def test_bad_values_raise(backend, device, case, arg):
     hidden, weight, mask = _good(device)
     flat = torch.randn(7, 8, device=device)
     calls = {
-        "empty_row": lambda: fastrank.score_head(hidden, weight, [1], attention_mask=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], device=device)),
-        "position_past_end": lambda: fastrank.score_head(hidden, weight, [1], positions=torch.tensor([3, 4], device=device)),
-        "position_on_padding": lambda: fastrank.score_head(hidden, weight, [1], attention_mask=mask, positions=torch.tensor([2, 0], device=device)),
+        "empty_row": lambda: fastrank.score_head(
+            hidden, weight, [1], attention_mask=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], device=device)
+        ),
+        "position_past_end": lambda: fastrank.score_head(
+            hidden, weight, [1], positions=torch.tensor([3, 4], device=device)
+        ),
+        "position_on_padding": lambda: fastrank.score_head(
+            hidden, weight, [1], attention_mask=mask, positions=torch.tensor([2, 0], device=device)
+        ),
         "negative_position": lambda: fastrank.score_head(hidden, weight, [1], positions=[-1, 0]),
-        "packed_position_outside": lambda: fastrank.score_head(flat, weight, [1], cu_seqlens=torch.tensor([0, 3, 7], device=device), positions=[2, 4]),
-        "empty_packed_sequence": lambda: fastrank.score_head(flat, weight, [1], cu_seqlens=torch.tensor([0, 3, 3, 7], device=device)),
-        "cu_seqlens_not_ending_at_M": lambda: fastrank.score_head(flat, weight, [1], cu_seqlens=torch.tensor([0, 3, 6], device=device)),
-        "cu_seqlens_decreasing": lambda: fastrank.score_head(flat, weight, [1], cu_seqlens=torch.tensor([0, 5, 2, 7], device=device)),
+        "packed_position_outside": lambda: fastrank.score_head(
+            flat, weight, [1], cu_seqlens=torch.tensor([0, 3, 7], device=device), positions=[2, 4]
+        ),
+        "empty_packed_sequence": lambda: fastrank.score_head(
+            flat, weight, [1], cu_seqlens=torch.tensor([0, 3, 3, 7], device=device)
+        ),
+        "cu_seqlens_not_ending_at_M": lambda: fastrank.score_head(
+            flat, weight, [1], cu_seqlens=torch.tensor([0, 3, 6], device=device)
+        ),
+        "cu_seqlens_decreasing": lambda: fastrank.score_head(
+            flat, weight, [1], cu_seqlens=torch.tensor([0, 5, 2, 7], device=device)
+        ),
     }
     with pytest.raises(ValueError, match=f"^{arg}"):
         calls[case]()
@@ -416,12 +432,18 @@ def test_bad_arguments_raise(device):
         (lambda: fastrank.score_head(hidden, weight[:, :7], [1]), "weight: has H=7"),
         (lambda: fastrank.score_head(hidden, weight, [1], attention_mask=mask[:, :3]), "attention_mask: shape"),
         (lambda: fastrank.score_head(hidden, weight, [1], positions=[1, 2, 3]), "positions: must be 1-D"),
-        (lambda: fastrank.score_head(hidden, weight, [1], positions=torch.tensor([1.0, 2.0])), "positions: must hold integers"),
+        (
+            lambda: fastrank.score_head(hidden, weight, [1], positions=torch.tensor([1.0, 2.0])),
+            "positions: must hold integers",
+        ),
         (lambda: fastrank.score_head(hidden, weight, [1], bias=torch.zeros(29, device=hidden.device)), "bias: must be"),
         (lambda: fastrank.score_head(hidden, weight, [1, 2], combine=[1.0, 2.0, 3.0]), "combine"),
         (lambda: fastrank.score_head(hidden[0], weight, [1]), "hidden: a 2-D tensor needs cu_seqlens"),
         (lambda: fastrank.score_head(hidden, weight, [1], cu_seqlens=torch.tensor([0, 4])), "hidden: packed input"),
-        (lambda: fastrank.score_head(hidden.reshape(8, 8), weight, [1], cu_seqlens=[0, 8], attention_mask=mask), "attention_mask: cannot"),
+        (
+            lambda: fastrank.score_head(hidden.reshape(8, 8), weight, [1], cu_seqlens=[0, 8], attention_mask=mask),
+            "attention_mask: cannot",
+        ),
         (lambda: fastrank.score_head(hidden.long(), weight, [1]), "hidden: must be"),
         (lambda: fastrank.score_head(hidden, weight, [1], return_lse=1), "return_lse"),
     ]
@@ -491,4 +513,6 @@ def test_qwen_head_shape_on_gpu(backend, dtype):
     want_dh = coef @ weight.detach().double()
     got_dh = hidden.grad[torch.arange(n, device=device), last_real(mask)]
     scale = coef @ weight.detach().double().abs()
-    assert_close(got_dh, want_dh, atol=dot_atol(v, scale) + STORE_RTOL[dtype] * scale, rtol=STORE_RTOL[dtype], what="grad hidden")
+    assert_close(
+        got_dh, want_dh, atol=dot_atol(v, scale) + STORE_RTOL[dtype] * scale, rtol=STORE_RTOL[dtype], what="grad hidden"
+    )

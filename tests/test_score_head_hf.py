@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import fastrank
 from tiny_models import tiny_causal_lm
 from tolerances import BF16_LOGITS, GRADS_HEAD_VS_FULL_LOGITS, SCORES_OTHER_BATCH, SCORES_SAME_FORWARD, assert_close
+
+import fastrank
 
 LENGTHS = [9, 4, 7, 1, 6]
 TOKENS = [5, 17, 1030, 250]  # includes the last vocabulary row
@@ -91,7 +91,9 @@ def test_research_layout_scores_before_the_answer(backend, device):
     with torch.no_grad():
         full = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
         hidden = model.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-        got = fastrank.score_head(hidden[keep], model.lm_head.weight, [42], attention_mask=mask[keep], positions=positions[keep])
+        got = fastrank.score_head(
+            hidden[keep], model.lm_head.weight, [42], attention_mask=mask[keep], positions=positions[keep]
+        )
     want = full[keep][torch.arange(int(keep.sum()), device=device), positions[keep]][:, [42]]
     assert_close(got, want, SCORES_SAME_FORWARD, what="logit before the answer")
 
@@ -102,7 +104,9 @@ def test_gradients_through_a_real_model(backend, device):
     input_ids, mask, _ = batch([6, 3, 5], "left", model.config.vocab_size, device)
     pos = last_real(mask)
     full = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
-    (full[torch.arange(3, device=device), pos][:, TOKENS] * torch.tensor([1.0, -2.0, 0.5, 3.0], device=device)).sum().backward()
+    (
+        full[torch.arange(3, device=device), pos][:, TOKENS] * torch.tensor([1.0, -2.0, 0.5, 3.0], device=device)
+    ).sum().backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     hidden = model.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state

@@ -11,7 +11,6 @@ import re
 
 import pytest
 import torch
-
 from references import require
 from tolerances import GRADS_SAME_FORWARD, LOSS_VS_REFERENCE, assert_close
 
@@ -66,20 +65,26 @@ def assert_matches_mnrl(columns, **kwargs):
 
 @pytest.mark.parametrize("similarity_fct,scale", SIMILARITIES, ids=["cos", "dot"])
 @pytest.mark.parametrize("batch,negatives", SHAPES, ids=[f"b{b}n{n}" for b, n in SHAPES])
-@pytest.mark.parametrize("directions,partition_mode", SUPPORTED,
-                         ids=["-".join(d) + "-" + m for d, m in SUPPORTED])
+@pytest.mark.parametrize("directions,partition_mode", SUPPORTED, ids=["-".join(d) + "-" + m for d, m in SUPPORTED])
 def test_matches_mnrl(backend, device, directions, partition_mode, batch, negatives, similarity_fct, scale):
     columns = make_columns(batch, negatives, seed=batch * 10 + negatives, device=device)
-    assert_matches_mnrl(columns, scale=scale, similarity_fct=similarity_fct, directions=directions,
-                        partition_mode=partition_mode)
+    assert_matches_mnrl(
+        columns, scale=scale, similarity_fct=similarity_fct, directions=directions, partition_mode=partition_mode
+    )
 
 
-@pytest.mark.parametrize("hardness_mode,hardness_strength", [("hard_negatives", 0.0), ("all_negatives", 0.0),
-                                                             ("in_batch_negatives", 0), (None, 5.0)])
+@pytest.mark.parametrize(
+    "hardness_mode,hardness_strength",
+    [("hard_negatives", 0.0), ("all_negatives", 0.0), ("in_batch_negatives", 0), (None, 5.0)],
+)
 def test_hardness_without_effect_matches_mnrl(backend, device, hardness_mode, hardness_strength):
     """MNRL applies no hardness penalty unless both are set: those values are exact and accepted."""
-    assert_matches_mnrl(make_columns(5, 1, seed=3, device=device), directions=(Q2D, D2Q), hardness_mode=hardness_mode,
-                        hardness_strength=hardness_strength)
+    assert_matches_mnrl(
+        make_columns(5, 1, seed=3, device=device),
+        directions=(Q2D, D2Q),
+        hardness_mode=hardness_mode,
+        hardness_strength=hardness_strength,
+    )
 
 
 def test_gather_without_process_group_matches_mnrl(backend, device):
@@ -98,8 +103,14 @@ def test_constructor_signature_matches_mnrl():
 @pytest.mark.parametrize("directions,partition_mode", SUPPORTED, ids=["-".join(d) + "-" + m for d, m in SUPPORTED])
 @pytest.mark.parametrize("similarity_fct", [util.cos_sim, util.dot_score], ids=["cos", "dot"])
 def test_config_and_citation_match_mnrl(directions, partition_mode, similarity_fct):
-    kwargs = dict(scale=10.0, similarity_fct=similarity_fct, directions=directions, partition_mode=partition_mode,
-                  hardness_mode="hard_negatives", hardness_strength=0.0)
+    kwargs = dict(
+        scale=10.0,
+        similarity_fct=similarity_fct,
+        directions=directions,
+        partition_mode=partition_mode,
+        hardness_mode="hard_negatives",
+        hardness_strength=0.0,
+    )
     ours, theirs = FusedMultipleNegativesRankingLoss(None, **kwargs), MultipleNegativesRankingLoss(None, **kwargs)
     assert ours.get_config_dict() == theirs.get_config_dict()
     assert ours.temperature == pytest.approx(theirs.temperature)
@@ -114,19 +125,38 @@ def test_config_and_citation_match_mnrl(directions, partition_mode, similarity_f
 REFUSED = [
     (dict(directions=(Q2D, "query_to_query")), "directions", ["query_to_query", "MultipleNegativesRankingLoss"], True),
     (dict(directions=(Q2D, "doc_to_doc")), "directions", ["doc_to_doc", "MultipleNegativesRankingLoss"], True),
-    (dict(directions=(Q2D, "query_to_query", D2Q, "doc_to_doc")), "directions", ["query_to_query", "doc_to_doc"],
-     True),
-    (dict(hardness_mode="in_batch_negatives", hardness_strength=9.0), "hardness_mode",
-     ["in_batch_negatives", "9.0", "MultipleNegativesRankingLoss"], True),
-    (dict(hardness_mode="hard_negatives", hardness_strength=5.0), "hardness_mode",
-     ["hard_negatives", "5.0", "MultipleNegativesRankingLoss"], True),
-    (dict(hardness_mode="all_negatives", hardness_strength=1), "hardness_mode",
-     ["all_negatives", "hardness_strength=1", "MultipleNegativesRankingLoss"], True),
-    (dict(similarity_fct=util.manhattan_sim), "similarity_fct", ["manhattan_sim", "MultipleNegativesRankingLoss"],
-     True),
+    (dict(directions=(Q2D, "query_to_query", D2Q, "doc_to_doc")), "directions", ["query_to_query", "doc_to_doc"], True),
+    (
+        dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
+        "hardness_mode",
+        ["in_batch_negatives", "9.0", "MultipleNegativesRankingLoss"],
+        True,
+    ),
+    (
+        dict(hardness_mode="hard_negatives", hardness_strength=5.0),
+        "hardness_mode",
+        ["hard_negatives", "5.0", "MultipleNegativesRankingLoss"],
+        True,
+    ),
+    (
+        dict(hardness_mode="all_negatives", hardness_strength=1),
+        "hardness_mode",
+        ["all_negatives", "hardness_strength=1", "MultipleNegativesRankingLoss"],
+        True,
+    ),
+    (
+        dict(similarity_fct=util.manhattan_sim),
+        "similarity_fct",
+        ["manhattan_sim", "MultipleNegativesRankingLoss"],
+        True,
+    ),
     # values MNRL rejects as well
-    (dict(directions=(Q2D, "query_to_query"), partition_mode="per_direction"), "partition_mode",
-     ["per_direction", "query_to_query", "joint"], False),
+    (
+        dict(directions=(Q2D, "query_to_query"), partition_mode="per_direction"),
+        "partition_mode",
+        ["per_direction", "query_to_query", "joint"],
+        False,
+    ),
     (dict(directions=()), "directions", [], False),
     (dict(directions=(D2Q,)), "directions", ["query_to_doc"], False),
     (dict(directions=(Q2D, "doc_to_everything")), "directions", ["doc_to_everything"], False),
@@ -161,8 +191,13 @@ def _gather_worker(rank, world, init_file, batch, negatives):
         local = [c[rank * batch : (rank + 1) * batch] for c in full]
         for directions, partition_mode in SUPPORTED[1:4]:
             for similarity_fct in (util.cos_sim, util.dot_score):
-                assert_matches_mnrl(local, gather_across_devices=True, directions=directions,
-                                    partition_mode=partition_mode, similarity_fct=similarity_fct)
+                assert_matches_mnrl(
+                    local,
+                    gather_across_devices=True,
+                    directions=directions,
+                    partition_mode=partition_mode,
+                    similarity_fct=similarity_fct,
+                )
     finally:
         torch.distributed.destroy_process_group()
 

@@ -55,114 +55,153 @@ class Tolerance:
 
 # Forward: scores, logits, embeddings.
 SAME_COMPUTATION = Tolerance(
-    "SAME_COMPUTATION", atol=1e-6, rtol=0.0,
+    "SAME_COMPUTATION",
+    atol=1e-6,
+    rtol=0.0,
     why="the same fp32 weights and ops reached two ways (the CLI and the Python API, a checkpoint reloaded from "
-        "disk and the model in memory, another batch size or token budget, a folder we saved read back by "
-        "sentence-transformers): at most the padding width and the BLAS blocking for another row count reorder a "
-        "few sums, a few roundings (u = 6e-8) of O(1) scores and unit-norm embeddings, so a fixed atol and no rtol "
-        "(measured: <= 6e-8)",
+    "disk and the model in memory, another batch size or token budget, a folder we saved read back by "
+    "sentence-transformers): at most the padding width and the BLAS blocking for another row count reorder a "
+    "few sums, a few roundings (u = 6e-8) of O(1) scores and unit-norm embeddings, so a fixed atol and no rtol "
+    "(measured: <= 6e-8)",
 )
 SCORES_SAME_FORWARD = Tolerance(
-    "SCORES_SAME_FORWARD", atol=1e-6, rtol=1e-5,
+    "SCORES_SAME_FORWARD",
+    atol=1e-6,
+    rtol=1e-5,
     why="scores, logits or pooled embeddings against the same quantity formed from the HF model's own output, "
-        "the backbone having run on the very same batch (identical hidden states): only the last step differs "
-        "(score_head's fp32 dot products over hidden 64 against HF's full-vocabulary GEMM, a convention's "
-        "arithmetic, pooling against a float64 formula). One such dot of an RMS-normed hidden state with a head "
-        "row (std 0.5) carries ~1e-6 absolute whatever its value, and logits reach |l| ~ 8: atol 1e-6 for scores "
-        "near 0, rtol 1e-5 for large ones (measured: worst 1/3 of the allowance, patched logits near 0.2; the "
-        "others <= 1/12)",
+    "the backbone having run on the very same batch (identical hidden states): only the last step differs "
+    "(score_head's fp32 dot products over hidden 64 against HF's full-vocabulary GEMM, a convention's "
+    "arithmetic, pooling against a float64 formula). One such dot of an RMS-normed hidden state with a head "
+    "row (std 0.5) carries ~1e-6 absolute whatever its value, and logits reach |l| ~ 8: atol 1e-6 for scores "
+    "near 0, rtol 1e-5 for large ones (measured: worst 1/3 of the allowance, patched logits near 0.2; the "
+    "others <= 1/12)",
 )
 SCORES_OTHER_BATCH = Tolerance(
-    "SCORES_OTHER_BATCH", atol=1e-5, rtol=1e-5,
+    "SCORES_OTHER_BATCH",
+    atol=1e-5,
+    rtol=1e-5,
     why="the same scores or embeddings where the backbone itself ran on another batch layout (each pair alone "
-        "against a padded batch, left against right padding, a reference package's own batch size and padding, "
-        "packed against padded): padded attention and other GEMM shapes reorder the sums in every layer, and two "
-        "decoder layers carry those ~1e-7 relative differences of O(1) activations to ~1e-6 absolute on scores of "
-        "a few units, near 0 included: 1e-5 both ways leaves 10x (measured: worst 1/16)",
+    "against a padded batch, left against right padding, a reference package's own batch size and padding, "
+    "packed against padded): padded attention and other GEMM shapes reorder the sums in every layer, and two "
+    "decoder layers carry those ~1e-7 relative differences of O(1) activations to ~1e-6 absolute on scores of "
+    "a few units, near 0 included: 1e-5 both ways leaves 10x (measured: worst 1/16)",
 )
 PROBABILITIES = Tolerance(
-    "PROBABILITIES", atol=1e-7, rtol=1e-5,
+    "PROBABILITIES",
+    atol=1e-7,
+    rtol=1e-5,
     why="full-vocabulary softmax probabilities (p ~ 1e-3 for a random tiny model) and expectations of them "
-        "(lb-reranker's sum_d d * p(d) ~ 0.03): a logit error d moves p by p * d, so the relative error is the "
-        "logits' absolute error (~1e-6, see SCORES_*): rtol 1e-5; atol 1e-7 is only a floor for p near 0 "
-        "(measured: worst 1/37)",
+    "(lb-reranker's sum_d d * p(d) ~ 0.03): a logit error d moves p by p * d, so the relative error is the "
+    "logits' absolute error (~1e-6, see SCORES_*): rtol 1e-5; atol 1e-7 is only a floor for p near 0 "
+    "(measured: worst 1/37)",
 )
 BF16_LOGITS = Tolerance(
-    "BF16_LOGITS", atol=2e-2, rtol=2.0**-7,
+    "BF16_LOGITS",
+    atol=2e-2,
+    rtol=2.0**-7,
     why="a bf16 model's logits: HF rounds each to bf16 (2^-8 relative at most) where fastrank keeps the fp32 "
-        "accumulator, rtol 2^-7 is two such roundings; a bf16 GEMM may also keep partial sums in bf16 (torch "
-        "allows reduced-precision reductions on CUDA by default), a few more roundings of O(1) partial sums: "
-        "atol 2e-2 (measured on CPU: 1/4 of the allowance)",
+    "accumulator, rtol 2^-7 is two such roundings; a bf16 GEMM may also keep partial sums in bf16 (torch "
+    "allows reduced-precision reductions on CUDA by default), a few more roundings of O(1) partial sums: "
+    "atol 2e-2 (measured on CPU: 1/4 of the allowance)",
 )
 SCORES_OVER_TEMPERATURE = Tolerance(
-    "SCORES_OVER_TEMPERATURE", atol=1e-5, rtol=1e-6,
+    "SCORES_OVER_TEMPERATURE",
+    atol=1e-5,
+    rtol=1e-6,
     why="cosine similarities divided by a temperature of 0.05, fused against computed in full: a dot of two unit "
-        "vectors of length 48 is off by ~sqrt(48) * u = 4e-7 whatever its value, times 1 / 0.05 = 20 is ~8e-6 "
-        "absolute on scores up to 20: the atol carries it (measured: 1/16)",
+    "vectors of length 48 is off by ~sqrt(48) * u = 4e-7 whatever its value, times 1 / 0.05 = 20 is ~8e-6 "
+    "absolute on scores up to 20: the atol carries it (measured: 1/16)",
 )
 EMBEDDINGS_VS_SENTENCE_TRANSFORMERS = Tolerance(
-    "EMBEDDINGS_VS_SENTENCE_TRANSFORMERS", atol=1e-5, rtol=0.0,
+    "EMBEDDINGS_VS_SENTENCE_TRANSFORMERS",
+    atol=1e-5,
+    rtol=0.0,
     why="unit-norm all-MiniLM-L6-v2 embeddings (|x| <= 1, typically 0.05), their cosines and similarities, from "
-        "fastrank against sentence-transformers' own pipeline: six 384-wide layers run in another batch layout "
-        "(batch size, length sorting, fastrank's pooling) differ by ~sqrt(384) * u = 1e-6 relative per layer, "
-        "~1e-7..1e-6 per element after pooling and normalising: a fixed 1e-5, no rtol as |x| <= 1 "
-        "(measured: 2e-7)",
+    "fastrank against sentence-transformers' own pipeline: six 384-wide layers run in another batch layout "
+    "(batch size, length sorting, fastrank's pooling) differ by ~sqrt(384) * u = 1e-6 relative per layer, "
+    "~1e-7..1e-6 per element after pooling and normalising: a fixed 1e-5, no rtol as |x| <= 1 "
+    "(measured: 2e-7)",
 )
 
 # Training: losses and gradients.
 LOSS_VS_REFERENCE = Tolerance(
-    "LOSS_VS_REFERENCE", atol=1e-6, rtol=1e-5,
+    "LOSS_VS_REFERENCE",
+    atol=1e-6,
+    rtol=1e-5,
     why="a contrastive or grouped cross-entropy loss (ln of the group size, up to ~30 for scaled random "
-        "embeddings) against a reference implementation or layout (FlagEmbedding's training models, "
-        "sentence-transformers' MNRL, LLARA's formula, two processes against one, packed against padded): its "
-        "logsumexp runs in another order over scores already ~1e-6 apart (SCORES_*): rtol 1e-5, atol 1e-6 for a "
-        "loss near 0 (measured: worst 1/20)",
+    "embeddings) against a reference implementation or layout (FlagEmbedding's training models, "
+    "sentence-transformers' MNRL, LLARA's formula, two processes against one, packed against padded): its "
+    "logsumexp runs in another order over scores already ~1e-6 apart (SCORES_*): rtol 1e-5, atol 1e-6 for a "
+    "loss near 0 (measured: worst 1/20)",
 )
 LOSS_SAME_FORWARD = Tolerance(
-    "LOSS_SAME_FORWARD", atol=1e-6, rtol=1e-6,
+    "LOSS_SAME_FORWARD",
+    atol=1e-6,
+    rtol=1e-6,
     why="the same loss when only the schedule changes (sub-batches, gradient checkpointing's recompute, an "
-        "adapter saved and loaded back): the same ops on the same rows, a few roundings of an O(1) loss "
-        "(ulp(2.5) = 2.4e-7) (measured: identical on CPU)",
+    "adapter saved and loaded back): the same ops on the same rows, a few roundings of an O(1) loss "
+    "(ulp(2.5) = 2.4e-7) (measured: identical on CPU)",
 )
 GRADS_SAME_FORWARD = Tolerance(
-    "GRADS_SAME_FORWARD", atol=1e-6, rtol=1e-4,
+    "GRADS_SAME_FORWARD",
+    atol=1e-6,
+    rtol=1e-4,
     why="parameter or embedding gradients where the forward is the same ops on the same batch and only the last "
-        "step or the schedule differs (a patched head computing only the scored rows, gradient checkpointing, "
-        "sub-batches, the fused MNRL loss against MNRL on the same embeddings): the gradient entering the "
-        "backbone is identical or ~u relative apart, so its backward differs by a few roundings; each element "
-        "sums many terms that partly cancel, hence rtol 1e-4 (measured: identical, or 1/8 of the allowance for "
-        "MNRL's embedding gradients)",
+    "step or the schedule differs (a patched head computing only the scored rows, gradient checkpointing, "
+    "sub-batches, the fused MNRL loss against MNRL on the same embeddings): the gradient entering the "
+    "backbone is identical or ~u relative apart, so its backward differs by a few roundings; each element "
+    "sums many terms that partly cancel, hence rtol 1e-4 (measured: identical, or 1/8 of the allowance for "
+    "MNRL's embedding gradients)",
 )
 GRADS_HEAD_VS_FULL_LOGITS = Tolerance(
-    "GRADS_HEAD_VS_FULL_LOGITS", atol=1e-5, rtol=1e-4,
+    "GRADS_HEAD_VS_FULL_LOGITS",
+    atol=1e-5,
+    rtol=1e-4,
     why="backbone gradients from score_head's own backward against autograd through HF's full logits, same "
-        "forward: score_head sums the scored rows' contributions to the hidden state's gradient in another order, "
-        "and that ~u relative difference runs back through both layers into gradients reaching |g| ~ 200 (4 "
-        "tokens weighted up to 3, llama's widened head); an element that cancels keeps ~u * max|g| ~ 1e-5 "
-        "absolute (measured: 1/2 of the allowance)",
+    "forward: score_head sums the scored rows' contributions to the hidden state's gradient in another order, "
+    "and that ~u relative difference runs back through both layers into gradients reaching |g| ~ 200 (4 "
+    "tokens weighted up to 3, llama's widened head); an element that cancels keeps ~u * max|g| ~ 1e-5 "
+    "absolute (measured: 1/2 of the allowance)",
 )
 GRADS_VS_REFERENCE = Tolerance(
-    "GRADS_VS_REFERENCE", atol=1e-5, rtol=1e-3,
+    "GRADS_VS_REFERENCE",
+    atol=1e-5,
+    rtol=1e-3,
     why="parameter gradients against a reference that runs its own forward and loss (FlagEmbedding's embedder "
-        "training model, LLARA's formula from the full model's hidden states, two processes' all-reduced "
-        "gradients): the loss gradients start ~u relative apart, temperature 0.02 multiplies them by 50, and each "
-        "parameter's gradient sums all batch x token positions with heavy cancellation, so an element 1e-3 of its "
-        "tensor's max keeps the absolute error of the large terms: rtol 1e-3, atol 1e-5 for |g| up to ~10 "
-        "(measured: worst 2/3 of the allowance, FlagEmbedding with mean pooling and distillation)",
+    "training model, LLARA's formula from the full model's hidden states, two processes' all-reduced "
+    "gradients): the loss gradients start ~u relative apart, temperature 0.02 multiplies them by 50, and each "
+    "parameter's gradient sums all batch x token positions with heavy cancellation, so an element 1e-3 of its "
+    "tensor's max keeps the absolute error of the large terms: rtol 1e-3, atol 1e-5 for |g| up to ~10 "
+    "(measured: worst 2/3 of the allowance, FlagEmbedding with mean pooling and distillation)",
 )
 
 PARAMS_AFTER_ONE_STEP = Tolerance(
-    "PARAMS_AFTER_ONE_STEP", atol=1e-5, rtol=1e-4,
+    "PARAMS_AFTER_ONE_STEP",
+    atol=1e-5,
+    rtol=1e-4,
     why="parameters after one AdamW step (lr 1e-3) of two DDP processes against one process: Adam's first step "
-        "moves each parameter by ~lr * g / (|g| + eps), blind to the gradients' last bits except where a gradient "
-        "cancels to near eps = 1e-8; atol 1e-5 is 1% of the step (measured: 9e-9)",
+    "moves each parameter by ~lr * g / (|g| + eps), blind to the gradients' last bits except where a gradient "
+    "cancels to near eps = 1e-8; atol 1e-5 is 1% of the step (measured: 9e-9)",
 )
 
-MODEL_TOLERANCES = {t.name: t for t in (
-    SAME_COMPUTATION, SCORES_SAME_FORWARD, SCORES_OTHER_BATCH, PROBABILITIES, BF16_LOGITS, SCORES_OVER_TEMPERATURE,
-    EMBEDDINGS_VS_SENTENCE_TRANSFORMERS, LOSS_VS_REFERENCE, LOSS_SAME_FORWARD, GRADS_SAME_FORWARD,
-    GRADS_HEAD_VS_FULL_LOGITS, GRADS_VS_REFERENCE, PARAMS_AFTER_ONE_STEP,
-)}
+MODEL_TOLERANCES = {
+    t.name: t
+    for t in (
+        SAME_COMPUTATION,
+        SCORES_SAME_FORWARD,
+        SCORES_OTHER_BATCH,
+        PROBABILITIES,
+        BF16_LOGITS,
+        SCORES_OVER_TEMPERATURE,
+        EMBEDDINGS_VS_SENTENCE_TRANSFORMERS,
+        LOSS_VS_REFERENCE,
+        LOSS_SAME_FORWARD,
+        GRADS_SAME_FORWARD,
+        GRADS_HEAD_VS_FULL_LOGITS,
+        GRADS_VS_REFERENCE,
+        PARAMS_AFTER_ONE_STEP,
+    )
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,8 +231,10 @@ def assert_close(actual, expected, tol: Tolerance | None = None, *, atol=None, r
     """
     if tol is not None:
         if not isinstance(tol, Tolerance):
-            raise TypeError(f"assert_close: tol must be an entry of the table (a Tolerance), got {tol!r}; "
-                            "pass atol=/rtol= by keyword")
+            raise TypeError(
+                f"assert_close: tol must be an entry of the table (a Tolerance), got {tol!r}; "
+                "pass atol=/rtol= by keyword"
+            )
         if atol is not None or rtol is not None:
             raise TypeError("assert_close: give a table entry (tol) or atol/rtol, not both")
         atol, rtol, rule = tol.atol, tol.rtol, str(tol)
@@ -211,15 +252,19 @@ def assert_close(actual, expected, tol: Tolerance | None = None, *, atol=None, r
     same_special = (a == e) | (torch.isnan(a) & torch.isnan(e))
     special_off = ~finite & ~same_special
     if special_off.any():
-        lines = [f"  at {_where(i)}: got {a[tuple(i)].item():.8g}, want {e[tuple(i)].item():.8g}"
-                 for i in special_off.nonzero()[:5].tolist()]
-        raise AssertionError(f"{what}: NaN/inf pattern differs at {int(special_off.sum())} of {a.numel()} "
-                             "elements\n" + "\n".join(lines))
+        lines = [
+            f"  at {_where(i)}: got {a[tuple(i)].item():.8g}, want {e[tuple(i)].item():.8g}"
+            for i in special_off.nonzero()[:5].tolist()
+        ]
+        raise AssertionError(
+            f"{what}: NaN/inf pattern differs at {int(special_off.sum())} of {a.numel()} elements\n" + "\n".join(lines)
+        )
     atol64 = _float64(atol) if isinstance(atol, torch.Tensor) else torch.tensor(float(atol), dtype=torch.float64)
     err = torch.where(finite, (a - e).abs(), 0.0)
     allowed = (atol64 + rtol * e.abs()).expand_as(err)
     bad = finite & (err > allowed)
     if bad.any():
+
         def at(flat):
             return tuple(int(i) for i in np.unravel_index(flat, a.shape)) if a.dim() else ()
 
@@ -228,8 +273,10 @@ def assert_close(actual, expected, tol: Tolerance | None = None, *, atol=None, r
         rel = torch.where(finite & (e != 0), err / e.abs(), 0.0)
         lines = []
         for i in (at(flat) for flat in worst.tolist()):
-            lines.append(f"  at {_where(i)}: got {a[i].item():.8g}, want {e[i].item():.8g}, "
-                         f"|err| {err[i].item():.3g} > allowed {allowed[i].item():.3g}")
+            lines.append(
+                f"  at {_where(i)}: got {a[i].item():.8g}, want {e[i].item():.8g}, "
+                f"|err| {err[i].item():.3g} > allowed {allowed[i].item():.3g}"
+            )
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.numel()} elements off (worst first below); max |err| "
             f"{err.max().item():.3g} at {_where(at(int(err.flatten().argmax())))}, max |err|/|want| "

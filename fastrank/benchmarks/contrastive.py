@@ -24,8 +24,10 @@ class Case:
     dtype: str
 
     def label(self) -> str:
-        return (f"{self.mode} B={self.queries} G={self.group_size} P={self.queries * self.group_size} D={self.dim} "
-                f"{self.dtype}")
+        return (
+            f"{self.mode} B={self.queries} G={self.group_size} P={self.queries * self.group_size} D={self.dim} "
+            f"{self.dtype}"
+        )
 
 
 def quick_cases(device: torch.device):
@@ -76,9 +78,14 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
 
 BENCHMARK = Benchmark(
-    name="contrastive", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    name="contrastive",
+    case_type=Case,
+    quick_cases=quick_cases,
+    full_cases=full_cases,
+    providers=providers,
     provider_names=("torch", "fastrank"),
-    table_label=lambda case: (f"{case['mode']} B={case['queries']} G={case['group_size']} D={case['dim']} "
-                              f"{case['dtype']}"),
+    table_label=lambda case: (
+        f"{case['mode']} B={case['queries']} G={case['group_size']} D={case['dim']} {case['dtype']}"
+    ),
     legacy_keys={"n": "queries", "t": "group_size", "hidden": "dim"},
 )

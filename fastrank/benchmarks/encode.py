@@ -34,16 +34,19 @@ class Case:
     dtype: str
 
     def label(self) -> str:
-        return (f"{self.mode} {self.texts} texts max_length={self.max_length} batch={self.batch_size} "
-                f"{self.dtype}")
+        return f"{self.mode} {self.texts} texts max_length={self.max_length} batch={self.batch_size} {self.dtype}"
 
 
 def quick_cases(device: torch.device):
     if device.type == "cuda":
-        return [Case(mode="minilm", texts=10000, max_length=256, batch_size=64, layers=6, dtype="float32"),
-                Case(mode="llara", texts=2048, max_length=160, batch_size=64, layers=24, dtype="bfloat16")]
-    return [Case(mode="minilm", texts=400, max_length=256, batch_size=64, layers=6, dtype="float32"),
-            Case(mode="llara", texts=32, max_length=160, batch_size=8, layers=2, dtype="float32")]
+        return [
+            Case(mode="minilm", texts=10000, max_length=256, batch_size=64, layers=6, dtype="float32"),
+            Case(mode="llara", texts=2048, max_length=160, batch_size=64, layers=24, dtype="bfloat16"),
+        ]
+    return [
+        Case(mode="minilm", texts=400, max_length=256, batch_size=64, layers=6, dtype="float32"),
+        Case(mode="llara", texts=32, max_length=160, batch_size=8, layers=2, dtype="float32"),
+    ]
 
 
 def full_cases(device: torch.device):
@@ -51,8 +54,10 @@ def full_cases(device: torch.device):
         return quick_cases(device) + [
             Case(mode="minilm", texts=10000, max_length=256, batch_size=128, layers=6, dtype="float16"),
         ]
-    return [Case(mode="minilm", texts=10000, max_length=256, batch_size=64, layers=6, dtype="float32"),
-            Case(mode="llara", texts=256, max_length=160, batch_size=16, layers=2, dtype="float32")]
+    return [
+        Case(mode="minilm", texts=10000, max_length=256, batch_size=64, layers=6, dtype="float32"),
+        Case(mode="llara", texts=256, max_length=160, batch_size=16, layers=2, dtype="float32"),
+    ]
 
 
 def _texts(n: int):
@@ -76,15 +81,20 @@ def _minilm(case: Case, device: torch.device):
     ours = fastrank.Embedder.from_pretrained(path, device=device, dtype=dtype)
     return {
         "sentence_transformers": reference_baseline("sentence_transformers", sentence_transformers),
-        "fastrank": lambda: ours.encode(texts, batch_size=case.batch_size,
-                                        max_tokens=case.batch_size * case.max_length, show_progress=False),
+        "fastrank": lambda: ours.encode(
+            texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.max_length, show_progress=False
+        ),
     }
 
 
 def _llara(case: Case, device: torch.device):
     tokenizer = build_tokenizer(bos_token="<s>", padding_side="left")
-    config = qwen25_config(num_layers=case.layers, pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = qwen25_config(
+        num_layers=case.layers,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = build_causal_lm(config, dtype=getattr(torch, case.dtype), device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -100,25 +110,34 @@ def _llara(case: Case, device: torch.device):
             for start in range(0, len(order), case.batch_size):
                 idx = order[start : start + case.batch_size]
                 batch = collate([ids[i] for i in idx], tokenizer.pad_token_id, "left", device=device)
-                hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               output_hidden_states=True).hidden_states[-1]
+                hidden = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+                ).hidden_states[-1]
                 reps = torch.nn.functional.normalize(hidden[:, -8:, :].float().mean(1), dim=-1)
                 out[torch.tensor(idx)] = reps.cpu()
         return out.numpy()
 
     return {
         "hf_output_hidden_states": reference,
-        "fastrank": lambda: embedder.encode(texts, batch_size=case.batch_size,
-                                            max_tokens=case.batch_size * case.max_length, show_progress=False),
+        "fastrank": lambda: embedder.encode(
+            texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.max_length, show_progress=False
+        ),
     }
 
 
 BENCHMARK = Benchmark(
-    name="encode", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    name="encode",
+    case_type=Case,
+    quick_cases=quick_cases,
+    full_cases=full_cases,
+    providers=providers,
     provider_names=("sentence_transformers", "hf_output_hidden_states", "fastrank"),
-    table_label=lambda case: (f"{case['texts']} {case['mode']} texts L<={case['max_length']} b={case['batch_size']} "
-                              f"{case['layers']}l {case['dtype']}"),
-    items_per_call=lambda case: case.texts, unit="texts",
+    table_label=lambda case: (
+        f"{case['texts']} {case['mode']} texts L<={case['max_length']} b={case['batch_size']} "
+        f"{case['layers']}l {case['dtype']}"
+    ),
+    items_per_call=lambda case: case.texts,
+    unit="texts",
     end_to_end={"cuda": dict(warmup=1, repeats=3), "cpu": dict(warmup=0, repeats=1)},
     legacy_keys={"n": "texts", "t": "max_length"},
 )

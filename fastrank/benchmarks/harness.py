@@ -30,7 +30,6 @@ import torch
 
 from fastrank.utils import first_line
 
-
 # Peaks below these are not resolved: CPU resident memory moves in pages and malloc arenas absorb small
 # allocations; the CUDA caching allocator rounds to 512 bytes. A ratio against a smaller peak is
 # reported as a lower bound against the floor.
@@ -108,8 +107,9 @@ def _raised_in(error: BaseException, package: str) -> bool:
     return owner == package
 
 
-def reference_baseline(module: str, build: Callable[[ModuleType], Callable[[], object]]
-                       ) -> Union[Callable[[], object], Unavailable]:
+def reference_baseline(
+    module: str, build: Callable[[ModuleType], Callable[[], object]]
+) -> Union[Callable[[], object], Unavailable]:
     """A baseline that runs a third-party reference (FlagEmbedding, sentence-transformers, ...).
 
     Imports ``module`` and returns ``build(module)``, the baseline's closure, or :class:`Unavailable` with
@@ -225,8 +225,16 @@ def _time_end_to_end(fn: Callable[[], object], device: torch.device, repeats: in
     return statistics.median(times), times[0], times[-1]
 
 
-def measure(provider: str, fn: Callable[[], object], device: torch.device, *, repeats: int = 20,
-            warmup: int = 1, min_seconds: float = 1.0, end_to_end: bool = False) -> Measurement:
+def measure(
+    provider: str,
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    repeats: int = 20,
+    warmup: int = 1,
+    min_seconds: float = 1.0,
+    end_to_end: bool = False,
+) -> Measurement:
     """Run ``fn`` (which must do all the work of one call, backward included) and measure it.
 
     On CPU it runs at least 3 and at most ``repeats`` timed calls, stopping once ``min_seconds`` passed.

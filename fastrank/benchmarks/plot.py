@@ -36,8 +36,10 @@ def check_output(path: str) -> None:
     kind = os.path.splitext(path)[1].lstrip(".").lower()
     supported = figure().canvas.get_supported_filetypes()
     if kind not in supported:
-        raise ValueError(f"{path}: cannot write a figure of type {kind or '(no extension)'!r}; "
-                         f"use .png, .svg or .pdf (any of {', '.join(sorted(supported))})")
+        raise ValueError(
+            f"{path}: cannot write a figure of type {kind or '(no extension)'!r}; "
+            f"use .png, .svg or .pdf (any of {', '.join(sorted(supported))})"
+        )
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"{path}: the folder {folder} does not exist")
@@ -68,8 +70,10 @@ def _title(results: Sequence[dict]) -> str:
         text = f"fastrank {env.get('fastrank', '?')} on {hw}, torch {env['torch']}"
         if text not in machines:
             machines.append(text)
-    return ("; ".join(machines) + "\nbaseline / fastrank: right of 1x fastrank is faster or smaller, left of it slower"
-            " or larger; '>': a lower bound")
+    return (
+        "; ".join(machines) + "\nbaseline / fastrank: right of 1x fastrank is faster or smaller, left of it slower"
+        " or larger; '>': a lower bound"
+    )
 
 
 def _ratio_text(value: float) -> str:
@@ -105,8 +109,9 @@ def _panel(ax, rows, column: int, color_of) -> None:
         bound = ">" if column == 3 and row[4] else ""
         text = bound + _ratio_text(value)
         right = value >= 1.0
-        ax.text(value * (1.08 if right else 1 / 1.08), y, text, va="center", ha="left" if right else "right",
-                fontsize=7)
+        ax.text(
+            value * (1.08 if right else 1 / 1.08), y, text, va="center", ha="left" if right else "right", fontsize=7
+        )
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(axis="x", which="major", color="0.9", linewidth=0.6)
     ax.set_axisbelow(True)
@@ -128,7 +133,9 @@ def plot(results: Sequence[dict], out: str) -> None:
         color_of = {name: palette[i % len(palette)] for i, name in enumerate(names)}
         _panel(ax_time, rows, 2, color_of)
         _panel(ax_mem, rows, 3, color_of)
-        labels = [f"{row[0]}   {row[1]}" if y == 0 or row[0] != rows[y - 1][0] else row[1] for y, row in enumerate(rows)]
+        labels = [
+            f"{row[0]}   {row[1]}" if y == 0 or row[0] != rows[y - 1][0] else row[1] for y, row in enumerate(rows)
+        ]
         ax_time.set_yticks(range(len(rows)), labels, fontsize=7)
         ax_time.set_title(f"{op}: time", loc="left", fontsize=9, fontweight="bold")
         ax_mem.set_title(f"{op}: peak memory", loc="left", fontsize=9, fontweight="bold")

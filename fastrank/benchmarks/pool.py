@@ -88,7 +88,11 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
 
 BENCHMARK = Benchmark(
-    name="pool", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    name="pool",
+    case_type=Case,
+    quick_cases=quick_cases,
+    full_cases=full_cases,
+    providers=providers,
     provider_names=("torch_unfused", "fastrank"),
     table_label=lambda case: f"{case['mode']} N={case['sequences']} T={case['seq_len']} {case['dtype']}",
     legacy_keys={"n": "sequences", "t": "seq_len", "hidden": "hidden_size"},

@@ -68,16 +68,20 @@ class Benchmark(Generic[C]):
         fields = {f.name for f in dataclasses.fields(self.case_type)}
         for old, new in self.legacy_keys.items():
             if old in fields or new not in fields:
-                raise ValueError(f"{self.name}: legacy_keys maps {old!r} -> {new!r}, but {self.case_type.__name__}'s "
-                                 f"fields are {sorted(fields)}: an old key must be gone and its new name a field")
+                raise ValueError(
+                    f"{self.name}: legacy_keys maps {old!r} -> {new!r}, but {self.case_type.__name__}'s "
+                    f"fields are {sorted(fields)}: an old key must be gone and its new name a field"
+                )
 
     def providers_of(self, case: C, device: torch.device) -> Dict[str, Provider]:
         """``providers(case, device)``, checked against ``provider_names``."""
         fns = self.providers(case, device)
         undeclared = [name for name in fns if name not in self.provider_names]
         if undeclared or "fastrank" not in fns:
-            raise ValueError(f"{self.name}: providers() returned {list(fns)}; it must return 'fastrank' and only "
-                             f"names in provider_names {self.provider_names} (undeclared: {undeclared})")
+            raise ValueError(
+                f"{self.name}: providers() returned {list(fns)}; it must return 'fastrank' and only "
+                f"names in provider_names {self.provider_names} (undeclared: {undeclared})"
+            )
         return fns
 
     def current_keys(self, case: dict) -> dict:

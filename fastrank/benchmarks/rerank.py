@@ -44,8 +44,9 @@ class Case:
     dtype: str
 
     def label(self) -> str:
-        return (f"{self.pairs} pairs max_length={self.max_length} batch={self.batch_size} "
-                f"layers={self.layers} {self.dtype}")
+        return (
+            f"{self.pairs} pairs max_length={self.max_length} batch={self.batch_size} layers={self.layers} {self.dtype}"
+        )
 
 
 def quick_cases(device: torch.device):
@@ -58,8 +59,10 @@ def quick_cases(device: torch.device):
 
 def full_cases(device: torch.device):
     if device.type == "cuda":
-        return [Case(pairs=1024, max_length=512, batch_size=64, layers=24, dtype="bfloat16"),
-                Case(pairs=1024, max_length=1024, batch_size=32, layers=24, dtype="bfloat16")]
+        return [
+            Case(pairs=1024, max_length=512, batch_size=64, layers=24, dtype="bfloat16"),
+            Case(pairs=1024, max_length=1024, batch_size=32, layers=24, dtype="bfloat16"),
+        ]
     return [Case(pairs=1024, max_length=512, batch_size=16, layers=2, dtype="float32")]
 
 
@@ -71,7 +74,9 @@ def _setup(case: Case, device: torch.device):
     if key not in _CACHE:
         _CACHE.clear()
         tokenizer = build_tokenizer(padding_side="right")
-        config = qwen25_config(num_layers=case.layers, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        config = qwen25_config(
+            num_layers=case.layers, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+        )
         model = build_causal_lm(config, dtype=getattr(torch, case.dtype), device=device)
         _CACHE[key] = (model, tokenizer, None)
     return _CACHE[key]
@@ -104,7 +109,9 @@ def _hf_scores(model, tokenizer, pairs, case: Case, logits_to_keep: bool):
             side = "left" if logits_to_keep else "right"
             batch = collate([encoded[i] for i in idx], pad, side, device=device)
             if logits_to_keep:
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1).logits[:, -1]
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1).logits[
+                    :, -1
+                ]
             else:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 last = batch.attention_mask.sum(1) - 1  # right padding, as FlagEmbedding's pooling assumes
@@ -117,7 +124,10 @@ def _flagembedding(flag, case: Case, device: torch.device, pairs) -> Callable[[]
     """``FlagLLMReranker.compute_score`` on the same weights, loaded from a saved copy."""
     path = _saved_copy(case, device)
     reference = flag.FlagLLMReranker(
-        path, use_bf16=case.dtype == "bfloat16", use_fp16=case.dtype == "float16", devices=[str(device)],
+        path,
+        use_bf16=case.dtype == "bfloat16",
+        use_fp16=case.dtype == "float16",
+        devices=[str(device)],
         batch_size=case.batch_size,
     )
     reference.model.to(device)
@@ -143,7 +153,9 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
         with warnings.catch_warnings():  # the truncation notice; every provider truncates the same pairs
             warnings.simplefilter("ignore", UserWarning)
             return reranker.score(
-                pairs, batch_size=case.batch_size, max_length=case.max_length,
+                pairs,
+                batch_size=case.batch_size,
+                max_length=case.max_length,
                 max_tokens=case.batch_size * case.max_length,
                 show_progress=False,
             )
@@ -153,11 +165,17 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
 
 BENCHMARK = Benchmark(
-    name="rerank", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    name="rerank",
+    case_type=Case,
+    quick_cases=quick_cases,
+    full_cases=full_cases,
+    providers=providers,
     provider_names=("hf_full_logits", "hf_logits_to_keep", "flagembedding", "fastrank"),
-    table_label=lambda case: (f"{case['pairs']} pairs L<={case['max_length']} b={case['batch_size']} "
-                              f"{case['layers']}l {case['dtype']}"),
-    items_per_call=lambda case: case.pairs, unit="pairs",
+    table_label=lambda case: (
+        f"{case['pairs']} pairs L<={case['max_length']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
+    ),
+    items_per_call=lambda case: case.pairs,
+    unit="pairs",
     end_to_end={"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)},
     legacy_keys={"n": "pairs", "t": "max_length"},
 )

@@ -39,8 +39,10 @@ class Case:
     dtype: str
 
     def label(self) -> str:
-        return (f"{self.mode} B={self.queries} G={self.group_size} len<={self.pair_max_length} layers={self.layers} "
-                f"{self.dtype}")
+        return (
+            f"{self.mode} B={self.queries} G={self.group_size} len<={self.pair_max_length} layers={self.layers} "
+            f"{self.dtype}"
+        )
 
 
 def quick_cases(device: torch.device):
@@ -68,8 +70,10 @@ def _records(n: int, g: int, words: int, seed: int = 0):
     def text(k):
         return " ".join(rng.choice(_WORDS) for _ in range(k))
 
-    return [{"query": text(rng.randint(8, 24)) + "?", "pos": [text(words)], "neg": [text(words) for _ in range(g - 1)]}
-            for _ in range(n)]
+    return [
+        {"query": text(rng.randint(8, 24)) + "?", "pos": [text(words)], "neg": [text(words) for _ in range(g - 1)]}
+        for _ in range(n)
+    ]
 
 
 def _batch(case: Case, tokenizer, device):
@@ -84,16 +88,26 @@ def _batch(case: Case, tokenizer, device):
             for record in _records(case.queries, case.group_size, case.pair_max_length):
                 f.write(json.dumps(record) + "\n")
         query_max = case.pair_max_length // 4
-        data = fastrank.RerankTrainDataset(path, tokenizer, train_group_size=case.group_size, query_max_len=query_max,
-                                           passage_max_len=case.pair_max_length - query_max, answer=None)
+        data = fastrank.RerankTrainDataset(
+            path,
+            tokenizer,
+            train_group_size=case.group_size,
+            query_max_len=query_max,
+            passage_max_len=case.pair_max_length - query_max,
+            answer=None,
+        )
         batch = fastrank.RerankCollator(tokenizer, padding_side="left")([data[i] for i in range(case.queries)])
     return {k: v.to(device) for k, v in batch["pair"].items()}
 
 
 def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     tokenizer = build_tokenizer(padding_side="left")
-    config = qwen25_config(num_layers=case.layers, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, use_cache=False)
+    config = qwen25_config(
+        num_layers=case.layers,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=False,
+    )
     model = build_causal_lm(config, dtype=getattr(torch, case.dtype), device=device).train()
     if case.mode == "step_ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -117,11 +131,18 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
 
 BENCHMARK = Benchmark(
-    name="reranker_train", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    name="reranker_train",
+    case_type=Case,
+    quick_cases=quick_cases,
+    full_cases=full_cases,
+    providers=providers,
     provider_names=("flagembedding", "fastrank"),
-    table_label=lambda case: (f"{case['mode']} B={case['queries']} G={case['group_size']} "
-                              f"L<={case['pair_max_length']} {case['layers']}l {case['dtype']}"),
-    items_per_call=lambda case: case.queries * case.group_size, unit="pairs",
+    table_label=lambda case: (
+        f"{case['mode']} B={case['queries']} G={case['group_size']} "
+        f"L<={case['pair_max_length']} {case['layers']}l {case['dtype']}"
+    ),
+    items_per_call=lambda case: case.queries * case.group_size,
+    unit="pairs",
     end_to_end={"cuda": dict(warmup=2, repeats=10), "cpu": dict(warmup=1, repeats=3)},
     legacy_keys={"n": "queries", "t": "group_size", "batch_size": "pair_max_length"},
 )

@@ -11,22 +11,36 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
-from fastrank.benchmarks import contrastive, embedder_train, encode, pool, reranker_train, rerank, score_head
+from fastrank.benchmarks import contrastive, embedder_train, encode, pool, rerank, reranker_train, score_head
 from fastrank.benchmarks.harness import (
-    MEMORY_FLOOR, MissingInput, Unavailable, environment, format_bytes, measure, ratio,
+    MEMORY_FLOOR,
+    MissingInput,
+    Unavailable,
+    environment,
+    format_bytes,
+    measure,
+    ratio,
 )
 from fastrank.benchmarks.protocol import Benchmark
 
 # op name -> its Benchmark, in the order `fastrank bench` runs them
 OPS: Dict[str, Benchmark] = {
     benchmark.name: benchmark
-    for benchmark in (score_head.BENCHMARK, pool.BENCHMARK, contrastive.BENCHMARK, rerank.BENCHMARK,
-                      encode.BENCHMARK, embedder_train.BENCHMARK, reranker_train.BENCHMARK)
+    for benchmark in (
+        score_head.BENCHMARK,
+        pool.BENCHMARK,
+        contrastive.BENCHMARK,
+        rerank.BENCHMARK,
+        encode.BENCHMARK,
+        embedder_train.BENCHMARK,
+        reranker_train.BENCHMARK,
+    )
 }
 
 
-def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
-        log: Optional[Callable[[str], None]] = None) -> dict:
+def run(
+    ops: Iterable[str], device: torch.device, *, full: bool = False, log: Optional[Callable[[str], None]] = None
+) -> dict:
     """Measure every provider of every case.
 
     ``log`` receives progress lines: one per case, one per provider as it starts and one with its elapsed
@@ -91,10 +105,15 @@ def run(ops: Iterable[str], device: torch.device, *, full: bool = False,
                 for m in measured
                 if m.provider != "fastrank"
             }
-            results["cases"].append({
-                "op": op, "case": benchmark.case_dict(case), "measurements": [m.to_dict() for m in measured],
-                "ratios": ratios, "unavailable": unavailable,
-            })
+            results["cases"].append(
+                {
+                    "op": op,
+                    "case": benchmark.case_dict(case),
+                    "measurements": [m.to_dict() for m in measured],
+                    "ratios": ratios,
+                    "unavailable": unavailable,
+                }
+            )
     return results
 
 

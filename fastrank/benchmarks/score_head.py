@@ -45,8 +45,7 @@ class Case:
         return DIGIT_IDS if self.mode.startswith("lse") else [YES_ID % self.vocab_size]
 
     def label(self) -> str:
-        return (f"{self.mode} N={self.sequences} T={self.seq_len} H={self.hidden_size} V={self.vocab_size} "
-                f"{self.dtype}")
+        return f"{self.mode} N={self.sequences} T={self.seq_len} H={self.hidden_size} V={self.vocab_size} {self.dtype}"
 
 
 def _inputs(case: Case, device: torch.device):
@@ -108,7 +107,12 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
     fns = {"full_logits": full_logits, "logits_to_keep": logits_to_keep, "fastrank": ours}
     if not lse:
-        fns = {"full_logits": full_logits, "logits_to_keep": logits_to_keep, "torch_sliced": torch_sliced, "fastrank": ours}
+        fns = {
+            "full_logits": full_logits,
+            "logits_to_keep": logits_to_keep,
+            "torch_sliced": torch_sliced,
+            "fastrank": ours,
+        }
     if not train:
         return {name: torch.no_grad()(fn) for name, fn in fns.items()}
 
@@ -152,7 +156,11 @@ def _case_dict(case: Case) -> dict:
 
 
 BENCHMARK = Benchmark(
-    name="score_head", case_type=Case, quick_cases=quick_cases, full_cases=full_cases, providers=providers,
+    name="score_head",
+    case_type=Case,
+    quick_cases=quick_cases,
+    full_cases=full_cases,
+    providers=providers,
     provider_names=("full_logits", "logits_to_keep", "torch_sliced", "fastrank"),
     table_label=lambda case: f"{case['mode']} N={case['sequences']} T={case['seq_len']} {case['dtype']}",
     case_dict=_case_dict,

@@ -70,8 +70,7 @@ def _corpus(seed: int = 0, lines: int = 4000) -> List[str]:
     return out
 
 
-def build_tokenizer(bos_token: Optional[str] = None, vocab_size: int = 1000, padding_side: str = "left",
-                    seed: int = 0):
+def build_tokenizer(bos_token: Optional[str] = None, vocab_size: int = 1000, padding_side: str = "left", seed: int = 0):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML special tokens and chat template.
 
     ``bos_token=None`` gives a Qwen-style tokenizer (no BOS; pad is ``<|endoftext|>``); a string such as

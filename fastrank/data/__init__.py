@@ -5,11 +5,11 @@ from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_
 from fastrank.data.reranker import RerankCollator, RerankTrainDataset
 from fastrank.data.templates import (
     ChatPairTemplate,
-    TokenizedPair,
     FlagLLMTemplate,
     MxbaiV2Template,
     Qwen3RerankerTemplate,
     SegmentTemplate,
+    TokenizedPair,
 )
 
 __all__ = [

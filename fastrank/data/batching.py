@@ -22,8 +22,9 @@ def _round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple if multiple > 1 else n
 
 
-def token_budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: int,
-                         pad_to_multiple_of: int = 8) -> List[List[int]]:
+def token_budget_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: int, pad_to_multiple_of: int = 8
+) -> List[List[int]]:
     """Indices grouped into batches, longest sequences first.
 
     A batch holds at most ``batch_size`` sequences and at most ``max_tokens`` padded tokens (rows times
@@ -46,8 +47,14 @@ def token_budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: in
     return batches
 
 
-def collate(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "left",
-            pad_to_multiple_of: int = 8, device=None, indices=None) -> Batch:
+def collate(
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    padding_side: str = "left",
+    pad_to_multiple_of: int = 8,
+    device=None,
+    indices=None,
+) -> Batch:
     """Pad token-id lists into one batch. Position ids count from 0 at each sequence's first real token,
     so left and right padding give the model the same positions."""
     if padding_side not in ("left", "right"):

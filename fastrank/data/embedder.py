@@ -47,13 +47,17 @@ def _check_scores(record, key, texts_key, where):
     if scores is None:
         return None
     if not isinstance(scores, list) or len(scores) != len(record[texts_key]):
-        raise ValueError(f"{where}: '{key}' must be a list of {len(record[texts_key])} numbers, aligned with '{texts_key}'")
+        raise ValueError(
+            f"{where}: '{key}' must be a list of {len(record[texts_key])} numbers, aligned with '{texts_key}'"
+        )
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
         raise ValueError(f"{where}: '{key}' must hold numbers")
     return [float(v) for v in scores]
 
 
-def read_retrieval_jsonl(data, max_examples_per_dataset: Optional[int] = None, need_negatives: bool = True) -> List[dict]:
+def read_retrieval_jsonl(
+    data, max_examples_per_dataset: Optional[int] = None, need_negatives: bool = True
+) -> List[dict]:
     """Validated records of every JSONL file in ``data``; a malformed line raises a ValueError naming its
     file and line number. ``max_examples_per_dataset`` keeps the first N lines of each file."""
     records = []
@@ -130,9 +134,16 @@ class EmbedderTrainDataset(torch.utils.data.Dataset):
         seed: sampling is deterministic per (seed, epoch, index); call ``set_epoch`` to resample.
     """
 
-    def __init__(self, data, *, train_group_size: int = 8, query_instruction: Optional[str] = None,
-                 passage_instruction: Optional[str] = None, max_examples_per_dataset: Optional[int] = None,
-                 seed: int = 42):
+    def __init__(
+        self,
+        data,
+        *,
+        train_group_size: int = 8,
+        query_instruction: Optional[str] = None,
+        passage_instruction: Optional[str] = None,
+        max_examples_per_dataset: Optional[int] = None,
+        seed: int = 42,
+    ):
         positive_int("train_group_size", train_group_size)
         self.records = read_retrieval_jsonl(data, max_examples_per_dataset, need_negatives=train_group_size > 1)
         self.train_group_size = train_group_size
@@ -163,8 +174,13 @@ class EmbedderCollator:
     """Tokenises a list of dataset items with the encoder's own rule (its special tokens, or LLARA's
     prompt) and pads them: ``{"query": {...}, "passage": {...}, "teacher_scores": [B, G] or None}``."""
 
-    def __init__(self, encoder, query_max_len: Optional[int] = None, passage_max_len: Optional[int] = None,
-                 pad_to_multiple_of: int = 8):
+    def __init__(
+        self,
+        encoder,
+        query_max_len: Optional[int] = None,
+        passage_max_len: Optional[int] = None,
+        pad_to_multiple_of: int = 8,
+    ):
         self.encoder = encoder
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len

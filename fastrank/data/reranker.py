@@ -12,7 +12,8 @@ Each item is one query with ``train_group_size`` pairs: one positive drawn at ra
 
 A pair is laid out as FlagEmbedding's ``finetune_for_instruction`` recipe does (the seeds)::
 
-    [BOS] tok(query_instruction + query) | tok(sep) tok(passage_instruction + passage) | tok(sep) tok(prompt) [tok(answer)]
+    [BOS] tok(query_instruction + query) | tok(sep) tok(passage_instruction + passage)
+          | tok(sep) tok(prompt) [tok(answer)]
 
 each segment tokenised on its own. The length budget lends unused space between the two texts: the query
 keeps at most ``query_max_len + passage_max_len // 4`` tokens, the passage at most ``passage_max_len +
@@ -61,20 +62,37 @@ class RerankTrainDataset(torch.utils.data.Dataset):
     floats] or None}``.
     """
 
-    def __init__(self, data, tokenizer, *, train_group_size: int = 8, query_max_len: int = 32,
-                 passage_max_len: int = 128, query_instruction: str = "A: ", passage_instruction: str = "B: ",
-                 instruction_format: str = "{}{}", sep: str = "\n", prompt: str = FLAG_LLM_PROMPT,
-                 answer: Optional[str] = "Yes", knowledge_distillation: Optional[bool] = None,
-                 max_examples_per_dataset: Optional[int] = None, seed: int = 42):
+    def __init__(
+        self,
+        data,
+        tokenizer,
+        *,
+        train_group_size: int = 8,
+        query_max_len: int = 32,
+        passage_max_len: int = 128,
+        query_instruction: str = "A: ",
+        passage_instruction: str = "B: ",
+        instruction_format: str = "{}{}",
+        sep: str = "\n",
+        prompt: str = FLAG_LLM_PROMPT,
+        answer: Optional[str] = "Yes",
+        knowledge_distillation: Optional[bool] = None,
+        max_examples_per_dataset: Optional[int] = None,
+        seed: int = 42,
+    ):
         positive_int("train_group_size", train_group_size)
         self.query_max_len = positive_int("query_max_len", query_max_len)
         self.passage_max_len = positive_int("passage_max_len", passage_max_len)
         if "{}" not in instruction_format:
-            raise ValueError(f"instruction_format: needs two '{{}}' fields (instruction, text), got {instruction_format!r}")
+            raise ValueError(
+                f"instruction_format: needs two '{{}}' fields (instruction, text), got {instruction_format!r}"
+            )
         try:
             instruction_format.format("", "")
         except (IndexError, KeyError, ValueError):
-            raise ValueError(f"instruction_format: needs two '{{}}' fields (instruction, text), got {instruction_format!r}") from None
+            raise ValueError(
+                f"instruction_format: needs two '{{}}' fields (instruction, text), got {instruction_format!r}"
+            ) from None
         if answer is not None and not answer:
             raise ValueError("answer: give the answer text (e.g. 'Yes') or None for the layout without one")
         self.records = read_retrieval_jsonl(data, max_examples_per_dataset, need_negatives=train_group_size > 1)
@@ -91,8 +109,10 @@ class RerankTrainDataset(torch.utils.data.Dataset):
         if knowledge_distillation:
             missing = [r for r, has in zip(self.records, with_scores) if not has]
             if missing:
-                raise ValueError(f"{missing[0]['_where']}: knowledge_distillation=True needs 'pos_scores' and "
-                                 "'neg_scores' on every line")
+                raise ValueError(
+                    f"{missing[0]['_where']}: knowledge_distillation=True needs 'pos_scores' and "
+                    "'neg_scores' on every line"
+                )
         self.has_teacher = all(with_scores) if knowledge_distillation is None else bool(knowledge_distillation)
         self.side = getattr(tokenizer, "truncation_side", "right")
         bos = tokenizer.bos_token_id
@@ -160,8 +180,16 @@ class RerankCollator:
     and eager in transformers 5 through ``position_ids`` with ``use_cache=False``, which the model passes).
     """
 
-    def __init__(self, tokenizer=None, *, pad_token_id: Optional[int] = None, padding_side: Optional[str] = None,
-                 pad_to_multiple_of: Optional[int] = 8, return_position_ids: bool = True, packed: bool = False):
+    def __init__(
+        self,
+        tokenizer=None,
+        *,
+        pad_token_id: Optional[int] = None,
+        padding_side: Optional[str] = None,
+        pad_to_multiple_of: Optional[int] = 8,
+        return_position_ids: bool = True,
+        packed: bool = False,
+    ):
         if pad_token_id is None:
             if tokenizer is None:
                 raise ValueError("tokenizer: give the tokenizer (or pad_token_id) to pad with")

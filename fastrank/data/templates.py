@@ -28,7 +28,10 @@ QWEN3_RERANKER_PREFIX = (
 )
 QWEN3_RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 QWEN3_RERANKER_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-MXBAI_V2_PREFIX = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+MXBAI_V2_PREFIX = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n"
+)
 MXBAI_V2_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 MXBAI_V2_TASK = (
     "You are a search relevance expert who evaluates how well documents match search queries. For each "
@@ -76,7 +79,9 @@ def _check_format(name: str, text, required: Tuple[str, ...], allowed: Tuple[str
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
     except ValueError as e:
-        raise ValueError(f"{name}: {text!r} is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'") from None
+        raise ValueError(
+            f"{name}: {text!r} is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'"
+        ) from None
     known = ", ".join("{" + a + "}" for a in allowed)
     for f in fields:
         if f not in allowed:
@@ -340,5 +345,7 @@ class SegmentTemplate:
 
 
 # Every template class by name, for presets saved to and loaded from a model folder.
-TEMPLATES = {cls.__name__: cls for cls in (FlagLLMTemplate, MxbaiV2Template, Qwen3RerankerTemplate, ChatPairTemplate,
-                                           SegmentTemplate)}
+TEMPLATES = {
+    cls.__name__: cls
+    for cls in (FlagLLMTemplate, MxbaiV2Template, Qwen3RerankerTemplate, ChatPairTemplate, SegmentTemplate)
+}

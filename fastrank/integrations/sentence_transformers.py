@@ -87,8 +87,9 @@ _CITATION_JINA2 = """
 
 def _check_directions(directions, partition_mode):
     if isinstance(directions, str):
-        raise ValueError(f"directions: expected a tuple of direction names, got the string {directions!r}; "
-                         f"write ({directions!r},)")
+        raise ValueError(
+            f"directions: expected a tuple of direction names, got the string {directions!r}; write ({directions!r},)"
+        )
     directions = tuple(directions)
     if not directions:
         raise ValueError("directions: at least one direction must be given, e.g. ('query_to_doc',)")
@@ -96,8 +97,10 @@ def _check_directions(directions, partition_mode):
     if unknown:
         raise ValueError(f"directions: unknown direction(s) {unknown}; valid: {list(VALID_DIRECTIONS)}")
     if "query_to_doc" not in directions:
-        raise ValueError(f"directions: {directions} lacks 'query_to_doc', which holds the positive pair and is "
-                         "required (as in MultipleNegativesRankingLoss)")
+        raise ValueError(
+            f"directions: {directions} lacks 'query_to_doc', which holds the positive pair and is "
+            "required (as in MultipleNegativesRankingLoss)"
+        )
     if partition_mode not in ("joint", "per_direction"):
         raise ValueError(f"partition_mode: must be 'joint' or 'per_direction', got {partition_mode!r}")
     same_type = [d for d in directions if d in ("query_to_query", "doc_to_doc")]
@@ -138,7 +141,8 @@ def _check_hardness(hardness_mode, hardness_strength):
         logger.warning(
             "hardness_mode=%r is set but hardness_strength=0.0, so hardness weighting has no effect. Set "
             "hardness_strength to a positive value (with sentence-transformers' MultipleNegativesRankingLoss) "
-            "to enable hardness weighting.", hardness_mode,
+            "to enable hardness weighting.",
+            hardness_mode,
         )
 
 
@@ -201,7 +205,9 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
 
     def compute_loss_from_embeddings(self, embeddings, labels=None):
         if len(embeddings) < 2:
-            raise ValueError(f"sentence_features: expected an anchor column and at least one candidate column, got {len(embeddings)}")
+            raise ValueError(
+                f"sentence_features: expected an anchor column and at least one candidate column, got {len(embeddings)}"
+            )
         queries = embeddings[0]
         docs = [d.to(queries.dtype) for d in embeddings[1:]]
         if self.normalize:  # cos_sim: a row-wise normalisation, the same before or after gathering
@@ -233,10 +239,13 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             return 0.5 * (fused(queries, all_docs) + fused(positives, all_queries))
         # joint: [q_i, d_i] . [doc_j, 0] = q_i . doc_j and [q_i, d_i] . [0, q_k] = d_i . q_k, one softmax per row
         rows = torch.cat([queries, positives], dim=1)
-        candidates = torch.cat([
-            torch.cat([all_docs, torch.zeros_like(all_docs)], dim=1),
-            torch.cat([torch.zeros_like(all_queries), all_queries], dim=1),
-        ], dim=0)
+        candidates = torch.cat(
+            [
+                torch.cat([all_docs, torch.zeros_like(all_docs)], dim=1),
+                torch.cat([torch.zeros_like(all_queries), all_queries], dim=1),
+            ],
+            dim=0,
+        )
         return fused(rows, candidates)
 
     def get_config_dict(self):

@@ -86,8 +86,11 @@ class RerankerTrainer(_WrappedModelTrainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             scores = model(pair=inputs["pair"]).scores
-            loss = model.module.compute_loss(scores, inputs.get("teacher_scores")) if hasattr(model, "module") \
+            loss = (
+                model.module.compute_loss(scores, inputs.get("teacher_scores"))
+                if hasattr(model, "module")
                 else model.compute_loss(scores, inputs.get("teacher_scores"))
+            )
         return (loss.detach(), None, None) if prediction_loss_only else (loss.detach(), scores.detach(), None)
 
 
@@ -116,6 +119,7 @@ def load_wrapped_weights(wrapper, folder: str) -> None:
     missing, unexpected = target.load_state_dict(load_file(weights), strict=False)
     tied = set(getattr(target, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
-        raise ValueError(f"resume_from_checkpoint: {folder} does not match the model (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
-
+        raise ValueError(
+            f"resume_from_checkpoint: {folder} does not match the model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )

@@ -5,4 +5,17 @@ from fastrank.models.llm_reranker import LLMRerankerModel, RerankerOutput
 from fastrank.models.patch import is_patched, patch, unpatch
 from fastrank.models.reranker import CausalLMScorer, backbone_of, lm_head_of, unwrap_model
 
-__all__ = ["BiEncoder", "CausalLMScorer", "EncoderOutput", "LLMRerankerModel", "LlaraEncoder", "RerankerOutput", "backbone_of", "is_patched", "lm_head_of", "patch", "unpatch", "unwrap_model"]
+__all__ = [
+    "BiEncoder",
+    "CausalLMScorer",
+    "EncoderOutput",
+    "LLMRerankerModel",
+    "LlaraEncoder",
+    "RerankerOutput",
+    "backbone_of",
+    "is_patched",
+    "lm_head_of",
+    "patch",
+    "unpatch",
+    "unwrap_model",
+]

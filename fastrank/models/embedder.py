@@ -51,8 +51,16 @@ class _EmbedderBase(torch.nn.Module):
     """What the bi-encoder and LLARA share: encoding (with sub-batches), similarity, and the training
     forward of the seeds' ``BiEncoderModel`` on fastrank's fused contrastive loss."""
 
-    def __init__(self, model, tokenizer, normalize: bool, temperature: float, negatives_cross_device: bool = False,
-                 sub_batch_size: int = -1, use_inbatch_neg: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        normalize: bool,
+        temperature: float,
+        negatives_cross_device: bool = False,
+        sub_batch_size: int = -1,
+        use_inbatch_neg: bool = True,
+    ):
         super().__init__()
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize: must be True or False, got {normalize!r}")
@@ -72,7 +80,9 @@ class _EmbedderBase(torch.nn.Module):
                 "launched with several processes)"
             )
         if not isinstance(sub_batch_size, int) or sub_batch_size == 0:
-            raise ValueError(f"sub_batch_size: must be a positive int, or -1 for no sub-batches, got {sub_batch_size!r}")
+            raise ValueError(
+                f"sub_batch_size: must be a positive int, or -1 for no sub-batches, got {sub_batch_size!r}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.normalize = normalize
@@ -98,13 +108,22 @@ class _EmbedderBase(torch.nn.Module):
             return None
         if isinstance(features, (list, tuple)):
             return torch.cat([self.encode(f, normalize) for f in features], dim=0)
-        n = features["input_ids"].shape[0] if features.get("input_ids") is not None else features["inputs_embeds"].shape[0]
+        n = (
+            features["input_ids"].shape[0]
+            if features.get("input_ids") is not None
+            else features["inputs_embeds"].shape[0]
+        )
         if self.sub_batch_size > 0 and n > self.sub_batch_size:
-            return torch.cat([
-                self._embed({k: v[i : i + self.sub_batch_size] if torch.is_tensor(v) else v for k, v in features.items()},
-                            normalize)
-                for i in range(0, n, self.sub_batch_size)
-            ], dim=0)
+            return torch.cat(
+                [
+                    self._embed(
+                        {k: v[i : i + self.sub_batch_size] if torch.is_tensor(v) else v for k, v in features.items()},
+                        normalize,
+                    )
+                    for i in range(0, n, self.sub_batch_size)
+                ],
+                dim=0,
+            )
         return self._embed(features, normalize)
 
     def compute_similarity(self, q_reps: torch.Tensor, p_reps: torch.Tensor) -> torch.Tensor:
@@ -152,8 +171,15 @@ class _EmbedderBase(torch.nn.Module):
             candidates = torch.cat(dist_fn.all_gather(p.contiguous()), dim=0)
             rank = torch.distributed.get_rank()
             targets = (torch.arange(b, device=q.device) + rank * b) * g
-        loss = contrastive_loss(q, candidates.to(q.dtype), temperature=self.temperature, group_size=g,
-                                in_batch=self.use_inbatch_neg, targets=targets, teacher_scores=teacher_score)
+        loss = contrastive_loss(
+            q,
+            candidates.to(q.dtype),
+            temperature=self.temperature,
+            group_size=g,
+            in_batch=self.use_inbatch_neg,
+            targets=targets,
+            teacher_scores=teacher_score,
+        )
         return EncoderOutput(loss=loss, scores=scores, q_reps=q, p_reps=p)
 
     def activation_checkpointing_enable(self, **kwargs):
@@ -184,10 +210,21 @@ class BiEncoder(_EmbedderBase):
 
     kind = "bi"
 
-    def __init__(self, model, tokenizer=None, *, pooling: Optional[str] = None, normalize: bool = True,
-                 temperature: float = 0.02, query_instruction: Optional[str] = None,
-                 passage_instruction: Optional[str] = None, max_length: int = 512,
-                 negatives_cross_device: bool = False, sub_batch_size: int = -1, use_inbatch_neg: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        pooling: Optional[str] = None,
+        normalize: bool = True,
+        temperature: float = 0.02,
+        query_instruction: Optional[str] = None,
+        passage_instruction: Optional[str] = None,
+        max_length: int = 512,
+        negatives_cross_device: bool = False,
+        sub_batch_size: int = -1,
+        use_inbatch_neg: bool = True,
+    ):
         causal = is_causal(model)
         if pooling is None:
             pooling = "last" if causal else "cls"
@@ -200,8 +237,9 @@ class BiEncoder(_EmbedderBase):
                 "(the default for causal LMs) or kind='llara'"
             )
         positive_int("max_length", max_length)
-        super().__init__(model, tokenizer, normalize, temperature, negatives_cross_device, sub_batch_size,
-                         use_inbatch_neg)
+        super().__init__(
+            model, tokenizer, normalize, temperature, negatives_cross_device, sub_batch_size, use_inbatch_neg
+        )
         self.pooling = pooling
         self.query_instruction = query_instruction
         self.passage_instruction = passage_instruction
@@ -212,7 +250,9 @@ class BiEncoder(_EmbedderBase):
         norm = self.normalize if normalize is None else normalize
         return F.pool(hidden, features.get("attention_mask"), mode=self.pooling, normalize=norm)
 
-    def tokenize(self, texts: Sequence[str], kind: str = "passage", max_length: Optional[int] = None) -> List[List[int]]:
+    def tokenize(
+        self, texts: Sequence[str], kind: str = "passage", max_length: Optional[int] = None
+    ) -> List[List[int]]:
         """Token ids of each text with the tokenizer's own special tokens, truncated to ``max_length``."""
         return self.tokenizer(
             list(texts), add_special_tokens=True, truncation=True, max_length=max_length or self.max_length
@@ -236,7 +276,9 @@ class BiEncoder(_EmbedderBase):
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         ]
         if self.normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
             os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
         os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
         pooling = {
@@ -264,8 +306,12 @@ class BiEncoder(_EmbedderBase):
                 "similarity_fn_name": "cosine" if self.normalize else "dot",
             },
             FASTRANK_CONFIG: dict(
-                self._common_config(), kind=self.kind, pooling=self.pooling, max_length=self.max_length,
-                query_instruction=self.query_instruction, passage_instruction=self.passage_instruction,
+                self._common_config(),
+                kind=self.kind,
+                pooling=self.pooling,
+                max_length=self.max_length,
+                query_instruction=self.query_instruction,
+                passage_instruction=self.passage_instruction,
             ),
         }
         for name, content in files.items():
@@ -354,18 +400,30 @@ class LlaraEncoder(_EmbedderBase):
     Ids: ``tokenizer('"')`` with special tokens (BOS + ``"``), the text tokenised alone and truncated so the
     whole fits ``max_length``, then the passage suffix ``'", summarize the above passage within eight words:
     <s1>..<s8>'`` or the query suffix ``'", predict the following passage within eight words: <s9>..<s16>'``
-    (its ``"`` closes the prefix's; no special tokens, no EOS). ``<s1>..<s16>`` are added to the tokenizer, and rows to the embeddings,
-    when missing. The eight positions are the last eight real tokens, found from the attention mask, so
-    either padding side works (the reference code's ``[:, -8:]`` is right for left padding only).
+    (its ``"`` closes the prefix's; no special tokens, no EOS). ``<s1>..<s16>`` are added to the tokenizer,
+    and rows to the embeddings, when missing. The eight positions are the last eight real tokens, found from
+    the attention mask, so either padding side works (the reference code's ``[:, -8:]`` is right for left
+    padding only).
     """
 
     kind = "llara"
 
-    def __init__(self, model, tokenizer, *, normalize: bool = True, temperature: float = 0.02,
-                 query_max_len: int = 64, passage_max_len: int = 160, negatives_cross_device: bool = False,
-                 sub_batch_size: int = -1, use_inbatch_neg: bool = True):
-        super().__init__(model, tokenizer, normalize, temperature, negatives_cross_device, sub_batch_size,
-                         use_inbatch_neg)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        normalize: bool = True,
+        temperature: float = 0.02,
+        query_max_len: int = 64,
+        passage_max_len: int = 160,
+        negatives_cross_device: bool = False,
+        sub_batch_size: int = -1,
+        use_inbatch_neg: bool = True,
+    ):
+        super().__init__(
+            model, tokenizer, normalize, temperature, negatives_cross_device, sub_batch_size, use_inbatch_neg
+        )
         self.query_max_len = int(query_max_len)
         self.passage_max_len = int(passage_max_len)
         self._add_special_tokens()
@@ -383,12 +441,16 @@ class LlaraEncoder(_EmbedderBase):
         vocab = self.tokenizer.get_vocab()
         missing = [t for t in LLARA_PASSAGE_TOKENS + LLARA_QUERY_TOKENS if t not in vocab]
         if missing:
-            self.tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+            self.tokenizer.add_special_tokens(
+                {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+            )
         rows = unwrap_model(self.model).get_input_embeddings().weight.shape[0]
         if len(self.tokenizer) > rows:
             unwrap_model(self.model).resize_token_embeddings(len(self.tokenizer))
 
-    def tokenize(self, texts: Sequence[str], kind: str = "passage", max_length: Optional[int] = None) -> List[List[int]]:
+    def tokenize(
+        self, texts: Sequence[str], kind: str = "passage", max_length: Optional[int] = None
+    ) -> List[List[int]]:
         if kind not in ("query", "passage"):
             raise ValueError(f"kind: must be 'query' or 'passage', got {kind!r}")
         limit = max_length or (self.query_max_len if kind == "query" else self.passage_max_len)
@@ -412,8 +474,16 @@ class LlaraEncoder(_EmbedderBase):
         self.model.save_pretrained(path)  # a PEFT model writes its adapter
         self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, FASTRANK_CONFIG), "w") as f:
-            json.dump(dict(self._common_config(), kind=self.kind, query_max_len=self.query_max_len,
-                           passage_max_len=self.passage_max_len), f, indent=2)
+            json.dump(
+                dict(
+                    self._common_config(),
+                    kind=self.kind,
+                    query_max_len=self.query_max_len,
+                    passage_max_len=self.passage_max_len,
+                ),
+                f,
+                indent=2,
+            )
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype="auto", **overrides) -> "LlaraEncoder":

@@ -81,8 +81,11 @@ class LLMRerankerModel(torch.nn.Module):
             positions=positions,
         )
 
-    def forward(self, pair: Union[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]], None] = None,
-                teacher_scores: Optional[torch.Tensor] = None) -> RerankerOutput:
+    def forward(
+        self,
+        pair: Union[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]], None] = None,
+        teacher_scores: Optional[torch.Tensor] = None,
+    ) -> RerankerOutput:
         if isinstance(pair, (list, tuple)):
             scores = torch.cat([self.encode(p) for p in pair])
         else:
@@ -104,7 +107,9 @@ class LLMRerankerModel(torch.nn.Module):
         if teacher_scores is not None:
             teacher = torch.as_tensor(teacher_scores, dtype=torch.float32, device=grouped.device)
             if teacher.numel() != scores.numel():
-                raise ValueError(f"teacher_scores: expected {scores.numel()} scores (one per pair), got {teacher.numel()}")
+                raise ValueError(
+                    f"teacher_scores: expected {scores.numel()} scores (one per pair), got {teacher.numel()}"
+                )
             weights = torch.softmax(teacher.reshape(-1, g).detach(), dim=-1)
             loss = loss - (torch.log_softmax(grouped, dim=-1) * weights).sum(-1).mean()
         return loss

@@ -18,8 +18,8 @@ import types
 import torch
 
 import fastrank.functional as F
-from fastrank.presets import get_preset
 from fastrank.models.reranker import backbone_of, lm_head_of, logit_softcap_of, unwrap_model
+from fastrank.presets import get_preset
 
 
 def patch(model, preset=None, *, tokenizer=None, token_ids=None):
@@ -80,9 +80,19 @@ def is_patched(model) -> bool:
     return getattr(unwrap_model(model), "_fastrank_patch", None) is not None
 
 
-def _patched_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_dict=None,
-                     **kwargs):
+def _patched_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    return_dict=None,
+    **kwargs,
+):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     state = self._fastrank_patch

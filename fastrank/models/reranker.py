@@ -94,8 +94,15 @@ class CausalLMScorer(torch.nn.Module):
         # Looked up rather than stored: a second reference would register the decoder twice in state_dict.
         return backbone_of(self.model)
 
-    def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                      cu_seqlens=None, **backbone_kwargs) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        cu_seqlens=None,
+        **backbone_kwargs,
+    ) -> torch.Tensor:
         if cu_seqlens is not None:
             if attention_mask is not None:
                 raise ValueError("attention_mask: packed input (cu_seqlens) must not carry an attention mask")
@@ -113,10 +120,21 @@ class CausalLMScorer(torch.nn.Module):
         )
         return out.last_hidden_state
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                cu_seqlens=None, positions=None, normalize: bool = False, **backbone_kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        cu_seqlens=None,
+        positions=None,
+        normalize: bool = False,
+        **backbone_kwargs,
+    ) -> torch.Tensor:
         """Scores ``[N]`` in fp32."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds, cu_seqlens, **backbone_kwargs)
+        hidden = self.hidden_states(
+            input_ids, attention_mask, position_ids, inputs_embeds, cu_seqlens, **backbone_kwargs
+        )
         head = lm_head_of(self.model)
         return convention_scores(
             self.convention,

@@ -62,7 +62,9 @@ def normalize_token_ids(token_ids, vocab: int) -> tuple:
             raise ValueError(f"token_ids: must be 1-D [K], got shape {tuple(token_ids.shape)}")
         token_ids = token_ids.reshape(-1).tolist()
     if not isinstance(token_ids, Sequence) or isinstance(token_ids, str):
-        raise ValueError(f"token_ids: expected an int, a list of ints or a 1-D integer tensor, got {type(token_ids).__name__}")
+        raise ValueError(
+            f"token_ids: expected an int, a list of ints or a 1-D integer tensor, got {type(token_ids).__name__}"
+        )
     ids = []
     for i, t in enumerate(token_ids):
         if isinstance(t, bool) or not isinstance(t, int):

@@ -26,7 +26,9 @@ def check_contrastive_inputs(q, p, temperature, group_size, in_batch, targets, t
     require_tensor("p", p, "[P, D]")
     for name, t in (("q", q), ("p", p)):
         if t.dim() != 2:
-            raise ValueError(f"{name}: must be 2-D ({'[B, D]' if name == 'q' else '[P, D]'}), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: must be 2-D ({'[B, D]' if name == 'q' else '[P, D]'}), got shape {tuple(t.shape)}"
+            )
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name}: must be float16, bfloat16 or float32, got {dtype_name(t.dtype)}")
     if p.dtype != q.dtype:
@@ -85,8 +87,9 @@ def check_contrastive_inputs(q, p, temperature, group_size, in_batch, targets, t
         same_device("teacher_scores", teacher_scores, q, "q")
         # FlagEmbedding's distillation target: softmax of the raw teacher scores, no temperature.
         teacher = torch.softmax(teacher_scores.detach().float(), dim=-1).contiguous()
-    config = ContrastiveConfig(temperature=float(temperature), group_size=group_size, in_batch=in_batch,
-                               return_lse=return_lse)
+    config = ContrastiveConfig(
+        temperature=float(temperature), group_size=group_size, in_batch=in_batch, return_lse=return_lse
+    )
     return config, targets, teacher
 
 
@@ -132,8 +135,9 @@ def contrastive_forward_reference(q, p, targets, teacher, config: ContrastiveCon
     return stats
 
 
-def contrastive_backward_reference(q, p, targets, teacher, stats, row_grad, config: ContrastiveConfig,
-                                   need_q: bool, need_p: bool):
+def contrastive_backward_reference(
+    q, p, targets, teacher, stats, row_grad, config: ContrastiveConfig, need_q: bool, need_p: bool
+):
     """``(dq, dp)``: the kernel's coefficients ``c`` rebuilt chunk by chunk, then ``c p / tau`` and ``c^T q / tau``."""
     acc = accumulate_dtype(q.dtype)
     p_acc = p.to(acc)
@@ -206,8 +210,9 @@ class ContrastiveFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         # d mean / d row = 1 / B; the upstream scalar gradient stays on the device (no host read).
         row_grad = (grad_loss.float() / q.shape[0]).expand(q.shape[0]).contiguous()
-        dq, dp = ctx.backward_impl(q, p, targets, teacher, stats, row_grad, ctx.config,
-                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dq, dp = ctx.backward_impl(
+            q, p, targets, teacher, stats, row_grad, ctx.config, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
         return dq, dp, None, None, None, None
 
 
@@ -268,8 +273,15 @@ class ContrastiveLoss(torch.nn.Module):
         self.in_batch = in_batch
 
     def forward(self, q, p, targets=None, teacher_scores=None):
-        return contrastive_loss(q, p, temperature=self.temperature, group_size=self.group_size,
-                                in_batch=self.in_batch, targets=targets, teacher_scores=teacher_scores)
+        return contrastive_loss(
+            q,
+            p,
+            temperature=self.temperature,
+            group_size=self.group_size,
+            in_batch=self.in_batch,
+            targets=targets,
+            teacher_scores=teacher_scores,
+        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, group_size={self.group_size}, in_batch={self.in_batch}"

@@ -68,9 +68,13 @@ def check_pool_inputs(hidden, attention_mask, mode, normalize, token_ids, input_
         if hidden.dim() == 3 and hidden.shape[0] == 1:
             hidden = hidden[0]
         if hidden.dim() != 2:
-            raise ValueError(f"hidden: packed input (cu_seqlens given) must be [M, H] or [1, M, H], got shape {tuple(hidden.shape)}")
+            raise ValueError(
+                f"hidden: packed input (cu_seqlens given) must be [M, H] or [1, M, H], got shape {tuple(hidden.shape)}"
+            )
         if attention_mask is not None:
-            raise ValueError("attention_mask: cannot be combined with cu_seqlens; packed sequences are delimited by cu_seqlens")
+            raise ValueError(
+                "attention_mask: cannot be combined with cu_seqlens; packed sequences are delimited by cu_seqlens"
+            )
         cu_seqlens = integer_tensor("cu_seqlens", cu_seqlens, hidden.device, "[N + 1]")
         if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
             raise ValueError(f"cu_seqlens: must be 1-D [N + 1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
@@ -85,7 +89,8 @@ def check_pool_inputs(hidden, attention_mask, mode, normalize, token_ids, input_
             require_tensor("attention_mask", attention_mask, "[N, T]")
             if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
                 raise ValueError(
-                    f"attention_mask: shape {tuple(attention_mask.shape)} does not match hidden's [N, T] = {tuple(hidden.shape[:2])}"
+                    f"attention_mask: shape {tuple(attention_mask.shape)} does not match hidden's [N, T] = "
+                    f"{tuple(hidden.shape[:2])}"
                 )
             same_device("attention_mask", attention_mask, hidden)
         shape_ids = tuple(hidden.shape[:2])
@@ -114,8 +119,10 @@ def raise_on_pool_status(status: torch.Tensor, config, cu_seqlens) -> None:
 
     bad_cu, text = rows(POOL_BAD_CU_SEQLENS)
     if bad_cu:
-        raise ValueError(f"cu_seqlens: is not a partition of the packed rows (it must start at 0, never decrease "
-                         f"and end at M); sequences {text} fall outside")
+        raise ValueError(
+            f"cu_seqlens: is not a partition of the packed rows (it must start at 0, never decrease "
+            f"and end at M); sequences {text} fall outside"
+        )
     empty, text = rows(POOL_EMPTY)
     if empty:
         arg = "cu_seqlens" if cu_seqlens is not None else "attention_mask"
@@ -155,7 +162,9 @@ def pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config: P
         n, t = shape[0], shape[1]
         ok = None
         steps = torch.arange(t, device=device)
-        real = (attention_mask != 0) if attention_mask is not None else torch.ones(n, t, dtype=torch.bool, device=device)
+        real = (
+            (attention_mask != 0) if attention_mask is not None else torch.ones(n, t, dtype=torch.bool, device=device)
+        )
         tokens = input_ids
     if config.mode == "mean":
         sel = real
@@ -187,7 +196,9 @@ def pool_forward_reference(hidden, attention_mask, input_ids, cu_seqlens, config
     # as in the kernel, which does not read it at all.
     seq, pos = sel.nonzero(as_tuple=True)
     rows = hidden[pos] if cu_seqlens is not None else hidden[seq, pos]
-    summed = torch.zeros(sel.shape[0], hidden.shape[-1], dtype=acc, device=hidden.device).index_add(0, seq, rows.to(acc))
+    summed = torch.zeros(sel.shape[0], hidden.shape[-1], dtype=acc, device=hidden.device).index_add(
+        0, seq, rows.to(acc)
+    )
     count = sel.sum(1).to(acc)
     pooled = summed / count[:, None]  # an invalid sequence divides 0 by 0: NaN, visible
     if not config.normalize:
@@ -197,8 +208,9 @@ def pool_forward_reference(hidden, attention_mask, input_ids, cu_seqlens, config
     return out, count, status, (pooled if needs_grad else None), norm
 
 
-def pool_backward_reference(grad_out, hidden_meta, out, pooled, norm, count, attention_mask, input_ids, cu_seqlens,
-                            config: PoolConfig):
+def pool_backward_reference(
+    grad_out, hidden_meta, out, pooled, norm, count, attention_mask, input_ids, cu_seqlens, config: PoolConfig
+):
     """The reference of ``fastrank.kernels.pool.pool_backward``: the gradient with respect to the hidden
     states (``hidden_meta`` = their shape, dtype, device), ``grad / count`` on every pooled row, 0 elsewhere."""
     shape, dtype, device = hidden_meta

@@ -48,7 +48,11 @@ def normalize_combine(combine, k: int) -> Optional[tuple]:
     """A ``[C, K]`` combination matrix as a tuple of tuples of floats (a 1-D ``[K]`` is one row)."""
     if combine is None:
         return None
-    mix = combine.detach().cpu().double() if isinstance(combine, torch.Tensor) else torch.tensor(combine, dtype=torch.float64)
+    mix = (
+        combine.detach().cpu().double()
+        if isinstance(combine, torch.Tensor)
+        else torch.tensor(combine, dtype=torch.float64)
+    )
     if mix.dim() == 1:
         mix = mix[None, :]
     if mix.dim() != 2 or mix.shape[1] != k:
@@ -108,11 +112,11 @@ def check_score_head_inputs(
         n = cu_seqlens.shape[0] - 1
     else:
         if hidden.dim() == 2:
-            raise ValueError(
-                "hidden: a 2-D tensor needs cu_seqlens (packed [M, H] input); padded input is [N, T, H]"
-            )
+            raise ValueError("hidden: a 2-D tensor needs cu_seqlens (packed [M, H] input); padded input is [N, T, H]")
         if hidden.dim() != 3:
-            raise ValueError(f"hidden: must be [N, T, H] (or packed [M, H] with cu_seqlens), got shape {tuple(hidden.shape)}")
+            raise ValueError(
+                f"hidden: must be [N, T, H] (or packed [M, H] with cu_seqlens), got shape {tuple(hidden.shape)}"
+            )
         n, t = hidden.shape[0], hidden.shape[1]
         if t == 0:
             raise ValueError("hidden: has T=0 positions; every sequence needs at least one token")
@@ -175,8 +179,14 @@ def raise_on_invalid_rows(rows: torch.Tensor, config: ScoreHeadConfig, attention
     outside = (codes == ROW_OUTSIDE).nonzero().flatten().tolist()
     if outside:
         i = outside[0]
-        where = "its sequence" if config.packed else (
-            "the row's real tokens (attention_mask is 0 there or it is past T)" if attention_mask is not None else "[0, T)"
+        where = (
+            "its sequence"
+            if config.packed
+            else (
+                "the row's real tokens (attention_mask is 0 there or it is past T)"
+                if attention_mask is not None
+                else "[0, T)"
+            )
         )
         raise ValueError(
             f"positions: positions[{i}]={int(positions[i])} is outside {where}; "
@@ -351,8 +361,9 @@ def score_head_selected_logits(
     return logits
 
 
-def score_head_forward_reference(hidden, weight, bias, attention_mask, positions, cu_seqlens, config,
-                                 store_gathered=True):
+def score_head_forward_reference(
+    hidden, weight, bias, attention_mask, positions, cu_seqlens, config, store_gathered=True
+):
     """Forward of the reference path. Returns ``(out [N, C or K], lse [N] or None, rows [N], h [N, H])``;
     the gathered rows ``h`` are needed for the logits anyway, so ``store_gathered`` changes nothing."""
     rows = score_head_rows(hidden, attention_mask, positions, cu_seqlens)
@@ -427,7 +438,13 @@ class ScoreHeadFunction(torch.autograd.Function):
         impl = _implementation(backend)
         # Forward runs with grad mode off; needs_input_grad says whether a backward can follow.
         out, lse, rows, gathered = impl.forward(
-            hidden, weight, bias, attention_mask, positions, cu_seqlens, config,
+            hidden,
+            weight,
+            bias,
+            attention_mask,
+            positions,
+            cu_seqlens,
+            config,
             store_gathered=any(ctx.needs_input_grad[:3]),
         )
         if lse is None:
