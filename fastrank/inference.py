@@ -210,25 +210,6 @@ class Reranker:
             )
         return scores.cpu().tolist()
 
-    @torch.inference_mode()
-    def score_encoded(
-        self,
-        sequences: Sequence[Sequence[int]],
-        *,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        normalize: bool = False,
-        show_progress: Optional[bool] = None,
-    ) -> List[float]:
-        """Scores of already tokenised sequences (``tokenize``'s ids), in input order."""
-        scores = torch.empty(len(sequences), dtype=torch.float32, device=self.device)
-        show = show_progress if show_progress is not None else len(sequences) > 4 * batch_size
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(sequences), unit="pair", desc="scoring", disable=not show) as bar:
-            self._enqueue(sequences, 0, scores, batch_size, max_tokens, normalize, bar)
-        return scores.cpu().tolist()
-
     def _enqueue(self, sequences, offset, scores, batch_size, max_tokens, normalize, bar):
         side = getattr(self.tokenizer, "padding_side", "right")
         run_batches(
