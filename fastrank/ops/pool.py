@@ -23,6 +23,7 @@ from fastrank.common import (
 from fastrank.ops.base import (
     FLOAT_DTYPES,
     Implementation,
+    check_layout,
     dtype_name,
     integer_tensor,
     normalize_token_ids,
@@ -64,36 +65,8 @@ def check_pool_inputs(hidden, attention_mask, mode, normalize, token_ids, input_
                 raise ValueError("input_ids: mode='special' with token_ids needs the input_ids to find them in")
 
     packed = cu_seqlens is not None
-    if packed:
-        if hidden.dim() == 3 and hidden.shape[0] == 1:
-            hidden = hidden[0]
-        if hidden.dim() != 2:
-            raise ValueError(
-                f"hidden: packed input (cu_seqlens given) must be [M, H] or [1, M, H], got shape {tuple(hidden.shape)}"
-            )
-        if attention_mask is not None:
-            raise ValueError(
-                "attention_mask: cannot be combined with cu_seqlens; packed sequences are delimited by cu_seqlens"
-            )
-        cu_seqlens = integer_tensor("cu_seqlens", cu_seqlens, hidden.device, "[N + 1]")
-        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens: must be 1-D [N + 1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
-        same_device("cu_seqlens", cu_seqlens, hidden)
-        shape_ids = (hidden.shape[0],)
-    else:
-        if hidden.dim() != 3:
-            raise ValueError(
-                f"hidden: must be [N, T, H] (or packed [M, H] with cu_seqlens), got shape {tuple(hidden.shape)}"
-            )
-        if attention_mask is not None:
-            require_tensor("attention_mask", attention_mask, "[N, T]")
-            if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
-                raise ValueError(
-                    f"attention_mask: shape {tuple(attention_mask.shape)} does not match hidden's [N, T] = "
-                    f"{tuple(hidden.shape[:2])}"
-                )
-            same_device("attention_mask", attention_mask, hidden)
-        shape_ids = tuple(hidden.shape[:2])
+    hidden, cu_seqlens = check_layout(hidden, attention_mask, cu_seqlens)
+    shape_ids = (hidden.shape[0],) if packed else tuple(hidden.shape[:2])
     if input_ids is not None:
         input_ids = integer_tensor("input_ids", input_ids, hidden.device, "[N, T] or packed [M]")
         if packed and input_ids.dim() == 2 and input_ids.shape[0] == 1:

@@ -25,6 +25,7 @@ from fastrank.ops.base import (
     FLOAT_DTYPES,
     MAX_TOKEN_IDS,
     Implementation,
+    check_layout,
     dtype_name,
     integer_tensor,
     normalize_token_ids,
@@ -91,42 +92,8 @@ def check_score_head_inputs(
         raise ValueError(f"return_lse: must be True or False, got {return_lse!r}")
 
     packed = cu_seqlens is not None
-    if packed:
-        if hidden.dim() == 3 and hidden.shape[0] == 1:
-            hidden = hidden[0]
-        if hidden.dim() != 2:
-            raise ValueError(
-                f"hidden: packed input (cu_seqlens given) must be [M, H] or [1, M, H], got shape {tuple(hidden.shape)}"
-            )
-        if attention_mask is not None:
-            raise ValueError(
-                "attention_mask: cannot be combined with cu_seqlens; packed sequences are delimited by cu_seqlens alone"
-            )
-        cu_seqlens = integer_tensor("cu_seqlens", cu_seqlens, hidden.device, "[N + 1]")
-        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(
-                f"cu_seqlens: must be 1-D [N + 1] with N >= 1 (offsets 0, len0, len0+len1, ..., M), "
-                f"got shape {tuple(cu_seqlens.shape)}"
-            )
-        same_device("cu_seqlens", cu_seqlens, hidden)
-        n = cu_seqlens.shape[0] - 1
-    else:
-        if hidden.dim() == 2:
-            raise ValueError("hidden: a 2-D tensor needs cu_seqlens (packed [M, H] input); padded input is [N, T, H]")
-        if hidden.dim() != 3:
-            raise ValueError(
-                f"hidden: must be [N, T, H] (or packed [M, H] with cu_seqlens), got shape {tuple(hidden.shape)}"
-            )
-        n, t = hidden.shape[0], hidden.shape[1]
-        if t == 0:
-            raise ValueError("hidden: has T=0 positions; every sequence needs at least one token")
-        if attention_mask is not None:
-            require_tensor("attention_mask", attention_mask, "[N, T]")
-            if tuple(attention_mask.shape) != (n, t):
-                raise ValueError(
-                    f"attention_mask: shape {tuple(attention_mask.shape)} does not match hidden's [N, T] = {(n, t)}"
-                )
-            same_device("attention_mask", attention_mask, hidden)
+    hidden, cu_seqlens = check_layout(hidden, attention_mask, cu_seqlens)
+    n = cu_seqlens.shape[0] - 1 if packed else hidden.shape[0]
 
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
