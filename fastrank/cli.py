@@ -601,7 +601,7 @@ def main(argv=None) -> int:
     ``FASTRANK_TRACEBACK=1``) shows the full trace instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "no_progress", False):
+    if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards" and the hub's bars
