@@ -154,6 +154,24 @@ def _gather(tensor):
 
 
 class FusedMultipleNegativesRankingLoss(nn.Module):
+    """sentence-transformers' ``MultipleNegativesRankingLoss`` on fastrank's fused contrastive loss.
+
+    For each anchor, the candidates are every positive and negative of the batch (of every process with
+    ``gather_across_devices``); the similarities ``similarity_fct(anchor, candidate) * scale`` go through a
+    softmax cross-entropy towards the anchor's own positive, without the ``[B, B * (1 + n)]`` matrix ever
+    existing. The module docstring lists the ``directions`` / ``partition_mode`` combinations computed and
+    the values refused.
+
+    Inputs: ``(anchor, positive)`` or ``(anchor, positive, negative_1, ..., negative_n)`` columns, as MNRL.
+
+    Example::
+
+        from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+        model = SentenceTransformer("all-MiniLM-L6-v2")
+        loss = FusedMultipleNegativesRankingLoss(model, scale=20.0)
+        SentenceTransformerTrainer(model=model, train_dataset=dataset, loss=loss).train()
+    """
+
     def __init__(
         self,
         model,
@@ -227,10 +245,9 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         # row i's positive pair is column offset + i of both candidate sets: its positive among the documents
         # (positives first), its anchor among the anchors
         targets = torch.arange(batch, device=queries.device) + offset
-        temperature = 1.0 / self.scale
 
         def fused(rows, candidates):
-            return contrastive_loss(rows, candidates, temperature=temperature, group_size=1, targets=targets)
+            return contrastive_loss(rows, candidates, temperature=self.temperature, group_size=1, targets=targets)
 
         if not symmetric:
             return fused(queries, all_docs)
