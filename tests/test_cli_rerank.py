@@ -11,6 +11,11 @@ import fastrank
 from fastrank.cli import main
 
 
+def _rerank(model, *flags, preset="qwen3-reranker") -> int:
+    """`fastrank rerank --model MODEL --preset PRESET FLAGS...`; its exit status."""
+    return main(["rerank", "--model", str(model), "--preset", preset, *flags])
+
+
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("demo"))
@@ -31,22 +36,7 @@ def test_rerank_jsonl(demo_model, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
     dst = tmp_path / "out.jsonl"
-    code = main(
-        [
-            "rerank",
-            "--model",
-            demo_model,
-            "--preset",
-            "qwen3-reranker",
-            "--input",
-            str(src),
-            "--output",
-            str(dst),
-            "--top-k",
-            "2",
-            "--no-progress",
-        ]
-    )
+    code = _rerank(demo_model, "--input", str(src), "--output", str(dst), "--top-k", "2", "--no-progress")
     assert code == 1  # some lines were bad
     out = [json.loads(x) for x in dst.read_text().splitlines()]
     assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 6, 7]  # one record per input line, the empty one too
@@ -76,23 +66,7 @@ def test_rerank_all_good_lines_exit_zero(demo_model, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"query": "a", "document": "b"}) + "\n")
     dst = tmp_path / "out.jsonl"
-    assert (
-        main(
-            [
-                "rerank",
-                "--model",
-                demo_model,
-                "--preset",
-                "lb-reranker",
-                "--input",
-                str(src),
-                "--output",
-                str(dst),
-                "--normalize",
-            ]
-        )
-        == 0
-    )
+    assert _rerank(demo_model, "--input", str(src), "--output", str(dst), "--normalize", preset="lb-reranker") == 0
     (record,) = [json.loads(x) for x in dst.read_text().splitlines()]
     assert 0.0 <= record["score"] <= 1.0
 
@@ -110,7 +84,7 @@ def test_errors_are_one_line_with_the_trace_on_request(demo_model, tmp_path, cap
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"query": "a", "document": "b"}) + "\n")
     missing = str(tmp_path / "no-such-model")
-    assert main(["rerank", "--model", missing, "--preset", "qwen3-reranker", "--input", str(src)]) == 1
+    assert _rerank(missing, "--input", str(src)) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert err.startswith("fastrank rerank: error:") and f"there is no folder {missing}" in err
@@ -119,7 +93,7 @@ def test_errors_are_one_line_with_the_trace_on_request(demo_model, tmp_path, cap
     # A random model named after no known reranker: the preset must be given, never guessed.
     assert main(["rerank", "--model", demo_model, "--input", str(src)]) == 1
     assert "cannot tell which reranker" in capsys.readouterr().err
-    assert main(["rerank", "--model", demo_model, "--preset", "qwen3-reranker", "--input", str(tmp_path / "nope")]) == 1
+    assert _rerank(demo_model, "--input", str(tmp_path / "nope")) == 1
     assert "--input: there is no file" in capsys.readouterr().err
 
 
@@ -129,7 +103,7 @@ def test_errors_are_one_line_with_the_trace_on_request(demo_model, tmp_path, cap
 )
 def test_non_positive_numbers_are_refused(demo_model, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["rerank", "--model", demo_model, "--preset", "qwen3-reranker", flag, value])
+        _rerank(demo_model, flag, value)
     assert exit_info.value.code == 2 and f"argument {flag}: expected a positive integer" in capsys.readouterr().err
 
 
@@ -145,21 +119,5 @@ def test_version(capsys):
 def test_no_progress_silences_loading_bars(demo_model, tmp_path, capsys, progress_bars_restored):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"query": "a", "document": "b"}) + "\n")
-    assert (
-        main(
-            [
-                "rerank",
-                "--model",
-                demo_model,
-                "--preset",
-                "qwen3-reranker",
-                "--input",
-                str(src),
-                "--output",
-                str(tmp_path / "out.jsonl"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _rerank(demo_model, "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--no-progress") == 0
     assert capsys.readouterr().err == ""
