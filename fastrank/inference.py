@@ -54,8 +54,6 @@ def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_
     No host sync: results stay on the device, batches go up through pinned memory, and score_head's and
     pool's value checks are off because these batches are built here (no empty rows).
     """
-    positive_int("batch_size", batch_size)
-    positive_int("max_tokens", max_tokens)
     lengths = [len(s) for s in sequences]
     empty = [i for i, n in enumerate(lengths) if n == 0]
     if empty:
@@ -120,25 +118,26 @@ class Reranker:
         dtype = resolve_dtype(dtype)
         device = resolve_device(device)
         if isinstance(path_or_model, str):
-            path_or_model = check_model_source(path_or_model)
-            preset = get_preset(preset) if preset is not None else detect_preset(path_or_model)
+            source = check_model_source(path_or_model)
+        elif isinstance(path_or_model, torch.nn.Module):
+            source = getattr(unwrap_model(path_or_model), "name_or_path", None)
+        else:
+            raise ValueError(
+                f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}"
+            )
+        # The preset before any weights: an unknown checkpoint fails at once, not after loading it.
+        preset = get_preset(preset) if preset is not None else detect_preset(source)
+        if isinstance(path_or_model, str):
             kwargs = dict(model_kwargs)
             if attn_implementation is not None:
                 kwargs["attn_implementation"] = attn_implementation
-            model = AutoModelForCausalLM.from_pretrained(path_or_model, dtype=dtype, **kwargs)
-            source = path_or_model
-        elif isinstance(path_or_model, torch.nn.Module):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        else:
             model = path_or_model
             if dtype not in (None, "auto"):
                 model = model.to(dtype)
             if attn_implementation is not None:
                 unwrap_model(model).set_attn_implementation(attn_implementation)
-            source = getattr(unwrap_model(model), "name_or_path", None)
-            preset = get_preset(preset) if preset is not None else detect_preset(source)
-        else:
-            raise ValueError(
-                f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}"
-            )
         if tokenizer is None:
             if not source:
                 raise ValueError("tokenizer: none given and the model has no name_or_path to load one from")
