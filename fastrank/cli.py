@@ -8,12 +8,6 @@ import os
 import sys
 
 
-def _device(name: str):
-    from fastrank.models.loading import resolve_device
-
-    return resolve_device(name)
-
-
 def cmd_bench(args) -> int:
     from fastrank.benchmarks.runner import OPS, format_table, read_json, run, write_json
 
@@ -35,7 +29,9 @@ def cmd_bench(args) -> int:
         except ValueError as e:
             raise ValueError(f"--from-json {e}") from None
     else:
-        device = _device(args.device)
+        from fastrank.models.loading import resolve_device
+
+        device = resolve_device(args.device)
         log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         all_results = [run(args.op or list(OPS), device, full=args.full, log=log)]
     print("\n\n".join(format_table(results) for results in all_results))
