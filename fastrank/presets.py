@@ -180,11 +180,11 @@ def detect_preset(source: Optional[str]) -> Preset:
         if os.path.exists(path):
             with open(path) as f:
                 return preset_from_dict(json.load(f), where=path)
+    # A local folder is known by its own name only: a parent directory's name says nothing about the checkpoint.
     name = os.path.basename(os.path.normpath(source)) if source and os.path.isdir(source) else (source or "")
-    for candidate in (name, source or ""):
-        for pattern, preset in _NAME_PATTERNS:
-            if pattern.search(candidate):
-                return get_preset(preset)
+    for pattern, preset in _NAME_PATTERNS:
+        if pattern.search(name):
+            return get_preset(preset)
     raise ValueError(
         f"preset: cannot tell which reranker {source or 'this model'} is (no {PRESET_FILE} in its folder, and its "
         f"name matches no known checkpoint); pass preset= one of {', '.join(_PRESETS)} (CLI: --preset), or a "

@@ -103,6 +103,10 @@ def test_public_rerankers_are_recognised_by_name(name, preset, tmp_path):
     folder = tmp_path / name.split("/")[1]  # a local copy keeps its checkpoint's name
     folder.mkdir()
     assert detect_preset(str(folder)).name == preset
+    inside = folder / "checkpoint-500"  # a folder is known by its own name, not by its parent's
+    inside.mkdir()
+    with pytest.raises(ValueError, match="preset: cannot tell which reranker"):
+        detect_preset(str(inside))
 
 
 def test_unknown_checkpoint_needs_a_preset(tmp_path):
