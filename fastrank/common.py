@@ -69,6 +69,16 @@ class ContrastiveConfig:
     return_lse: bool
 
 
+@dataclass(frozen=True)
+class VarlenAttentionConfig:
+    """The static part of a varlen_attention call."""
+
+    causal: bool  # a query sees its own segment's keys up to itself (always all of its prefix's keys)
+    scale: float  # softmax scale applied to q.k (1 / sqrt(D) by default)
+    softcap: Optional[float] = None  # scores become softcap * tanh(scores / softcap) (Gemma 2), or None
+    max_seqlen: int = 0  # the longest segment: sizes the kernels' grids without a host read
+
+
 # ------------------------------------------------------------------------------------------------
 # launch helpers
 # ------------------------------------------------------------------------------------------------

@@ -2,5 +2,6 @@
 Triton path or the PyTorch reference (``fastrank.utils.select_backend``)."""
 
 from fastrank.ops import ContrastiveLoss, ScoreHeadOutput, contrastive_loss, pool, score_head
+from fastrank.ops.varlen_attention import varlen_attention
 
-__all__ = ["ContrastiveLoss", "ScoreHeadOutput", "contrastive_loss", "pool", "score_head"]
+__all__ = ["ContrastiveLoss", "ScoreHeadOutput", "contrastive_loss", "pool", "score_head", "varlen_attention"]

@@ -13,29 +13,34 @@ from fastrank.common import is_interpreting
 BACKENDS = ("auto", "triton", "torch")
 
 
-def requested_backend() -> str:
-    """The value of ``FASTRANK_BACKEND`` (``auto`` when unset), checked."""
-    value = os.environ.get("FASTRANK_BACKEND", "auto").strip().lower() or "auto"
+def requested_backend(variable: str = "FASTRANK_BACKEND") -> str:
+    """The value of ``variable`` (``auto`` when unset), checked. An op's own variable (such as
+    ``FASTRANK_ATTENTION_BACKEND``) falls back to ``FASTRANK_BACKEND`` when it is unset."""
+    raw = os.environ.get(variable)
+    if raw is None and variable != "FASTRANK_BACKEND":
+        variable, raw = "FASTRANK_BACKEND", os.environ.get("FASTRANK_BACKEND")
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(
-            f"FASTRANK_BACKEND={value!r} is not a backend; use one of {', '.join(BACKENDS)} "
+            f"{variable}={value!r} is not a backend; use one of {', '.join(BACKENDS)} "
             "(auto = Triton on CUDA tensors, the PyTorch reference on CPU tensors)"
         )
     return value
 
 
-def select_backend(tensor: torch.Tensor) -> str:
+def select_backend(tensor: torch.Tensor, variable: str = "FASTRANK_BACKEND") -> str:
     """Which implementation runs an op whose main input is ``tensor``: ``"triton"`` or ``"torch"``.
 
     ``auto`` picks Triton for CUDA tensors and the reference for everything else. ``triton`` on a CPU
-    tensor is allowed only under the interpreter, which is how CI runs the kernels.
+    tensor is allowed only under the interpreter, which is how CI runs the kernels. ``variable`` names the
+    environment variable that chooses (an op's own, falling back to ``FASTRANK_BACKEND``).
     """
-    backend = requested_backend()
+    backend = requested_backend(variable)
     if backend == "auto":
         return "triton" if tensor.is_cuda else "torch"
     if backend == "triton" and not tensor.is_cuda and not is_interpreting():
         raise ValueError(
-            f"FASTRANK_BACKEND=triton needs CUDA tensors, got a tensor on {tensor.device}; "
+            f"{variable}=triton needs CUDA tensors, got a tensor on {tensor.device}; "
             "move the inputs to a GPU, set TRITON_INTERPRET=1 to run the kernels on CPU (slow, for tests), "
             "or use FASTRANK_BACKEND=torch"
         )

@@ -11,6 +11,7 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -18,6 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastrank.kernels import contrastive as C  # noqa: E402
 from fastrank.kernels import pool as P  # noqa: E402
 from fastrank.kernels import score_head as S  # noqa: E402
+from fastrank.kernels import varlen_attention as A  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -154,8 +156,56 @@ def variants():
                         BLOCK_D=block[2],
                     ),
                 )
+        yield from attention_variants(dtype)
     yield S._score_head_lse_merge_kernel, {}, dict(BLOCK_S=512)
     yield P._pool_normalize_kernel, {}, dict(BLOCK_H=1024)
+    for dtype in ("bf16", "fp32"):
+        yield A._varlen_attn_delta_kernel, dict(o_ptr=f"*{dtype}", do_ptr=f"*{dtype}"), dict(BLOCK_M=32, BLOCK_D=128)
+
+
+def attention_variants(dtype):
+    """varlen_attention's three kernels with the blocks the driver picks on a GPU: bf16 for small, mid and large
+    head_dim, with and without a prefix, causal or not, softcap or not; fp32 (slow to compile) once."""
+    types = dict(
+        q_ptr=f"*{dtype}",
+        k_ptr=f"*{dtype}",
+        v_ptr=f"*{dtype}",
+        o_ptr=f"*{dtype}",
+        do_ptr=f"*{dtype}",
+        dq_ptr=f"*{dtype}",
+        dk_ptr=f"*{dtype}",
+        dv_ptr=f"*{dtype}",
+        cu_seqlens_ptr="*i32",
+        prefix_ptr="*i64",
+        readers_ptr="*i32",
+        readers_idx_ptr="*i32",
+        scale="fp32",
+        softcap="fp32",
+    )
+    kernels = (
+        ("fwd", A._varlen_attn_fwd_kernel),
+        ("dq", A._varlen_attn_dq_kernel),
+        ("dkdv", A._varlen_attn_dkdv_kernel),
+    )
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    for head_dim in (64, 128, 256) if dtype == "bf16" else (72,):
+        for kind, fn in kernels:
+            block_m, block_n, block_d, _ = A._blocks(head_dim, kind, torch_dtype)
+            flags = [(True, True, False), (False, False, True)] if dtype == "bf16" else [(True, True, True)]
+            for causal, has_prefix, softcap in flags:
+                yield (
+                    fn,
+                    types,
+                    dict(
+                        CAUSAL=causal,
+                        HAS_PREFIX=has_prefix,
+                        HAS_SOFTCAP=softcap,
+                        DOT_FP32=dtype == "fp32",
+                        BLOCK_M=block_m,
+                        BLOCK_N=block_n,
+                        BLOCK_D=block_d,
+                    ),
+                )
 
 
 def main() -> int:

@@ -4,7 +4,8 @@ table for the model-level tests, and the one comparison both use.
 Op level (test_score_head, test_pool, test_contrastive). A fp32-accumulated dot product of length n has error
 about sqrt(n) * u * sum_i |a_i b_i| (u = 2^-24, the unit roundoff of fp32; random rounding errors add like a
 random walk). Outputs stored in half precision add one rounding of their own: 2^-8 relative for bfloat16
-(2^-7 under the interpreter, which truncates instead of rounding), 2^-11 for float16.
+(2^-7 under the interpreter, which truncates instead of rounding), 2^-11 for float16. Attention
+(test_varlen_attention) builds on the same terms: see attention_atol.
 
 Model level (every other test file). A whole model has too many reductions to add up one by one, so each kind of
 comparison gets one named entry of the table below, with the reason for its size. The models are the tiny ones
@@ -35,6 +36,34 @@ def dot_atol(reduce_len: int, abs_dot, acc_dtype=torch.float32):
     """Absolute error allowed for fp32-accumulated dot products of length ``reduce_len`` whose
     absolute-value dot products are ``abs_dot`` (a tensor, or a float bound)."""
     return SAFETY * math.sqrt(reduce_len) * UNIT_ROUNDOFF[acc_dtype] * abs_dot + 1e-30
+
+
+# Attention (test_varlen_attention). A score s = scale * q.k is an fp32 dot of length D, off by ~sqrt(D) * u *
+# scale * sum_d |q_d k_d| (plus one rounding of the scale and of the base-2 exponent: u * |s| more); a softcap's
+# tanh has slope <= 1, so it never widens that. A softmax moves by p_j * (ds_j - mean ds): the output by at most
+# 2 * max|ds| * max|v|, and the P @ V sum of n_keys terms adds its own dot error. Half-precision outputs add the
+# rounding of the stored value and, where the probabilities are themselves rounded to the input dtype (tensor-core
+# P @ V on a GPU, PyTorch's sdpa computing in the input dtype), one rounding of each p_j: STORE_RTOL * max|v|.
+# Gradients: each sums ~n_keys + D products of such terms; half inputs round the saved output (delta = rowsum(dO * O)
+# uses it), each probability, and the stored gradient: ATTENTION_GRAD_HALF roundings relative to the tensor's
+# largest gradient (measured on CPU, both backends: worst 0.73 (float16) and 1.2 (bfloat16, interpreter truncation)
+# roundings of max|g|; fp32 at most 1/4 of its allowance).
+ATTENTION_GRAD_HALF = 4.0
+
+
+def attention_atol(dtype, head_dim: int, n_keys: int, score_abs, v_abs, out_abs=0.0):
+    """Absolute error allowed for attention outputs: ``score_abs`` bounds ``scale * sum_d |q_d k_d|`` over the
+    keys a row sees, ``v_abs`` bounds ``|v|`` there, ``out_abs`` is ``|out|`` (tensors broadcast)."""
+    u = UNIT_ROUNDOFF[torch.float32]
+    score_err = SAFETY * (math.sqrt(head_dim) + 1.0) * u * score_abs
+    return 2.0 * score_err * v_abs + dot_atol(n_keys, v_abs) + STORE_RTOL[dtype] * (out_abs + v_abs)
+
+
+def attention_grad_atol(dtype, reduce_len: int, score_abs: float, g_abs: float) -> float:
+    """Absolute error allowed for the gradients of attention in q, k or v whose largest element is ``g_abs``:
+    ``reduce_len`` ~ keys + head_dim terms per element, scores bounded by ``score_abs`` (see attention_atol)."""
+    u = UNIT_ROUNDOFF[torch.float32]
+    return (SAFETY * math.sqrt(reduce_len) * u * (1.0 + score_abs) + ATTENTION_GRAD_HALF * STORE_RTOL[dtype]) * g_abs
 
 
 # ---------------------------------------------------------------------------------------------------------------
