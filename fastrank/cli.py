@@ -231,8 +231,10 @@ def _training_options(args):
 
     from fastrank.training import TrainingOptions
 
-    fields = {f.name for f in dataclasses.fields(TrainingOptions)} - {"progress"}
-    return TrainingOptions(progress=not args.no_progress, **{name: getattr(args, name) for name in fields})
+    fields = {f.name for f in dataclasses.fields(TrainingOptions)} - {"progress", "packed"}
+    return TrainingOptions(
+        progress=not args.no_progress, packed=not args.no_packing, **{name: getattr(args, name) for name in fields}
+    )
 
 
 def _report(name: str, metrics: dict) -> None:
@@ -369,6 +371,11 @@ def _add_training_flags(
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     p.add_argument("--fp16", action="store_true", help="fp16 mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument(
+        "--no-packing",
+        action="store_true",
+        help="train on padded batches (default: packed, each query's prefix once, where the model supports it)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (training, loading and saving weights)")

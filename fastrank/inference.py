@@ -8,13 +8,16 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from fastrank.data.batching import collate, pad_token_id_of, token_budget_batches
+from fastrank.data.packing import pack_planned, plan_packed_batches, shared_groups
+from fastrank.data.templates import shared_prefix_lengths
+from fastrank.engine import enable_packing, position_offset, sliding_window, warn_once
 from fastrank.models.loading import check_model_source, resolve_device, resolve_dtype
 from fastrank.models.reranker import CausalLMScorer, unwrap_model
 from fastrank.presets import Preset, detect_preset, get_preset
 from fastrank.utils import positive_int, value_checks
 
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_MAX_TOKENS = 32768  # padded tokens per batch: 64 pairs of 512, or 4 of 8192
+DEFAULT_MAX_TOKENS = 32768  # tokens per batch (padded, or real when packed): 64 pairs of 512, or 4 of 8192
 
 
 def document_texts(documents) -> List[str]:
@@ -72,20 +75,65 @@ def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_
             bar.update(len(idx))
 
 
+def run_packed_batches(
+    sequences, prefix_lengths, offset, out, batch_size, max_tokens, model, bar, compute, padded_compute, pad_id
+):
+    """Launch packed batches of ``sequences`` (no pad tokens; a shared prefix, where ``prefix_lengths`` gives
+    one, in the stream once per batch) under a budget of real tokens, writing ``compute(packed_batch)`` into
+    ``out[offset:]`` in input order. A batch whose longest context exceeds the model's sliding window runs
+    padded through ``padded_compute(batch)`` instead, with a one-time warning."""
+    positive_int("batch_size", batch_size)
+    positive_int("max_tokens", max_tokens)
+    items, keys, head_lengths = shared_groups(sequences, prefix_lengths)
+    lengths = [len(x) for x in items]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise ValueError(f"sequences: {len(empty)} are empty (first at index {offset + empty[0]})")
+    device = out.device
+    window = sliding_window(model)
+    start = position_offset(model)
+    with value_checks(False):
+        for idx in plan_packed_batches(lengths, keys, head_lengths, max_tokens, batch_size):
+            batch = pack_planned(items, keys, idx, start, device)
+            if window is not None and batch.segments.max_context > window:
+                warn_once(
+                    "sliding-window",
+                    f"fastrank: a batch has sequences longer than the model's sliding window ({window} tokens), "
+                    "which the packed engine does not implement; those batches run padded",
+                )
+                result = padded_compute(
+                    collate([sequences[i] for i in idx], pad_id, "left", 8 if device.type == "cuda" else 1, device)
+                )
+            else:
+                result = compute(batch)
+            rows = torch.tensor(idx) + offset
+            out[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = result.float()
+            bar.update(len(idx))
+
+
 class Reranker:
     """A causal-LM reranker that scores pairs through fastrank's score head.
 
-    Pairs are tokenised with the preset's layout, sorted by length, cut into batches under a token
-    budget, scored (the backbone once per batch, then only the preset's vocabulary rows at each pair's
-    last real token: no full-vocabulary logits), and returned in input order.
+    Pairs are tokenised with the preset's layout, cut into batches under a token budget, scored (the
+    backbone once per batch, then only the preset's vocabulary rows at each pair's last real token: no
+    full-vocabulary logits), and returned in input order.
+
+    Packed (the default where the model supports it: Qwen2/3, Llama, Mistral, Gemma, Gemma 2): a batch is
+    one stream of real tokens, no padding, and the pairs of one query share their prefix (the preset's
+    template head and the query, ``preset.template.shared_prefix``), computed once per batch; each
+    document attends to it and continues at the position after it, so scores equal the unshared ones.
+    ``packed=False`` runs the padded path (length-sorted batches with an attention mask);
+    ``share_prefix=False`` packs without sharing. Other models run padded, with a warning that says why.
     """
 
-    def __init__(self, model, tokenizer, preset: Union[str, Preset]):
+    def __init__(self, model, tokenizer, preset: Union[str, Preset], *, packed: bool = True, share_prefix: bool = True):
         self.preset = get_preset(preset)
         self.tokenizer = tokenizer
         self.model = model.eval()
         self.pad_token_id = pad_token_id_of(tokenizer)
         self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
+        self.packed = bool(packed) and enable_packing(model)
+        self.share_prefix = bool(share_prefix)
 
     @classmethod
     def from_pretrained(
@@ -97,6 +145,8 @@ class Reranker:
         dtype="auto",
         device=None,
         attn_implementation=None,
+        packed: bool = True,
+        share_prefix: bool = True,
         **model_kwargs,
     ):
         """Load a reranker from a local path or hub name, or wrap an already loaded causal LM.
@@ -111,7 +161,9 @@ class Reranker:
             tokenizer: the tokenizer (loaded from the path, or from ``model.name_or_path``, when omitted).
             dtype: ``"auto"`` (the checkpoint's), or e.g. ``"bfloat16"``, ``torch.float16``.
             device: where to run (default: CUDA when available, else CPU).
-            attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"flash_attention_2"``, ...).
+            attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"flash_attention_2"``, ...);
+                with packing on, this is what the model's padded calls use.
+            packed, share_prefix: packed batches and shared query prefixes (see the class); True by default.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,7 +194,7 @@ class Reranker:
             if not source:
                 raise ValueError("tokenizer: none given and the model has no name_or_path to load one from")
             tokenizer = AutoTokenizer.from_pretrained(source)
-        return cls(model.to(device), tokenizer, preset)
+        return cls(model.to(device), tokenizer, preset, packed=packed, share_prefix=share_prefix)
 
     @property
     def device(self) -> torch.device:
@@ -173,7 +225,8 @@ class Reranker:
             batch_size: at most this many pairs per forward pass.
             max_length: the preset's token budget per pair (default: the preset's own); longer pairs
                 are truncated by the preset's rule (passage first, never the template) with a warning.
-            max_tokens: at most this many padded tokens per forward pass.
+            max_tokens: at most this many tokens per forward pass (real tokens when packed, a shared prefix
+                counted once; padded tokens otherwise).
             normalize: map scores to [0, 1] as the convention defines (sigmoid for logit conventions).
             show_progress: a progress bar over pairs; default on for more than ``4 * batch_size`` pairs.
         """
@@ -198,9 +251,20 @@ class Reranker:
 
         with tqdm(total=len(pairs), unit="pair", desc="scoring", disable=not show) as bar:
             for start in range(0, len(pairs), chunk):
-                encoded = self.tokenize(pairs[start : start + chunk], max_length)
+                window = pairs[start : start + chunk]
+                encoded = self.tokenize(window, max_length)
                 n_cut += sum(e.truncated for e in encoded)
-                self._enqueue([e.input_ids for e in encoded], start, scores, batch_size, max_tokens, normalize, bar)
+                sequences = [e.input_ids for e in encoded]
+                if self.packed:
+                    limit = self.preset.max_length if max_length is None else max_length
+                    heads = (
+                        shared_prefix_lengths(self.preset.template, self.tokenizer, window, encoded, limit)
+                        if self.share_prefix
+                        else [None] * len(encoded)
+                    )
+                    self._enqueue_packed(sequences, heads, start, scores, batch_size, max_tokens, normalize, bar)
+                else:
+                    self._enqueue(sequences, start, scores, batch_size, max_tokens, normalize, bar)
         if n_cut:
             warnings.warn(
                 f"{n_cut} of {len(pairs)} pairs exceeded max_length={max_length or self.preset.max_length} "
@@ -223,6 +287,23 @@ class Reranker:
             lambda b: self.scorer(
                 input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, normalize=normalize
             ),
+        )
+
+    def _enqueue_packed(self, sequences, heads, offset, scores, batch_size, max_tokens, normalize, bar):
+        run_packed_batches(
+            sequences,
+            heads,
+            offset,
+            scores,
+            batch_size,
+            max_tokens,
+            self.model,
+            bar,
+            lambda b: self.scorer.packed_scores(b, normalize=normalize),
+            lambda b: self.scorer(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, normalize=normalize
+            ),
+            self.pad_token_id,
         )
 
     def rank(
@@ -274,9 +355,11 @@ class Embedder:
     Texts are tokenised, sorted by length within windows (``sort_window``: 1024 texts on CUDA, 4096 on a
     CPU), batched under a token budget, encoded (backbone once per batch, then the fused pool), and
     returned in input order; on CUDA the next window is tokenised while the device encodes the current one.
+    Packed by default where the model supports it (BERT, XLM-R and the decoder families): a batch is one
+    stream of real tokens with no padding; ``packed=False`` runs padded batches.
     """
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, *, packed: bool = True):
         from fastrank.models.embedder import BiEncoder, LlaraEncoder
 
         if not isinstance(encoder, (BiEncoder, LlaraEncoder)):
@@ -284,6 +367,7 @@ class Embedder:
         self.encoder = encoder.eval()
         self.tokenizer = encoder.tokenizer
         self.pad_token_id = pad_token_id_of(self.tokenizer)
+        self.packed = bool(packed) and enable_packing(encoder.model)
 
     @classmethod
     def from_pretrained(
@@ -300,6 +384,7 @@ class Embedder:
         dtype="auto",
         device=None,
         attn_implementation=None,
+        packed: bool = True,
     ) -> "Embedder":
         """Load an embedder from a folder (a sentence-transformers or fastrank folder, or any HF model), or
         wrap a loaded model.
@@ -311,7 +396,7 @@ class Embedder:
             pooling, normalize, query_instruction, passage_instruction, max_length: override what the folder
                 says (sentence-transformers' pooling config, Normalize module, prompts and max_seq_length;
                 defaults ``cls``, normalised, no instructions, 512).
-            dtype, device, attn_implementation: as for ``Reranker.from_pretrained``.
+            dtype, device, attn_implementation, packed: as for ``Reranker.from_pretrained``.
         """
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -367,7 +452,7 @@ class Embedder:
             if not settings.get("normalize", True):
                 settings["temperature"] = 1.0
             encoder = BiEncoder(model, tokenizer, **settings)
-        return cls(encoder.to(device))
+        return cls(encoder.to(device), packed=packed)
 
     @property
     def device(self) -> torch.device:
@@ -400,7 +485,8 @@ class Embedder:
         Args:
             texts: a string or a list of strings.
             kind: ``"query"`` or ``"passage"`` (LLARA uses a different suffix for each).
-            batch_size / max_tokens: at most this many texts and padded tokens per forward pass.
+            batch_size / max_tokens: at most this many texts and tokens (real when packed, else padded) per
+                forward pass.
             max_length: tokens per text (default: the encoder's); longer texts are truncated, as
                 sentence-transformers does.
             normalize: override the encoder's L2 normalisation.
@@ -445,7 +531,22 @@ class Embedder:
         with tqdm(total=len(texts), unit="text", desc="encoding", disable=not show) as bar:
             for start in range(0, len(texts), window):
                 sequences = self.encoder.tokenize(texts[start : start + window], kind, max_length)
-                run_batches(sequences, start, out, batch_size, max_tokens, self.pad_token_id, side, bar, compute)
+                if self.packed:
+                    run_packed_batches(
+                        sequences,
+                        [None] * len(sequences),
+                        start,
+                        out,
+                        batch_size,
+                        max_tokens,
+                        self.encoder.model,
+                        bar,
+                        lambda b: self.encoder.encode(b, normalize),
+                        compute,
+                        self.pad_token_id,
+                    )
+                else:
+                    run_batches(sequences, start, out, batch_size, max_tokens, self.pad_token_id, side, bar, compute)
         if single:
             out = out[0]
         return out.cpu().numpy() if convert_to == "numpy" else out

@@ -24,6 +24,7 @@ import torch
 from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
 from fastrank.data.reranker import RerankCollator, RerankTrainDataset
 from fastrank.data.templates import FlagLLMTemplate
+from fastrank.engine import attention_dropout, enable_packing
 from fastrank.evaluation import reranking_metrics, retrieval_metrics
 from fastrank.heads import yes_logit
 from fastrank.inference import Embedder, Reranker
@@ -68,6 +69,7 @@ class TrainingOptions:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    packed: bool = True
     resume: bool = False
     seed: int = 42
     progress: bool = True
@@ -223,7 +225,9 @@ def train_embedder(
         model=encoder.train(),
         args=options.trainer_arguments(),
         train_dataset=train,
-        data_collator=EmbedderCollator(encoder, options.query_max_len, options.passage_max_len),
+        data_collator=EmbedderCollator(
+            encoder, options.query_max_len, options.passage_max_len, packed=_train_packed(encoder.model, options, log)
+        ),
     )
     return _train_and_report(
         trainer,
@@ -233,6 +237,20 @@ def train_embedder(
         report,
         log,
     )
+
+
+def _train_packed(model, options: TrainingOptions, log) -> bool:
+    """Whether training runs packed (fastrank's engine: no pad tokens, each query's prefix once): on by
+    default where the model supports it and applies no attention dropout in training, which the packed op
+    does not implement."""
+    if not options.packed:
+        return False
+    dropout = attention_dropout(model)
+    if dropout:
+        if log:
+            log(f"training on padded batches: the model's attention dropout is {dropout} and the packed op has none")
+        return False
+    return enable_packing(model)
 
 
 def train_reranker(
@@ -328,7 +346,11 @@ def train_reranker(
         model=reranker.train(),
         args=training_args,
         train_dataset=train,
-        data_collator=RerankCollator(tokenizer, padding_side=padding_side),
+        data_collator=RerankCollator(
+            tokenizer,
+            padding_side=padding_side,
+            share_prefix=_train_packed(lm, options, log),
+        ),
     )
     result = _train_and_report(
         trainer,

@@ -33,6 +33,11 @@ def device():
 def backend(request, monkeypatch):
     """Run a test once on the reference path and once on the Triton kernels (interpreted on CPU)."""
     monkeypatch.setenv("FASTRANK_BACKEND", request.param)
+    if request.param == "triton" and INTERPRETING and request.node.get_closest_marker("attention_kernel") is None:
+        # The interpreted varlen attention kernel takes seconds per layer: whole-model tests run it only where
+        # marked (tests/test_varlen_attention.py, the engine's kernel tests); elsewhere the packed attention
+        # runs its reference path while score_head and pool run their kernels.
+        monkeypatch.setenv("FASTRANK_ATTENTION_BACKEND", "torch")
     return request.param
 
 

@@ -18,6 +18,7 @@ LAYERS = (
     ("fastrank.heads",),  # scoring conventions
     ("fastrank.data",),  # templates, batching, datasets, collators
     ("fastrank.presets",),  # conventions + templates under one name
+    ("fastrank.engine",),  # packed, shared-prefix execution of HF backbones
     ("fastrank.models",),  # wrappers around HF backbones
     ("fastrank.evaluation",),
     ("fastrank.inference",),  # Reranker, Embedder

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from fastrank.data.batching import collate, pad_token_id_of
+from fastrank.data.packing import pack, position_offset
 from fastrank.utils import positive_int
 
 
@@ -172,7 +173,9 @@ class EmbedderTrainDataset(torch.utils.data.Dataset):
 
 class EmbedderCollator:
     """Tokenises a list of dataset items with the encoder's own rule (its special tokens, or LLARA's
-    prompt) and pads them: ``{"query": {...}, "passage": {...}, "teacher_scores": [B, G] or None}``."""
+    prompt) and pads them: ``{"query": {...}, "passage": {...}, "teacher_scores": [B, G] or None}``.
+    ``packed=True`` gives each side as one packed stream of real tokens (``PackedBatch.to_features``) for
+    fastrank's engine instead of padded rows."""
 
     def __init__(
         self,
@@ -180,16 +183,21 @@ class EmbedderCollator:
         query_max_len: Optional[int] = None,
         passage_max_len: Optional[int] = None,
         pad_to_multiple_of: int = 8,
+        packed: bool = False,
     ):
         self.encoder = encoder
+        self.packed = bool(packed)
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_id = pad_token_id_of(encoder.tokenizer)
         self.side = getattr(encoder.tokenizer, "padding_side", "right")
+        self.position_offset = position_offset(getattr(encoder, "model", None))
 
     def _features(self, texts, kind, max_length):
         ids = self.encoder.tokenize(texts, kind, max_length)
+        if self.packed:
+            return pack(ids, position_offset=self.position_offset).to_features()
         batch = collate(ids, self.pad_id, self.side, self.pad_to_multiple_of)
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 

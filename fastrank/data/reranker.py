@@ -32,6 +32,7 @@ import torch
 
 from fastrank.data.batching import collate, pad_token_id_of
 from fastrank.data.embedder import read_retrieval_jsonl, sample_group
+from fastrank.data.packing import common_prefix_length, pack
 from fastrank.data.templates import FLAG_LLM_PROMPT, keep_tokens, truncate_only_second
 from fastrank.utils import positive_int
 
@@ -178,6 +179,12 @@ class RerankCollator:
     ``position_ids`` ``[1, M]`` restarting at 0 per pair, ``cu_seqlens`` ``[N + 1]`` int32, ``labels`` ``[1,
     M]``, and no attention mask, for attention backends that honour packed input (flash attention, or sdpa
     and eager in transformers 5 through ``position_ids`` with ``use_cache=False``, which the model passes).
+
+    ``share_prefix=True`` gives fastrank's engine layout (``fastrank.data.packing.PackedBatch.to_features``):
+    one stream of real tokens in which each query's group is its shared prefix (the longest run of ids all
+    G pairs start with: BOS, the query and what follows it alike) once, then its G passages' remaining ids;
+    each pair is scored at its last token (one before the answer with labels). The model runs it through
+    fastrank's varlen attention (``LLMRerankerModel`` enables it); loss and gradients equal the padded batch's.
     """
 
     def __init__(
@@ -189,6 +196,7 @@ class RerankCollator:
         pad_to_multiple_of: Optional[int] = 8,
         return_position_ids: bool = True,
         packed: bool = False,
+        share_prefix: bool = False,
     ):
         if pad_token_id is None:
             if tokenizer is None:
@@ -203,6 +211,9 @@ class RerankCollator:
         self.pad_to_multiple_of = pad_to_multiple_of or 1
         self.return_position_ids = return_position_ids
         self.packed = packed
+        self.share_prefix = share_prefix
+        if packed and share_prefix:
+            raise ValueError("packed, share_prefix: choose one layout (share_prefix=True is packed already)")
 
     def __call__(self, items: List[dict]) -> Dict[str, object]:
         if not items:
@@ -218,8 +229,32 @@ class RerankCollator:
         teacher = None
         if all(item.get("teacher_scores") is not None for item in items):
             teacher = torch.tensor([s for item in items for s in item["teacher_scores"]], dtype=torch.float32)
-        pair = self._packed(seqs, labels) if self.packed else self._padded(seqs, labels)
+        if self.share_prefix:
+            pair = self._shared([item["input_ids"] for item in items], labels)
+        else:
+            pair = self._packed(seqs, labels) if self.packed else self._padded(seqs, labels)
         return {"pair": pair, "teacher_scores": teacher}
+
+    def _shared(self, groups, labels):
+        keep = 2 if labels is not None else 1  # with an answer, its token and the scored one stay per pair
+        items, prefixes, prefix_of = [], [], []
+        for group in groups:
+            n = common_prefix_length(group, keep)
+            if n:
+                prefixes.append(list(group[0][:n]))
+            for ids in group:
+                items.append(list(ids[n:]))
+                prefix_of.append(len(prefixes) - 1 if n else None)
+        batch = pack(items, prefixes=prefixes, prefix_of=prefix_of)
+        if labels is not None:
+            for i, lab in enumerate(labels):
+                if lab[-1] == IGNORE_INDEX or any(t != IGNORE_INDEX for t in lab[:-1]):
+                    raise ValueError(
+                        f"items: pair {i}'s labels do not mark its last token alone (the answer); the shared "
+                        "layout scores one before the last token"
+                    )
+            batch.score_rows = batch.last_rows - 1
+        return batch.to_features()
 
     def _padded(self, seqs, labels):
         batch = collate(seqs, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)

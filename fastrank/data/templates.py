@@ -169,6 +169,16 @@ class FlagLLMTemplate:
             out.append(TokenizedPair(first + second + sep + prompt, truncated))
         return out
 
+    def shared_prefix(self, tokenizer, query: str, max_length: int) -> List[int]:
+        """``[BOS] + tok(query_instruction + q)[:query_max_length] + tok(sep)``: what every pair of ``query``
+        starts with (unless truncation cuts into the separator)."""
+        side = getattr(tokenizer, "truncation_side", "right")
+        q_max = self.query_max_length or max_length * 3 // 4
+        q_cut = keep_tokens(_tokenize(tokenizer, [self.query_instruction + query])[0], q_max, side)
+        bos = tokenizer.bos_token_id
+        use_bos = bos is not None and bos != tokenizer.pad_token_id
+        return ([bos] if use_bos else []) + q_cut + self._const(tokenizer, self.sep)
+
 
 @dataclass
 class MxbaiV2Template:
@@ -202,6 +212,19 @@ class MxbaiV2Template:
             out.append(TokenizedPair(prefix + q_cut + second + sep + task + suffix, truncated))
         return out
 
+    def shared_prefix(self, tokenizer, query: str, max_length: int) -> List[int]:
+        """``prefix + [instruction] + tok("query: " + q)[:3/4 max_length] + tok(sep)``."""
+        side = getattr(tokenizer, "truncation_side", "right")
+        prefix, suffix = self._const(tokenizer, MXBAI_V2_PREFIX), self._const(tokenizer, MXBAI_V2_SUFFIX)
+        sep, task = self._const(tokenizer, "\n"), self._const(tokenizer, MXBAI_V2_TASK)
+        predefined = len(prefix) + len(task) + len(suffix) + len(sep)
+        model_max = int(min(getattr(tokenizer, "model_max_length", 1 << 30), 1 << 30))
+        if max_length + predefined > model_max:
+            max_length = model_max - predefined
+        lead = f"instruction: {self.instruction}\n" if self.instruction else ""
+        q_ids = _tokenize(tokenizer, [lead + "query: " + query])[0]
+        return prefix + keep_tokens(q_ids, max_length * 3 // 4, side) + sep
+
 
 @dataclass
 class Qwen3RerankerTemplate:
@@ -228,6 +251,12 @@ class Qwen3RerankerTemplate:
             tokenizer, [f"<Instruct>: {self.instruction}\n<Query>: {q}\n<Document>: {p}" for q, p in pairs]
         )
         return [TokenizedPair(prefix + keep_tokens(b, budget, side) + suffix, len(b) > budget) for b in bodies]
+
+    def shared_prefix(self, tokenizer, query: str, max_length: int) -> List[int]:
+        """``tok(prefix) + tok("<Instruct>: {i}\\n<Query>: {q}\\n")``. The body is tokenised whole, so a pair
+        shares this only where the tokenizer cuts the body there too (checked per pair)."""
+        head = _tokenize(tokenizer, [f"<Instruct>: {self.instruction}\n<Query>: {query}\n"])[0]
+        return self._const(tokenizer, QWEN3_RERANKER_PREFIX) + list(head)
 
 
 @dataclass
@@ -269,6 +298,17 @@ class ChatPairTemplate:
             else:
                 out.append(TokenizedPair(self._fit(tokenizer, q, p, max_length), True))
         return out
+
+    def shared_prefix(self, tokenizer, query: str, max_length: int) -> List[int]:
+        """The rendered conversation up to where the passage goes, tokenised, less its last token (the
+        rendered string is tokenised whole, so the token at the cut may merge with the passage's first
+        characters; every pair is checked against its own ids)."""
+        marker = "\x00fastrank-passage\x00"
+        text = self.render(tokenizer, query, marker)
+        cut = text.find(marker)
+        if cut <= 0:
+            return []
+        return list(_tokenize(tokenizer, [text[:cut]])[0][:-1])
 
     def _fit(self, tokenizer, query: str, passage: str, max_length: int) -> List[int]:
         side = getattr(tokenizer, "truncation_side", "right")
@@ -342,6 +382,40 @@ class SegmentTemplate:
             truncated = len(q_cut) < len(q_ids) or len(p_cut) < len(p_ids)
             out.append(TokenizedPair(lead + q_cut + sep + p_cut + tail, truncated))
         return out
+
+    def shared_prefix(self, tokenizer, query: str, max_length: int) -> List[int]:
+        """``[BOS] + tok(prefix) + tok(query_format)[:q] + tok(separator)``."""
+        side = getattr(tokenizer, "truncation_side", "right")
+        bos = tokenizer.bos_token_id
+        use_bos = (bos is not None and bos != tokenizer.pad_token_id) if self.add_bos == "auto" else bool(self.add_bos)
+        lead = ([bos] if use_bos else []) + (self._const(tokenizer, self.prefix) if self.prefix else [])
+        sep = self._const(tokenizer, self.separator) if self.separator else []
+        tail = self._const(tokenizer, self.suffix) if self.suffix else []
+        budget = max_length - len(lead) - len(sep) - len(tail)
+        q_ids = _tokenize(tokenizer, [self.query_format.format(query=query)])[0]
+        return lead + keep_tokens(q_ids, max(1, int(budget * self.query_max_fraction)), side) + sep
+
+
+def shared_prefix_lengths(template, tokenizer, pairs, encoded: Sequence[TokenizedPair], max_length: int):
+    """For each pair, how many of its leading ids it shares with every other pair of its query, or None.
+
+    The template's ``shared_prefix`` gives the ids that depend on the query alone; a pair shares them only
+    when its own ids start with exactly those and go on past them, which rules out a tokenizer merge across
+    the cut and truncation that reached into the query. A template without ``shared_prefix`` shares nothing.
+    """
+    split = getattr(template, "shared_prefix", None)
+    if split is None:
+        return [None] * len(encoded)
+    cache: Dict[str, List[int]] = {}
+    out: List[Optional[int]] = []
+    for (query, _), pair in zip(pairs, encoded):
+        if query not in cache:
+            cache[query] = list(split(tokenizer, query, max_length))
+        head = cache[query]
+        ids = pair.input_ids
+        n = len(head)
+        out.append(n if 0 < n < len(ids) and ids[:n] == head else None)
+    return out
 
 
 # Every template class by name, for presets saved to and loaded from a model folder.

@@ -9,11 +9,13 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 import fastrank.functional as F
+from fastrank.data.packing import PackedBatch, is_packed_features
+from fastrank.engine import packed_forward
 from fastrank.models.reranker import backbone_of, enable_checkpointing, unwrap_model
 from fastrank.utils import positive_int
 
@@ -95,6 +97,22 @@ class _EmbedderBase(torch.nn.Module):
     def backbone(self):
         return encoder_of(self.model)
 
+    def packed_features(self, features) -> Optional[PackedBatch]:
+        """The packed batch in ``features`` (a ``PackedBatch``, or the dict a packed collator made), else None."""
+        if isinstance(features, PackedBatch):
+            return features
+        return PackedBatch.from_features(features) if is_packed_features(features) else None
+
+    def hidden_and_layout(self, features) -> Tuple[torch.Tensor, dict]:
+        """The last hidden state and how pool must read it: ``[N, T, H]`` with the attention mask, or, for a
+        packed batch (the engine enabled on the model), ``[M, H]`` with the items' ``cu_seqlens``."""
+        batch = self.packed_features(features)
+        if batch is None:
+            return self.hidden_states(features), {"attention_mask": features.get("attention_mask")}
+        if batch.item_cu_seqlens is None:
+            raise ValueError("features: a packed embedder batch must hold whole texts in order, without prefixes")
+        return packed_forward(self.backbone, batch), {"cu_seqlens": batch.item_cu_seqlens}
+
     def hidden_states(self, features: dict) -> torch.Tensor:
         keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
         kwargs = {k: features[k] for k in keys if features.get(k) is not None}
@@ -108,6 +126,8 @@ class _EmbedderBase(torch.nn.Module):
             return None
         if isinstance(features, (list, tuple)):
             return torch.cat([self.encode(f, normalize) for f in features], dim=0)
+        if self.packed_features(features) is not None:
+            return self._embed(features, normalize)
         n = (
             features["input_ids"].shape[0]
             if features.get("input_ids") is not None
@@ -246,9 +266,9 @@ class BiEncoder(_EmbedderBase):
         self.max_length = int(max_length)
 
     def _embed(self, features: dict, normalize: Optional[bool] = None) -> torch.Tensor:
-        hidden = self.hidden_states(features)
+        hidden, layout = self.hidden_and_layout(features)
         norm = self.normalize if normalize is None else normalize
-        return F.pool(hidden, features.get("attention_mask"), mode=self.pooling, normalize=norm)
+        return F.pool(hidden, mode=self.pooling, normalize=norm, **layout)
 
     def tokenize(
         self, texts: Sequence[str], kind: str = "passage", max_length: Optional[int] = None
@@ -465,9 +485,9 @@ class LlaraEncoder(_EmbedderBase):
         return None
 
     def _embed(self, features: dict, normalize: Optional[bool] = None) -> torch.Tensor:
-        hidden = self.hidden_states(features)
+        hidden, layout = self.hidden_and_layout(features)
         norm = self.normalize if normalize is None else normalize
-        return F.pool(hidden, features.get("attention_mask"), mode="special", last_k=8, normalize=norm)
+        return F.pool(hidden, mode="special", last_k=8, normalize=norm, **layout)
 
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)

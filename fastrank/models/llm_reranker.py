@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from fastrank.data.packing import PackedBatch, is_packed_features
+from fastrank.engine import enable_packing, packing_unsupported_reason
 from fastrank.heads import yes_logit
 from fastrank.models.reranker import CausalLMScorer, enable_checkpointing, unwrap_model
 from fastrank.utils import positive_int
@@ -42,7 +44,8 @@ class LLMRerankerModel(torch.nn.Module):
     mode) and ``scores`` ``[N]`` fp32. ``encode(features)`` returns the scores alone. The scoring position of a
     row is one before its answer token when ``labels`` are given (the research layout: the answer is part of
     the input), else its last real token (the package layout), for either padding side, or per packed pair
-    with ``cu_seqlens``.
+    with ``cu_seqlens``, or packed with each query's prefix once (``RerankCollator(share_prefix=True)``:
+    fastrank's engine, which this model then enables on its backbone).
     """
 
     def __init__(self, model, tokenizer, train_group_size: int = 8, *, answer: str = "Yes"):
@@ -66,6 +69,13 @@ class LLMRerankerModel(torch.nn.Module):
         optional ``position_ids`` and ``labels``)."""
         if features is None:
             return None
+        if is_packed_features(features):
+            if not enable_packing(self.model, warn=False):
+                raise ValueError(
+                    f"pair: a shared-prefix packed batch needs a model fastrank's engine runs "
+                    f"({packing_unsupported_reason(self.model)}); collate with RerankCollator(share_prefix=False)"
+                )
+            return self.scorer.packed_scores(PackedBatch.from_features(features))
         input_ids = features["input_ids"]
         mask = features.get("attention_mask")
         cu_seqlens = features.get("cu_seqlens")

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from fastrank.data.packing import PackedBatch
+from fastrank.engine import packed_forward
 from fastrank.heads import Convention, convention_scores
 
 # Architectures whose LM head output is rescaled by a config value fastrank does not reproduce.
@@ -145,6 +147,23 @@ class CausalLMScorer(torch.nn.Module):
             attention_mask=attention_mask if cu_seqlens is None else None,
             positions=positions,
             cu_seqlens=cu_seqlens,
+            normalize=normalize,
+            softcap=self.softcap,
+        )
+
+    def packed_scores(self, batch: PackedBatch, normalize: bool = False, **backbone_kwargs) -> torch.Tensor:
+        """Scores ``[N]`` (fp32) of the items of a packed, shared-prefix batch (``fastrank.engine.pack``), in
+        the batch's item order. The model must have the engine enabled (``fastrank.engine.enable_packing``)."""
+        hidden = packed_forward(self.backbone, batch, **backbone_kwargs)
+        head = lm_head_of(self.model)
+        # Each item's last row, as a one-position sequence: score_head reads position 0 of each.
+        rows = hidden.index_select(0, batch.rows())[:, None, :]
+        return convention_scores(
+            self.convention,
+            self.token_ids,
+            rows,
+            head.weight,
+            bias=getattr(head, "bias", None),
             normalize=normalize,
             softcap=self.softcap,
         )

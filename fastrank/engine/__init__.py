@@ -1,0 +1,32 @@
+"""Packed, shared-prefix execution of Hugging Face backbones (see ``attention`` and ``packing``)."""
+
+from fastrank.engine.attention import (
+    ATTENTION_NAME,
+    SUPPORTED_MODEL_TYPES,
+    attention_dropout,
+    disable_packing,
+    enable_packing,
+    packed_call,
+    packing_enabled,
+    packing_unsupported_reason,
+    register,
+    sliding_window,
+    warn_once,
+)
+from fastrank.engine.forward import packed_forward, position_offset
+
+__all__ = [
+    "ATTENTION_NAME",
+    "SUPPORTED_MODEL_TYPES",
+    "attention_dropout",
+    "disable_packing",
+    "enable_packing",
+    "packed_call",
+    "packed_forward",
+    "packing_enabled",
+    "packing_unsupported_reason",
+    "position_offset",
+    "register",
+    "sliding_window",
+    "warn_once",
+]
