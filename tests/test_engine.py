@@ -347,3 +347,15 @@ def test_packed_embedder_training_equals_padded(backend, device):
     assert_close(losses[1], losses[0], LOSS_VS_REFERENCE, what="embedder loss")
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], GRADS_VS_REFERENCE, what=name)
+
+
+def test_packed_forward_under_torch_compile():
+    """The backbone compiled (dynamo capture; the eager backend needs no C++ compiler) still runs packed and
+    scores as the padded path does."""
+    model = tiny_causal_lm("qwen2")
+    tokenizer = tiny_tokenizer("qwen2")
+    pairs = _pairs(n_docs=2)
+    want = fastrank.Reranker(model, tokenizer, "qwen3-reranker", packed=False).score(pairs)
+    reranker = fastrank.Reranker(model, tokenizer, "qwen3-reranker")
+    model.model.forward = torch.compile(model.model.forward, backend="eager")
+    assert_close(reranker.score(pairs), want, SCORES_OTHER_BATCH, what="compiled backbone")

@@ -227,12 +227,14 @@ def test_bad_input(device, match, edit):
 
 
 def test_benchmark_providers_run(device):
+    from fastrank.benchmarks.harness import Unavailable
     from fastrank.benchmarks.varlen_attention import BENCHMARK
 
     for case in BENCHMARK.quick_cases(torch.device("cpu")):
         fns = BENCHMARK.providers_of(case, device)
-        outs = {name: fn() for name, fn in fns.items()}
-        assert set(outs) == {"torch_sdpa_padded", "fastrank"}
+        assert set(fns) == {"torch_sdpa_padded", "flex_attention", "fastrank"}
+        assert isinstance(fns["flex_attention"], Unavailable) == (device.type != "cuda")
+        outs = {name: fn() for name, fn in fns.items() if not isinstance(fn, Unavailable)}
         for out in outs.values():
             out = out if isinstance(out, torch.Tensor) else torch.cat([g.flatten() for g in out])
             assert torch.isfinite(out).all()

@@ -5,8 +5,11 @@ followed by ``docs`` documents of ``doc_len // 2 .. doc_len`` tokens. Providers,
 - ``torch_sdpa_padded``: what Hugging Face's sdpa attention runs: every document as its own sequence
   ``[prefix, document]``, right-padded to the longest, kv heads repeated (``repeat_kv``), one
   ``scaled_dot_product_attention`` call with the causal-and-padding mask;
+- ``flex_attention``: torch's ``flex_attention`` (compiled) on the same packed stream with a block mask
+  built from the segments (own segment causally, plus the prefix it reads): the well-kept alternative to
+  fastrank's kernel on GPU (CUDA only);
 - ``fastrank``: ``fastrank.functional.varlen_attention`` on the packed stream, each prefix stored once and
-  read by its documents (Triton on CUDA, the per-segment reference on CPU).
+  read by its documents (Triton on CUDA, the chunked reference on CPU).
 Modes: forward (``fwd``), forward + backward into q, k and v (``train``).
 """
 
@@ -17,6 +20,7 @@ from typing import Dict
 
 import torch
 
+from fastrank.benchmarks.harness import Unavailable
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.functional import varlen_attention
 from fastrank.utils import value_checks
@@ -126,8 +130,41 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
             return torch.autograd.grad(out, (q, k, v), grad_packed)
         return out
 
-    fns = {"torch_sdpa_padded": padded, "fastrank": ours}
-    return fns if train else {name: torch.no_grad()(fn) for name, fn in fns.items()}
+    fns = {"torch_sdpa_padded": padded, "flex_attention": _flex(case, q, k, v, starts, prefix, grad_packed, train)}
+    fns["fastrank"] = ours
+    return fns if train else {n: fn if isinstance(fn, Unavailable) else torch.no_grad()(fn) for n, fn in fns.items()}
+
+
+def _flex(case: Case, q, k, v, starts, prefix, grad, train: bool):
+    """flex_attention over the packed stream with the segments' block mask, or why it cannot run here."""
+    if not q.is_cuda:
+        return Unavailable("flex_attention runs compiled on CUDA only")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        return Unavailable(f"torch.nn.attention.flex_attention does not import: {e}")
+    device = q.device
+    lengths = torch.tensor([b - a for a, b in zip(starts[:-1], starts[1:])], device=device)
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    pre = torch.tensor(prefix, device=device)
+    m = q.shape[0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        own = (seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)
+        return own | (seg[kv_idx] == pre[seg[q_idx]])
+
+    block_mask = create_block_mask(mask_mod, None, None, m, m, device=device)
+    compiled = torch.compile(flex_attention)
+    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, M, D]
+    gqa = case.heads != case.kv_heads
+
+    def run():
+        out = compiled(qh, kh, vh, block_mask=block_mask, enable_gqa=gqa)
+        if train:
+            return torch.autograd.grad(out, (q, k, v), grad.transpose(0, 1)[None])
+        return out
+
+    return run
 
 
 BENCHMARK = Benchmark(
@@ -136,7 +173,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("torch_sdpa_padded", "fastrank"),
+    provider_names=("torch_sdpa_padded", "flex_attention", "fastrank"),
     table_label=lambda case: (
         f"{case['mode']} {case['queries']}x{case['docs']} P={case['prefix_len']} L<={case['doc_len']} "
         f"D={case['head_dim']} {case['dtype']}"
