@@ -300,15 +300,19 @@ class ChatPairTemplate:
         return out
 
     def shared_prefix(self, tokenizer, query: str, max_length: int) -> List[int]:
-        """The rendered conversation up to where the passage goes, tokenised, less its last token (the
-        rendered string is tokenised whole, so the token at the cut may merge with the passage's first
-        characters; every pair is checked against its own ids)."""
+        """The rendered conversation up to where the passage goes, without the whitespace right before it,
+        tokenised, less its last token. The rendered string is tokenised whole, so the text at the cut can
+        merge with the passage's first characters: a byte-level BPE's last pre-token before the passage takes
+        the newlines the passage starts with (``>>>\\n`` + ``\\n\\n\\n`` is ``>>>`` + ``\\n\\n\\n\\n`` in Qwen's
+        tokenizer); dropping the whitespace and one more token keeps the cut clear of that. Every pair is still
+        checked against its own ids."""
         marker = "\x00fastrank-passage\x00"
         text = self.render(tokenizer, query, marker)
         cut = text.find(marker)
-        if cut <= 0:
+        head = text[:cut].rstrip()
+        if cut <= 0 or not head:
             return []
-        return list(_tokenize(tokenizer, [text[:cut]])[0][:-1])
+        return list(_tokenize(tokenizer, [head])[0][:-1])
 
     def _fit(self, tokenizer, query: str, passage: str, max_length: int) -> List[int]:
         side = getattr(tokenizer, "truncation_side", "right")
