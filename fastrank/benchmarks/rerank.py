@@ -10,7 +10,13 @@ provider tokenises, batches, runs the model and returns one score per pair in in
   last position only.
 - ``flagembedding``: ``FlagEmbedding.FlagLLMReranker.compute_score`` itself, loading the same weights from
   disk (reported as not run, with the reason, when FlagEmbedding is missing or does not import).
-- ``fastrank``: ``fastrank.Reranker.score``: token-budget batches, backbone only, score_head.
+- ``fastrank_padded``: ``fastrank.Reranker(..., packed=False).score``: length-sorted, padded token-budget
+  batches, backbone only, score_head;
+- ``fastrank``: ``fastrank.Reranker.score`` (packed, the default): the same with each batch one stream of
+  real tokens, no padding (every pair has its own query here, so no prefix is shared: packing alone).
+
+The plain-transformers and padded providers run the model with its own sdpa attention, the packed one with
+fastrank's engine switched on (``harness.attention_switched``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Callable, Dict
 import torch
 
 import fastrank
-from fastrank.benchmarks.harness import reference_baseline
+from fastrank.benchmarks.harness import attention_switched, reference_baseline
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate, pad_token_id_of
@@ -146,21 +152,25 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
         "hf_full_logits": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=False),
         "hf_logits_to_keep": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=True),
     }
+    fns = {name: attention_switched(model, fn, packed=False) for name, fn in fns.items()}
     fns["flagembedding"] = reference_baseline("FlagEmbedding", lambda flag: _flagembedding(flag, case, device, pairs))
-    reranker = fastrank.Reranker(model, tokenizer, PRESET)
 
-    def ours():
-        with warnings.catch_warnings():  # the truncation notice; every provider truncates the same pairs
-            warnings.simplefilter("ignore", UserWarning)
-            return reranker.score(
-                pairs,
-                batch_size=case.batch_size,
-                max_length=case.max_length,
-                max_tokens=case.batch_size * case.max_length,
-                show_progress=False,
-            )
+    def ours(reranker):
+        def score():
+            with warnings.catch_warnings():  # the truncation notice; every provider truncates the same pairs
+                warnings.simplefilter("ignore", UserWarning)
+                return reranker.score(
+                    pairs,
+                    batch_size=case.batch_size,
+                    max_length=case.max_length,
+                    max_tokens=case.batch_size * case.max_length,
+                    show_progress=False,
+                )
 
-    fns["fastrank"] = ours
+        return attention_switched(model, score, packed=reranker.packed)
+
+    fns["fastrank_padded"] = ours(fastrank.Reranker(model, tokenizer, PRESET, packed=False))
+    fns["fastrank"] = ours(fastrank.Reranker(model, tokenizer, PRESET))
     return fns
 
 
@@ -170,7 +180,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("hf_full_logits", "hf_logits_to_keep", "flagembedding", "fastrank"),
+    provider_names=("hf_full_logits", "hf_logits_to_keep", "flagembedding", "fastrank_padded", "fastrank"),
     table_label=lambda case: (
         f"{case['pairs']} pairs L<={case['max_length']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
     ),

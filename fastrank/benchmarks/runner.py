@@ -11,7 +11,17 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
-from fastrank.benchmarks import contrastive, embedder_train, encode, pool, rerank, reranker_train, score_head
+from fastrank.benchmarks import (
+    contrastive,
+    embedder_train,
+    encode,
+    pool,
+    rank_shared,
+    rerank,
+    reranker_train,
+    score_head,
+    varlen_attention,
+)
 from fastrank.benchmarks.harness import (
     MEMORY_FLOOR,
     MissingInput,
@@ -30,7 +40,9 @@ OPS: Dict[str, Benchmark] = {
         score_head.BENCHMARK,
         pool.BENCHMARK,
         contrastive.BENCHMARK,
+        varlen_attention.BENCHMARK,
         rerank.BENCHMARK,
+        rank_shared.BENCHMARK,
         encode.BENCHMARK,
         embedder_train.BENCHMARK,
         reranker_train.BENCHMARK,

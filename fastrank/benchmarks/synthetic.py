@@ -141,3 +141,16 @@ def synthetic_pairs(n: int, seed: int = 0, query_words=(4, 24), passage_words=(1
         p = " ".join(rng.choice(_WORDS) for _ in range(length)) + "."
         pairs.append((q, p))
     return pairs
+
+
+def synthetic_rankings(
+    queries: int, docs: int, doc_words=(20, 200), seed: int = 0, query_words=(4, 24)
+) -> List[Tuple[str, List[str]]]:
+    """``queries`` (query, documents) lists of ``docs`` documents each, every document ``doc_words[0]`` to
+    ``doc_words[1]`` words long (uniform): what ``Reranker.rank`` is given, once per query."""
+    rng = random.Random(seed)
+
+    def text(lo, hi):
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    return [(text(*query_words) + "?", [text(*doc_words) + "." for _ in range(docs)]) for _ in range(queries)]

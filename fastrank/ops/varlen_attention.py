@@ -10,7 +10,8 @@ function. The Triton kernels and their launch code are in ``fastrank.kernels.var
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+import weakref
+from typing import Optional
 
 import torch
 
@@ -128,21 +129,24 @@ def check_segment_values(cu_seqlens: torch.Tensor, prefix, total: int, max_seqle
 # ------------------------------------------------------------------------------------------------
 # reference
 # ------------------------------------------------------------------------------------------------
-REFERENCE_CHUNK_ROWS = 1024  # query rows per dense-mask attention call of the reference
+REFERENCE_BUCKET_ROWS = 8192  # padded query rows per attention call of the reference
 
 
 def attend_reference(q, k, v, mask, config: VarlenAttentionConfig) -> torch.Tensor:
-    """Masked attention, HF-style: ``q`` ``[1, Hq, L, D]``, ``k``/``v`` ``[1, Hkv, K, D]``, ``mask`` bool ``[L, K]``
-    (True = attend). Returns ``[1, Hq, L, D]`` in q's dtype.
+    """Masked attention, HF-style: ``q`` ``[B, Hq, L, D]``, ``k``/``v`` ``[B, Hkv, K, D]``, ``mask`` bool
+    ``[B, 1, L, K]`` (True = attend). Returns ``[B, Hq, L, D]`` in q's dtype.
 
-    Without softcap: ``scaled_dot_product_attention`` in the input dtype, kv heads repeated as transformers'
-    ``repeat_kv`` does. With softcap, the manual computation (HF's eager path) in the accumulate dtype."""
+    Without softcap: ``scaled_dot_product_attention`` in the input dtype with ``enable_gqa`` (the same numbers
+    as repeating the kv heads as transformers' ``repeat_kv`` does, without the copies). With softcap, the
+    manual computation (HF's eager path) in the accumulate dtype."""
     group = q.shape[1] // k.shape[1]
+    if config.softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=config.scale, enable_gqa=group > 1
+        )
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    if config.softcap is None:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=config.scale)
     acc = accumulate_dtype(q.dtype)
     scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * config.scale
     scores = torch.tanh(scores / config.softcap) * config.softcap
@@ -150,57 +154,94 @@ def attend_reference(q, k, v, mask, config: VarlenAttentionConfig) -> torch.Tens
     return (torch.softmax(scores, dim=-1) @ v.to(acc)).to(q.dtype)
 
 
-def _chunks(bounds: List[int], pre: List[int]):
-    """Runs of consecutive non-empty segments of at most ``REFERENCE_CHUNK_ROWS`` rows (a longer segment alone),
-    each with the valid prefixes its segments read: ``(first, stop, prefixes)``."""
-    n = len(bounds) - 1
-    s = 0
-    while s < n:
-        stop = s + 1
-        while stop < n and bounds[stop + 1] - bounds[s] <= REFERENCE_CHUNK_ROWS:
-            stop += 1
-        prefixes = sorted({pre[i] for i in range(s, stop) if 0 <= pre[i] < n and pre[i] != i})
-        if bounds[stop] > bounds[s]:
-            yield s, stop, prefixes
-        s = stop
+class _Bucket:
+    """Segments of similar length attended in one call: query rows ``[B, L]``, key rows ``[B, P + L]`` (the
+    prefix's rows, then the segment's own; ``M`` pads, a zero row), the mask ``[B, 1, L, P + L]``, and the
+    stream row of each real query (``rows``) with its place in the flattened ``[B * L]`` output (``take``)."""
+
+    def __init__(self, segs, bounds, pre, causal: bool, m: int, device):
+        lengths = [bounds[s + 1] - bounds[s] for s in segs]
+        heads = [bounds[pre[s] + 1] - bounds[pre[s]] if pre[s] >= 0 else 0 for s in segs]
+        n, width, head = len(segs), max(lengths), max(heads)
+        q_rows = torch.full((n, width), m, dtype=torch.long)
+        k_rows = torch.full((n, head + width), m, dtype=torch.long)
+        for i, s in enumerate(segs):
+            q_rows[i, : lengths[i]] = torch.arange(bounds[s], bounds[s + 1])
+            k_rows[i, head : head + lengths[i]] = q_rows[i, : lengths[i]]
+            if heads[i]:
+                k_rows[i, : heads[i]] = torch.arange(bounds[pre[s]], bounds[pre[s] + 1])
+        lengths_t, heads_t = torch.tensor(lengths), torch.tensor(heads)
+        pos = torch.arange(width)
+        own = pos[None, None, :] < lengths_t[:, None, None]  # own key j is a real token
+        if causal:
+            own = own & (pos[None, None, :] <= pos[None, :, None])
+        own = own.expand(n, width, width)
+        prefix_keys = (torch.arange(head)[None, :] < heads_t[:, None])[:, None, :].expand(n, width, head)
+        mask = torch.cat([prefix_keys, own], dim=2)
+        mask[:, :, head] |= ~mask.any(dim=2)  # a padding query row sees one key, never none (no NaN)
+        real = (pos[None, :] < lengths_t[:, None]).reshape(-1)
+        self.q_rows = q_rows.to(device)
+        self.k_rows = k_rows.to(device)
+        self.mask = mask[:, None].to(device)
+        self.take = real.nonzero().squeeze(1).to(device)
+        self.rows = q_rows.reshape(-1)[real].to(device)
 
 
-def _reference_attention(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig) -> torch.Tensor:
-    """All segments, a chunk of consecutive segments per call: the chunk's queries against its own rows and
-    the rows of the prefixes they read, under a mask that lets each query see its prefix and its own segment
-    (causally), which is exactly its unshared sequence's attention."""
+def _reference_plan(cu_seqlens, prefix, causal: bool, m: int):
+    """The buckets of a stream, cached on its ``cu_seqlens`` tensor: every layer of a forward (and its
+    backward) passes the same segment tensors, and builds the index tensors once."""
+    key = (id(cu_seqlens), id(prefix), causal, m)
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version  # inference tensors have no counter
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == version:
+        return hit[2]
     bounds = cu_seqlens.tolist()
     n = len(bounds) - 1
     pre = prefix.tolist() if prefix is not None else [-1] * n
-    device = q.device
-    out = torch.zeros(q.shape, dtype=q.dtype, device=device)
-    pieces = []
-    for first, stop, prefixes in _chunks(bounds, pre):
-        a, b = bounds[first], bounds[stop]
-        outside = [p for p in prefixes if not first <= p < stop]
-        key_rows = [torch.arange(bounds[p], bounds[p + 1], device=device) for p in outside]
-        key_rows.append(torch.arange(a, b, device=device))
-        key_rows = torch.cat(key_rows)
-        lengths = torch.tensor([bounds[i + 1] - bounds[i] for i in range(n)], device=device)
-        seg_of_row = torch.repeat_interleave(torch.arange(n, device=device), lengths)
-        starts = torch.tensor(bounds[:-1], device=device)
-        q_seg = seg_of_row[a:b]
-        q_pos = torch.arange(a, b, device=device) - starts[q_seg]
-        k_seg = seg_of_row[key_rows]
-        k_pos = key_rows - starts[k_seg]
-        q_pre = torch.tensor(pre, device=device)[q_seg]
-        own = k_seg[None, :] == q_seg[:, None]
-        if config.causal:
-            own = own & (k_pos[None, :] <= q_pos[:, None])
-        mask = own | ((k_seg[None, :] == q_pre[:, None]) & (q_pre[:, None] != q_seg[:, None]))
-        keys = k.index_select(0, key_rows).transpose(0, 1)[None]
-        values = v.index_select(0, key_rows).transpose(0, 1)[None]
-        o = attend_reference(q[a:b].transpose(0, 1)[None], keys, values, mask, config)[0].transpose(0, 1)
-        pieces.append((a, b, o))
+    pre = [p if 0 <= p < n and p != s else -1 for s, p in enumerate(pre)]
+    plan = []
+    for with_prefix in (False, True):
+        segs = [s for s in range(n) if (pre[s] >= 0) == with_prefix and bounds[s + 1] > bounds[s]]
+        segs.sort(key=lambda s: bounds[s + 1] - bounds[s])
+        while segs:  # shortest first; a bucket grows while its padded rows stay under the budget
+            take = 1
+            while take < len(segs) and (take + 1) * (bounds[segs[take] + 1] - bounds[segs[take]]) <= (
+                REFERENCE_BUCKET_ROWS
+            ):
+                take += 1
+            plan.append(_Bucket(segs[:take], bounds, pre, causal, m, cu_seqlens.device))
+            segs = segs[take:]
+    if len(_PLAN_CACHE) >= 16:
+        _PLAN_CACHE.clear()
+    _PLAN_CACHE[key] = (weakref.ref(cu_seqlens), version, plan)
+    return plan
+
+
+_PLAN_CACHE: dict = {}
+
+
+def _reference_attention(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig) -> torch.Tensor:
+    """All segments, bucketed by length: each bucket's queries against its prefix's and its own keys under a
+    mask that lets each query see its prefix and its own segment (causally), which is exactly its unshared
+    sequence's attention, as one padded ``scaled_dot_product_attention`` call."""
+    m = q.shape[0]
+    pad = lambda x: torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])  # noqa: E731  (row M: padding)
+    qz, kz, vz = pad(q), pad(k), pad(v)
+    pieces, rows = [], []
+    for bucket in _reference_plan(cu_seqlens, prefix, config.causal, m):
+        n, width = bucket.q_rows.shape
+        qb = qz[bucket.q_rows.reshape(-1)].reshape(n, width, q.shape[1], q.shape[2]).transpose(1, 2)
+        kb, vb = (
+            x[bucket.k_rows.reshape(-1)].reshape(n, bucket.k_rows.shape[1], x.shape[1], x.shape[2]).transpose(1, 2)
+            for x in (kz, vz)
+        )
+        o = attend_reference(qb, kb, vb, bucket.mask, config).transpose(1, 2).reshape(n * width, q.shape[1], -1)
+        pieces.append(o.index_select(0, bucket.take))
+        rows.append(bucket.rows)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     if not pieces:
         return out
-    rows = torch.cat([torch.arange(a, b, device=device) for a, b, _ in pieces])
-    return out.index_put((rows,), torch.cat([o for _, _, o in pieces]))
+    return out.index_put((torch.cat(rows),), torch.cat(pieces))
 
 
 def varlen_attention_forward_reference(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig):
