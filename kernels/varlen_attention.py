@@ -695,8 +695,9 @@ def readers_csr(prefix: torch.Tensor, num_segments: int):
     return ptr, idx
 
 
-def varlen_attention_forward(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig):
-    """Launch the forward kernel. Returns ``(out [M, Hq, D] in q's dtype, lse fp32 [Hq, M])``."""
+def varlen_attention_forward(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig, needs_grad: bool = False):
+    """Launch the forward kernel. Returns ``(out [M, Hq, D] in q's dtype, lse fp32 [Hq, M])``; the log-sum-exp
+    is what backward recomputes the probabilities from, whether or not a gradient is needed."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     m, hq, d = q.shape
     hkv = k.shape[1]

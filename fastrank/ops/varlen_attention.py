@@ -244,23 +244,41 @@ def _reference_attention(q, k, v, cu_seqlens, prefix, config: VarlenAttentionCon
     return out.index_put((torch.cat(rows),), torch.cat(pieces))
 
 
-def varlen_attention_forward_reference(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig):
-    """The reference of ``fastrank.kernels.varlen_attention.varlen_attention_forward``: ``(out [M, Hq, D], None)``
-    (no log-sum-exp: the reference backward recomputes through autograd)."""
+class ReferenceGraph:
+    """The reference forward's autograd graph, kept for backward when a gradient is needed: its leaves (q, and k
+    and v in the accumulate dtype, so a prefix's dk/dv sums the gradients of every segment that reads it there,
+    rounded once) and its output. Backward then runs sdpa's own backward on it, as the padded model would,
+    instead of computing the attention a second time."""
+
+    def __init__(self, q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig):
+        acc = accumulate_dtype(k.dtype)
+        with torch.enable_grad():
+            self.leaves = (q.detach().requires_grad_(True),) + tuple(
+                x.detach().to(acc).requires_grad_(True) for x in (k, v)
+            )
+            qq, kk, vv = self.leaves
+            self.out = _reference_attention(qq, kk.to(k.dtype), vv.to(v.dtype), cu_seqlens, prefix, config)
+
+    def grads(self, grad_out, k_dtype, v_dtype):
+        dq, dk, dv = torch.autograd.grad(self.out, self.leaves, grad_out.to(self.out.dtype))
+        return dq, dk.to(k_dtype), dv.to(v_dtype)
+
+
+def varlen_attention_forward_reference(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig, needs_grad=False):
+    """The reference of ``fastrank.kernels.varlen_attention.varlen_attention_forward``: ``(out [M, Hq, D], state)``
+    where ``state`` is the ``ReferenceGraph`` backward uses when ``needs_grad``, else None (the reference has no
+    log-sum-exp)."""
+    if needs_grad:
+        graph = ReferenceGraph(q, k, v, cu_seqlens, prefix, config)
+        return graph.out.detach(), graph
     return _reference_attention(q, k, v, cu_seqlens, prefix, config), None
 
 
-def varlen_attention_backward_reference(grad_out, q, k, v, cu_seqlens, prefix, out, lse, config):
-    """The reference of ``fastrank.kernels.varlen_attention.varlen_attention_backward``: ``(dq, dk, dv)``,
-    recomputed under autograd (nothing of the forward is kept). The key and value leaves are in the accumulate
-    dtype, so a prefix's dk/dv sums the gradients of every segment that reads it there, rounded once."""
-    acc = accumulate_dtype(k.dtype)
-    with torch.enable_grad():
-        qq = q.detach().requires_grad_(True)
-        kk, vv = (x.detach().to(acc).requires_grad_(True) for x in (k, v))
-        o = _reference_attention(qq, kk.to(k.dtype), vv.to(v.dtype), cu_seqlens, prefix, config)
-        dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), grad_out.to(o.dtype))
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+def varlen_attention_backward_reference(grad_out, q, k, v, cu_seqlens, prefix, out, state, config):
+    """The reference of ``fastrank.kernels.varlen_attention.varlen_attention_backward``: ``(dq, dk, dv)`` through
+    the forward's ``ReferenceGraph`` (recomputed here when the forward kept none)."""
+    graph = state if isinstance(state, ReferenceGraph) else ReferenceGraph(q, k, v, cu_seqlens, prefix, config)
+    return graph.grads(grad_out, k.dtype, v.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,28 +297,44 @@ def _implementation(backend: str) -> Implementation:
     return Implementation(varlen_attention_forward_reference, varlen_attention_backward_reference)
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (non-reentrant checkpointing, offloading) are active; True when unknown."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, RuntimeError, TypeError):
+        return True
+
+
 class VarlenAttentionFunction(torch.autograd.Function):
     """varlen_attention's autograd, shared by both paths.
 
     Inputs: q ``[M, Hq, D]``, k and v ``[M, Hkv, D]``, cu_seqlens ``[S + 1]``, prefix ``[S]`` (or None), a
     ``VarlenAttentionConfig`` and the backend name. Output: ``[M, Hq, D]`` in q's dtype. Saves the inputs, the
-    output and the fp32 log-sum-exp ``[Hq, M]`` (Triton path; None on the reference path): never an attention
-    matrix.
+    output and the forward's state: the fp32 log-sum-exp ``[Hq, M]`` on the Triton path (never an attention
+    matrix); on the reference path, when a gradient is needed, the reference's own autograd graph (what the
+    padded model's sdpa would keep).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, prefix, config, backend):
         impl = _implementation(backend)
-        out, lse = impl.forward(q, k, v, cu_seqlens, prefix, config)
+        # Under activation checkpointing (saved-tensor hooks active) nothing beyond the saved tensors may be
+        # kept: the reference recomputes in backward instead of holding its graph.
+        keep = any(ctx.needs_input_grad[:3]) and not _saved_tensor_hooks_active()
+        out, state = impl.forward(q, k, v, cu_seqlens, prefix, config, needs_grad=keep)
         ctx.config = config
         ctx.backward_impl = impl.backward
+        lse = state if isinstance(state, torch.Tensor) else None
+        ctx.graph = None if lse is not None else state
         ctx.save_for_backward(q, k, v, cu_seqlens, prefix, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, cu_seqlens, prefix, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.backward_impl(grad_out, q, k, v, cu_seqlens, prefix, out, lse, ctx.config)
+        state = lse if ctx.graph is None else ctx.graph
+        ctx.graph = None  # release the reference graph once used
+        dq, dk, dv = ctx.backward_impl(grad_out, q, k, v, cu_seqlens, prefix, out, state, ctx.config)
         return dq, dk, dv, None, None, None, None
 
 
