@@ -312,6 +312,33 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from fastrank.serve import serve
+
+    if not args.reranker and not args.embedder:
+        raise ValueError("give --reranker PATH, --embedder PATH or both")
+    serve(
+        args.reranker,
+        args.embedder,
+        preset=args.preset,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        api_key=args.api_key,
+        max_batch_tokens=args.max_batch_tokens,
+        max_wait_ms=args.max_wait_ms,
+        max_queue_tokens=args.max_queue_tokens,
+        batching=not args.no_batching,
+        max_documents=args.max_documents,
+        max_texts=args.max_texts,
+        max_text_chars=args.max_text_chars,
+        max_request_tokens=args.max_request_tokens,
+        log_level=args.log_level,
+    )
+    return 0
+
+
 def _positive(text: str) -> int:
     """argparse type: a positive int (0 and negatives are refused, never taken as "the default")."""
     try:
@@ -591,6 +618,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     demo.set_defaults(func=cmd_demo_model)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve a reranker and/or an embedder over HTTP (Cohere, Jina, TEI and OpenAI APIs), batching requests",
+        description="Starts an HTTP server (FastAPI + uvicorn; pip install 'fastrank-llm[serve]'): Cohere "
+        "POST /v1/rerank and /v2/rerank, Jina POST /rerank, TEI POST /tei/rerank and /embed, OpenAI "
+        "POST /v1/embeddings, GET /health, /info, /metrics; /docs describes them. Concurrent requests are merged "
+        "into token-budget batches. SIGTERM or Ctrl-C stops taking requests and finishes those in flight.",
+    )
+    srv.add_argument("--reranker", default=None, help="local path or hub name of the causal-LM reranker")
+    srv.add_argument("--preset", default=None, help="the reranker's preset (default: recognised from the folder)")
+    srv.add_argument("--embedder", default=None, help="local path or hub name of the embedder")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    srv.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health and the docs "
+        "(default: the FASTRANK_API_KEY environment variable; none: open)",
+    )
+    srv.add_argument("--max-batch-tokens", type=_positive, default=16384, help="tokens per model call (default 16384)")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for more requests to batch (default 5)")
+    srv.add_argument(
+        "--max-queue-tokens",
+        type=_positive,
+        default=262144,
+        help="tokens queued per model before requests get 503 + Retry-After (default 262144)",
+    )
+    srv.add_argument("--no-batching", action="store_true", help="run every request alone (a baseline)")
+    srv.add_argument("--max-documents", type=_positive, default=1000, help="documents per rerank request")
+    srv.add_argument("--max-texts", type=_positive, default=2048, help="texts per embedding request")
+    srv.add_argument("--max-text-chars", type=_positive, default=100_000, help="characters per query/document/text")
+    srv.add_argument("--max-request-tokens", type=_positive, default=131072, help="tokens per request")
+    srv.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

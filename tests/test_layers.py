@@ -25,6 +25,7 @@ LAYERS = (
     ("fastrank.integrations",),  # HF Trainer, sentence-transformers
     ("fastrank.training",),  # what the train commands do
     ("fastrank",),  # the public API (fastrank/__init__.py)
+    ("fastrank.serve",),  # the HTTP server over Reranker and Embedder
     ("fastrank.benchmarks",),
     ("fastrank.cli",),
 )
