@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run the microbenchmarks on this machine and print speed and memory ratios against the unfused baselines",
         description="Times every op and its unfused baselines on the same inputs, in one run. "
-        "Quick shapes by default (a minute or two on a GPU, about 6 minutes on a 2-core CPU); "
+        "Quick shapes by default (a minute or two on a GPU, about 8 minutes on a 2-core CPU); "
         "--full runs the GPU-sized sweep. "
         "A baseline that cannot be built (its package missing or failing to import) gets a row with the reason. "
         "--from-json shows saved results instead of running, e.g. "
