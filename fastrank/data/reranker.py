@@ -33,7 +33,7 @@ import torch
 from fastrank.data.batching import collate, pad_token_id_of
 from fastrank.data.embedder import read_retrieval_jsonl, sample_group
 from fastrank.data.packing import common_prefix_length, pack
-from fastrank.data.templates import FLAG_LLM_PROMPT, keep_tokens, truncate_only_second
+from fastrank.data.templates import FLAG_LLM_PROMPT, default_bos, keep_tokens, truncate_only_second
 from fastrank.utils import positive_int
 
 IGNORE_INDEX = -100
@@ -116,8 +116,7 @@ class RerankTrainDataset(torch.utils.data.Dataset):
                 )
         self.has_teacher = all(with_scores) if knowledge_distillation is None else bool(knowledge_distillation)
         self.side = getattr(tokenizer, "truncation_side", "right")
-        bos = tokenizer.bos_token_id
-        self.bos = [bos] if bos is not None and bos != tokenizer.pad_token_id else []
+        self.bos = default_bos(tokenizer)
         self.sep_ids = self._ids(sep)
         self.answer_ids = self._ids(answer) if answer else []
         self._prompt_ids: Dict[str, List[int]] = {}

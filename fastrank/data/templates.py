@@ -114,6 +114,13 @@ def truncate_only_second(first: List[int], second: List[int], max_length: int, s
     return keep_tokens(second, len(second) - to_remove, side)
 
 
+def default_bos(tokenizer) -> List[int]:
+    """``[BOS]`` when the tokenizer has a BOS token that differs from its pad token (FlagEmbedding's rule), else
+    ``[]``."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and bos != tokenizer.pad_token_id else []
+
+
 class _ConstantIds:
     """Token ids of a template's constant strings, per tokenizer (tokenised once)."""
 
@@ -151,19 +158,17 @@ class FlagLLMTemplate:
 
     def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
-        q_max = self.query_max_length or max_length * 3 // 4
         queries = _tokenize(tokenizer, [self.query_instruction + q for q, _ in pairs])
         passages = _tokenize(tokenizer, [self.passage_instruction + p for _, p in pairs])
         sep = self._const(tokenizer, self.sep)
         prompt = self._const(tokenizer, self.prompt)
-        bos = tokenizer.bos_token_id
-        use_bos = bos is not None and bos != tokenizer.pad_token_id
+        bos = default_bos(tokenizer)
         encode_max = max_length + len(sep) + len(prompt)
         out = []
         for q_ids, p_ids in zip(queries, passages):
-            q_cut = keep_tokens(q_ids, q_max, side)
+            q_cut = self._query_cut(q_ids, max_length, side)
             p_cut = keep_tokens(p_ids, max_length, side)
-            first = ([bos] if use_bos else []) + q_cut
+            first = bos + q_cut
             second = truncate_only_second(first, sep + p_cut, encode_max, side)
             truncated = len(q_cut) < len(q_ids) or len(p_cut) < len(p_ids) or len(second) < len(sep) + len(p_cut)
             out.append(TokenizedPair(first + second + sep + prompt, truncated))
@@ -173,11 +178,11 @@ class FlagLLMTemplate:
         """``[BOS] + tok(query_instruction + q)[:query_max_length] + tok(sep)``: what every pair of ``query``
         starts with (unless truncation cuts into the separator)."""
         side = getattr(tokenizer, "truncation_side", "right")
-        q_max = self.query_max_length or max_length * 3 // 4
-        q_cut = keep_tokens(_tokenize(tokenizer, [self.query_instruction + query])[0], q_max, side)
-        bos = tokenizer.bos_token_id
-        use_bos = bos is not None and bos != tokenizer.pad_token_id
-        return ([bos] if use_bos else []) + q_cut + self._const(tokenizer, self.sep)
+        q_cut = self._query_cut(_tokenize(tokenizer, [self.query_instruction + query])[0], max_length, side)
+        return default_bos(tokenizer) + q_cut + self._const(tokenizer, self.sep)
+
+    def _query_cut(self, q_ids: List[int], max_length: int, side: str) -> List[int]:
+        return keep_tokens(q_ids, self.query_max_length or max_length * 3 // 4, side)
 
 
 @dataclass
@@ -194,14 +199,8 @@ class MxbaiV2Template:
 
     def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
-        prefix, suffix = self._const(tokenizer, MXBAI_V2_PREFIX), self._const(tokenizer, MXBAI_V2_SUFFIX)
-        sep, task = self._const(tokenizer, "\n"), self._const(tokenizer, MXBAI_V2_TASK)
-        predefined = len(prefix) + len(task) + len(suffix) + len(sep)
-        model_max = int(min(getattr(tokenizer, "model_max_length", 1 << 30), 1 << 30))
-        if max_length + predefined > model_max:
-            max_length = model_max - predefined
-        lead = f"instruction: {self.instruction}\n" if self.instruction else ""
-        queries = _tokenize(tokenizer, [lead + "query: " + q for q, _ in pairs])
+        prefix, suffix, sep, task, predefined, model_max, max_length = self._frame(tokenizer, max_length)
+        queries = _tokenize(tokenizer, [self._query_text(q) for q, _ in pairs])
         docs = _tokenize(tokenizer, ["document: " + p for _, p in pairs])
         out = []
         for q_ids, d_ids in zip(queries, docs):
@@ -215,15 +214,24 @@ class MxbaiV2Template:
     def shared_prefix(self, tokenizer, query: str, max_length: int) -> List[int]:
         """``prefix + [instruction] + tok("query: " + q)[:3/4 max_length] + tok(sep)``."""
         side = getattr(tokenizer, "truncation_side", "right")
+        prefix, _, sep, _, _, _, max_length = self._frame(tokenizer, max_length)
+        q_ids = _tokenize(tokenizer, [self._query_text(query)])[0]
+        return prefix + keep_tokens(q_ids, max_length * 3 // 4, side) + sep
+
+    def _frame(self, tokenizer, max_length: int):
+        """The template's constant ids and the length budget: ``(prefix, suffix, sep, task, predefined, model_max,
+        max_length)``, ``max_length`` lowered so the whole fits the tokenizer's ``model_max_length``."""
         prefix, suffix = self._const(tokenizer, MXBAI_V2_PREFIX), self._const(tokenizer, MXBAI_V2_SUFFIX)
         sep, task = self._const(tokenizer, "\n"), self._const(tokenizer, MXBAI_V2_TASK)
         predefined = len(prefix) + len(task) + len(suffix) + len(sep)
         model_max = int(min(getattr(tokenizer, "model_max_length", 1 << 30), 1 << 30))
         if max_length + predefined > model_max:
             max_length = model_max - predefined
+        return prefix, suffix, sep, task, predefined, model_max, max_length
+
+    def _query_text(self, query: str) -> str:
         lead = f"instruction: {self.instruction}\n" if self.instruction else ""
-        q_ids = _tokenize(tokenizer, [lead + "query: " + query])[0]
-        return prefix + keep_tokens(q_ids, max_length * 3 // 4, side) + sep
+        return lead + "query: " + query
 
 
 @dataclass
@@ -369,19 +377,14 @@ class SegmentTemplate:
 
     def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
-        bos = tokenizer.bos_token_id
-        use_bos = (bos is not None and bos != tokenizer.pad_token_id) if self.add_bos == "auto" else bool(self.add_bos)
-        lead = ([bos] if use_bos else []) + (self._const(tokenizer, self.prefix) if self.prefix else [])
-        sep = self._const(tokenizer, self.separator) if self.separator else []
-        tail = self._const(tokenizer, self.suffix) if self.suffix else []
-        budget = max_length - len(lead) - len(sep) - len(tail)
+        lead, sep, tail, budget = self._frame(tokenizer, max_length)
         if budget < 2:
             raise ValueError(f"max_length: {max_length} leaves no room for the query and passage after the template")
         queries = _tokenize(tokenizer, [self.query_format.format(query=q) for q, _ in pairs])
         passages = _tokenize(tokenizer, [self.passage_format.format(passage=p) for _, p in pairs])
         out = []
         for q_ids, p_ids in zip(queries, passages):
-            q_cut = keep_tokens(q_ids, max(1, int(budget * self.query_max_fraction)), side)
+            q_cut = self._query_cut(q_ids, budget, side)
             p_cut = keep_tokens(p_ids, budget - len(q_cut), side)
             truncated = len(q_cut) < len(q_ids) or len(p_cut) < len(p_ids)
             out.append(TokenizedPair(lead + q_cut + sep + p_cut + tail, truncated))
@@ -390,14 +393,24 @@ class SegmentTemplate:
     def shared_prefix(self, tokenizer, query: str, max_length: int) -> List[int]:
         """``[BOS] + tok(prefix) + tok(query_format)[:q] + tok(separator)``."""
         side = getattr(tokenizer, "truncation_side", "right")
-        bos = tokenizer.bos_token_id
-        use_bos = (bos is not None and bos != tokenizer.pad_token_id) if self.add_bos == "auto" else bool(self.add_bos)
-        lead = ([bos] if use_bos else []) + (self._const(tokenizer, self.prefix) if self.prefix else [])
+        lead, sep, _, budget = self._frame(tokenizer, max_length)
+        q_ids = _tokenize(tokenizer, [self.query_format.format(query=query)])[0]
+        return lead + self._query_cut(q_ids, budget, side) + sep
+
+    def _frame(self, tokenizer, max_length: int):
+        """``(lead, sep, tail, budget)``: the ids before the query (BOS per ``add_bos``, the prefix), the
+        separator's, the suffix's, and the tokens left for the query and the passage."""
+        if self.add_bos == "auto":
+            bos = default_bos(tokenizer)
+        else:
+            bos = [tokenizer.bos_token_id] if self.add_bos else []
+        lead = bos + (self._const(tokenizer, self.prefix) if self.prefix else [])
         sep = self._const(tokenizer, self.separator) if self.separator else []
         tail = self._const(tokenizer, self.suffix) if self.suffix else []
-        budget = max_length - len(lead) - len(sep) - len(tail)
-        q_ids = _tokenize(tokenizer, [self.query_format.format(query=query)])[0]
-        return lead + keep_tokens(q_ids, max(1, int(budget * self.query_max_fraction)), side) + sep
+        return lead, sep, tail, max_length - len(lead) - len(sep) - len(tail)
+
+    def _query_cut(self, q_ids: List[int], budget: int, side: str) -> List[int]:
+        return keep_tokens(q_ids, max(1, int(budget * self.query_max_fraction)), side)
 
 
 def shared_prefix_lengths(template, tokenizer, pairs, encoded: Sequence[TokenizedPair], max_length: int):
