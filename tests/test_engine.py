@@ -18,7 +18,6 @@ from tolerances import (
     SCORES_SAME_FORWARD,
     assert_close,
 )
-from transformers import AutoModelForCausalLM, Gemma2Config, Qwen3Config
 
 import fastrank
 from fastrank.benchmarks.synthetic import synthetic_pairs
@@ -35,31 +34,8 @@ def _pairs(n_docs=4, seed=0):
     return [(QUERIES[i % len(QUERIES)], p) for i, (_, p) in enumerate(docs)]
 
 
-def _extra_model(arch):
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        vocab_size=1031,
-        pad_token_id=0,
-        bos_token_id=3,
-        eos_token_id=0,
-        head_dim=16,
-    )
-    config = {
-        "qwen3": lambda: Qwen3Config(**common, tie_word_embeddings=True),
-        # Gemma 2: attention logit soft-capping and a sliding window (longer than the tiny texts).
-        "gemma2": lambda: Gemma2Config(**common, tie_word_embeddings=True, sliding_window=256),
-    }[arch]()
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager" if arch == "gemma2" else "sdpa").eval()
-
-
 def _model(arch):
-    return _extra_model(arch) if arch in ("qwen3", "gemma2") else tiny_causal_lm(arch)
+    return tiny_causal_lm(arch, attn_implementation="eager" if arch == "gemma2" else "sdpa")
 
 
 PRESETS = ["bge-reranker-v2-gemma", "qwen3-reranker", "mxbai-rerank-v2", "lb-reranker"]
@@ -191,7 +167,7 @@ def test_unsupported_model_runs_padded_with_a_warning():
 
 
 def test_sliding_window_shorter_than_a_pair_runs_padded():
-    model = _extra_model("gemma2")
+    model = _model("gemma2")
     model.config.sliding_window = 16
     tokenizer = tiny_tokenizer("llama")
     pairs = _pairs(n_docs=2)

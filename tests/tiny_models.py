@@ -5,7 +5,15 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from fastrank.benchmarks.synthetic import build_tokenizer
 
@@ -30,6 +38,10 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=False),
     "mistral": lambda: MistralConfig(**_COMMON, tie_word_embeddings=False, sliding_window=None),
     "gemma": lambda: GemmaConfig(**_COMMON, head_dim=16, tie_word_embeddings=True),
+    # Beyond ARCHS, for the packed engine's tests. Gemma 2: attention logit soft-capping and a sliding window
+    # (longer than the tiny texts); it runs HF's eager attention, as its checkpoints default to.
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16, tie_word_embeddings=True),
+    "gemma2": lambda: Gemma2Config(**_COMMON, head_dim=16, tie_word_embeddings=True, sliding_window=256),
 }
 
 
