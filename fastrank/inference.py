@@ -50,6 +50,18 @@ def sort_window(batch_size: int, device: torch.device) -> int:
     return max(16 * batch_size, 1024 if device.type == "cuda" else 4096)
 
 
+def _check_nonempty(lengths, offset: int) -> None:
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise ValueError(f"sequences: {len(empty)} are empty (first at index {offset + empty[0]})")
+
+
+def _write_rows(out: torch.Tensor, idx, offset: int, values: torch.Tensor) -> None:
+    """``out[offset + idx] = values`` with the row indices sent up through pinned memory (no host sync)."""
+    rows = torch.tensor(idx) + offset
+    out[rows.pin_memory().to(out.device, non_blocking=True) if out.device.type == "cuda" else rows] = values.float()
+
+
 def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_side, bar, compute):
     """Launch length-sorted, token-budget batches of ``sequences`` and write ``compute(batch)`` row by row
     into ``out[offset:]`` on the device.
@@ -58,9 +70,7 @@ def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_
     pool's value checks are off because these batches are built here (no empty rows).
     """
     lengths = [len(s) for s in sequences]
-    empty = [i for i, n in enumerate(lengths) if n == 0]
-    if empty:
-        raise ValueError(f"sequences: {len(empty)} are empty (first at index {offset + empty[0]})")
+    _check_nonempty(lengths, offset)
     device = out.device
     # Widths rounded up to a multiple of 8 keep GPU matmul and attention tiles aligned; on a CPU those
     # columns are plain extra work (17% of MiniLM's encode time on texts of ~54 tokens), so none there.
@@ -68,10 +78,7 @@ def run_batches(sequences, offset, out, batch_size, max_tokens, pad_id, padding_
     with value_checks(False):
         for idx in token_budget_batches(lengths, batch_size, max_tokens, multiple):
             batch = collate([sequences[i] for i in idx], pad_id, padding_side, multiple, device=device, indices=idx)
-            rows = torch.tensor(idx) + offset
-            out[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = compute(
-                batch
-            ).float()
+            _write_rows(out, idx, offset, compute(batch))
             bar.update(len(idx))
 
 
@@ -86,9 +93,7 @@ def run_packed_batches(
     positive_int("max_tokens", max_tokens)
     items, keys, head_lengths = shared_groups(sequences, prefix_lengths)
     lengths = [len(x) for x in items]
-    empty = [i for i, n in enumerate(lengths) if n == 0]
-    if empty:
-        raise ValueError(f"sequences: {len(empty)} are empty (first at index {offset + empty[0]})")
+    _check_nonempty(lengths, offset)
     device = out.device
     window = sliding_window(model)
     start = position_offset(model)
@@ -106,8 +111,7 @@ def run_packed_batches(
                 )
             else:
                 result = compute(batch)
-            rows = torch.tensor(idx) + offset
-            out[rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows] = result.float()
+            _write_rows(out, idx, offset, result)
             bar.update(len(idx))
 
 

@@ -11,6 +11,7 @@ from fastrank.engine.attention import (
     packing_unsupported_reason,
     register,
     sliding_window,
+    unwrap_model,
     warn_once,
 )
 from fastrank.engine.forward import packed_forward, position_offset
@@ -28,5 +29,6 @@ __all__ = [
     "position_offset",
     "register",
     "sliding_window",
+    "unwrap_model",
     "warn_once",
 ]

@@ -136,15 +136,15 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, fastrank_mask)
 
 
-def hf_model_of(model):
-    """The ``PreTrainedModel`` inside a PEFT wrapper or a fastrank wrapper, else the model itself."""
+def unwrap_model(model):
+    """The Hugging Face model inside a PEFT wrapper (LoRA layers stay active), or the model itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
 def packing_unsupported_reason(model) -> Optional[str]:
     """Why ``model`` cannot run packed, or None when it can."""
-    model = hf_model_of(model)
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         return f"{type(model).__name__} is not a transformers model with a config"
@@ -176,7 +176,7 @@ def enable_packing(model, warn: bool = True) -> bool:
         if warn:
             warn_once(reason, f"fastrank: running padded, not packed: {reason}")
         return False
-    inner = hf_model_of(model)
+    inner = unwrap_model(model)
     config = inner.config
     if config._attn_implementation != ATTENTION_NAME:
         register()
@@ -187,19 +187,19 @@ def enable_packing(model, warn: bool = True) -> bool:
 
 def disable_packing(model) -> None:
     """Give ``model`` back the attention implementation it had before ``enable_packing``."""
-    inner = hf_model_of(model)
+    inner = unwrap_model(model)
     if inner.config._attn_implementation == ATTENTION_NAME:
         inner.set_attn_implementation(_fallback_name(inner.config))
 
 
 def packing_enabled(model) -> bool:
-    config = getattr(hf_model_of(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     return getattr(config, "_attn_implementation", None) == ATTENTION_NAME
 
 
 def attention_dropout(model) -> float:
     """The attention dropout the model applies in training (0 in eval)."""
-    config = hf_model_of(model).config
+    config = unwrap_model(model).config
     for name in ("attention_dropout", "attention_probs_dropout_prob"):
         value = getattr(config, name, None)
         if value:
@@ -209,7 +209,7 @@ def attention_dropout(model) -> float:
 
 def sliding_window(model) -> Optional[int]:
     """The shortest sliding window any layer of the model uses, or None."""
-    config = hf_model_of(model).config
+    config = unwrap_model(model).config
     window = getattr(config, "sliding_window", None)
     if not window:
         return None

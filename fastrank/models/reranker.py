@@ -7,17 +7,11 @@ from typing import Optional
 import torch
 
 from fastrank.data.packing import PackedBatch
-from fastrank.engine import packed_forward
+from fastrank.engine import packed_forward, unwrap_model
 from fastrank.heads import Convention, convention_scores
 
 # Architectures whose LM head output is rescaled by a config value fastrank does not reproduce.
 _UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "output_logits_scale", "scale_width")
-
-
-def unwrap_model(model):
-    """The Hugging Face causal LM inside a PEFT wrapper (LoRA layers stay active), or the model itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def enable_checkpointing(model, **kwargs) -> None:
