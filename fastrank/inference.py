@@ -8,9 +8,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from fastrank.data.batching import collate, pad_token_id_of, token_budget_batches
-from fastrank.data.packing import pack_planned, plan_packed_batches, shared_groups
+from fastrank.data.packing import pack_planned, plan_packed_batches, position_offset, shared_groups
 from fastrank.data.templates import shared_prefix_lengths
-from fastrank.engine import enable_packing, position_offset, sliding_window, warn_once
+from fastrank.engine import enable_packing, sliding_window, warn_once
 from fastrank.models.loading import check_model_source, resolve_device, resolve_dtype
 from fastrank.models.reranker import CausalLMScorer, unwrap_model
 from fastrank.presets import Preset, detect_preset, get_preset

@@ -14,7 +14,7 @@ from fastrank.engine.attention import (
     unwrap_model,
     warn_once,
 )
-from fastrank.engine.forward import packed_forward, position_offset
+from fastrank.engine.forward import packed_forward
 
 __all__ = [
     "ATTENTION_NAME",
@@ -26,7 +26,6 @@ __all__ = [
     "packed_forward",
     "packing_enabled",
     "packing_unsupported_reason",
-    "position_offset",
     "register",
     "sliding_window",
     "unwrap_model",

@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from fastrank.data.packing import PackedBatch, position_offset  # noqa: F401  (re-exported)
+from fastrank.data.packing import PackedBatch
 from fastrank.engine.attention import packed_call
 
 
