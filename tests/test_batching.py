@@ -1,20 +1,13 @@
 """Length-sorted, token-budget batching (fastrank/data/batching.py) and the inference loop over it."""
 
 import random
+import types
 
 import pytest
 import torch
 
 from fastrank.data.batching import collate, token_budget_batches
-from fastrank.inference import run_batches, sort_window
-
-
-class _Bar:
-    def __init__(self):
-        self.n = 0
-
-    def update(self, k):
-        self.n += k
+from fastrank.inference.batches import plan_batches, run_planned, sort_window
 
 
 def _lengths(n, seed=0):
@@ -52,25 +45,34 @@ def test_collate_rounds_width_and_counts_positions_from_the_first_real_token():
     assert right.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
 
 
-def test_run_batches_on_cpu_pads_to_the_longest_row_only_and_restores_input_order():
+def test_planned_padded_batches_on_cpu_pad_to_the_longest_row_only_and_cover_every_input():
     sequences = [[7] * n for n in _lengths(50, seed=1)]
-    widths = []
-
-    def compute(batch):
-        widths.append((batch.input_ids.shape[1], max(len(sequences[i]) for i in batch.indices)))
-        return batch.attention_mask.sum(1).float()  # each row's own length
-
-    out = torch.full((3 + len(sequences),), -1.0)
-    bar = _Bar()
-    run_batches(sequences, 3, out, 8, 10_000, 0, "left", bar, compute)
-    assert all(w == longest for w, longest in widths)  # no rounding up to a multiple of 8 on a CPU
-    assert out[3:].tolist() == [float(len(s)) for s in sequences]
-    assert out[:3].tolist() == [-1.0] * 3 and bar.n == len(sequences)
+    cpu = torch.device("cpu")
+    batches = plan_batches(sequences, 3, 8, 10_000, cpu)
+    assert sorted(i for b in batches for i in b.indices) == list(range(3, 3 + len(sequences)))
+    for b in batches:
+        assert not b.packed and b.sequences == [sequences[i - 3] for i in b.indices]
+        padded = run_planned(b, None, cpu, None, lambda x: x, 0, "left")
+        # no rounding up to a multiple of 8 on a CPU; each row is its own sequence
+        assert padded.input_ids.shape[1] == max(len(s) for s in b.sequences)
+        assert padded.attention_mask.sum(1).tolist() == [len(s) for s in b.sequences]
 
 
-def test_run_batches_rejects_empty_sequences():
+def test_planned_packed_batches_keep_shared_prefixes_and_rebuild_the_same_stream():
+    head = [1, 2, 3, 4]
+    sequences = [head + [9] * n for n in (3, 5, 2)] + [[5, 6, 7]]
+    batches = plan_batches(sequences, 0, 8, 1_000, torch.device("cpu"), [4, 4, 4, None])
+    assert len(batches) == 1 and batches[0].packed
+    (batch,) = batches
+    assert batch.tokens == 4 + 3 + 5 + 2 + 3  # the prefix counted once
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen2", sliding_window=None))
+    stream = run_planned(batch, model, torch.device("cpu"), lambda p: p.input_ids, None, 0, "left")
+    assert stream.shape[-1] == batch.tokens
+
+
+def test_plan_batches_rejects_empty_sequences():
     with pytest.raises(ValueError, match=r"sequences: 1 are empty \(first at index 12\)"):
-        run_batches([[1, 2], []], 11, torch.empty(13), 8, 100, 0, "left", _Bar(), lambda b: None)
+        plan_batches([[1, 2], []], 11, 8, 100, torch.device("cpu"))
 
 
 def test_sort_window_by_device():

@@ -13,6 +13,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = (
     ("fastrank.common",),  # the leaf: op configs, status codes, launch helpers
     ("fastrank.utils",),  # backend selection, value-check switches, argument helpers
+    ("fastrank.workers",),  # worker processes, one per device (the device pools' transport)
     ("fastrank.kernels",),  # Triton kernels and their launch code
     ("fastrank.ops", "fastrank.functional"),  # one room per op, and their re-export
     ("fastrank.heads",),  # scoring conventions
@@ -21,7 +22,7 @@ LAYERS = (
     ("fastrank.engine",),  # packed, shared-prefix execution of HF backbones
     ("fastrank.models",),  # wrappers around HF backbones
     ("fastrank.evaluation",),
-    ("fastrank.inference",),  # Reranker, Embedder
+    ("fastrank.inference",),  # Reranker, Embedder and their device pools
     ("fastrank.integrations",),  # HF Trainer, sentence-transformers
     ("fastrank.training",),  # what the train commands do
     ("fastrank",),  # the public API (fastrank/__init__.py)

@@ -55,3 +55,26 @@ def check_model_source(source: str, name: str = "path_or_model") -> str:
             "or a hub name such as 'org/model'"
         )
     return source
+
+
+def model_skeleton(loader, source: str, dtype="auto", **kwargs):
+    """What ``loader.from_pretrained(source)`` gives, without the weights: the config, the modules and every
+    parameter's shape, on the meta device (nothing read, nothing allocated). For a process that tokenizes
+    and plans batches for models that run elsewhere (a device pool's parent). ``kwargs`` are
+    ``from_pretrained``'s (``attn_implementation``, ``trust_remote_code``); a PEFT adapter folder gives its
+    base model's skeleton."""
+    import json
+
+    from transformers import AutoConfig
+
+    adapter = os.path.join(source, "adapter_config.json")
+    if os.path.isfile(adapter) and not os.path.isfile(os.path.join(source, "config.json")):
+        with open(adapter) as f:
+            source = json.load(f)["base_model_name_or_path"]
+    config = AutoConfig.from_pretrained(source, trust_remote_code=kwargs.get("trust_remote_code", False))
+    options = {k: v for k, v in kwargs.items() if k in ("attn_implementation", "trust_remote_code")}
+    dtype = resolve_dtype(dtype)
+    if isinstance(dtype, torch.dtype):
+        options["dtype"] = dtype
+    with torch.device("meta"):
+        return loader.from_config(config, **options)

@@ -1,0 +1,321 @@
+"""``Reranker``: scores and ranks (query, passage) pairs with a causal-LM reranker."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from fastrank.data.batching import pad_token_id_of
+from fastrank.data.templates import shared_prefix_lengths
+from fastrank.engine import enable_packing
+from fastrank.inference.batches import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_TOKENS,
+    PlannedBatch,
+    plan_batches,
+    run_planned,
+    sort_window,
+    write_rows,
+)
+from fastrank.models.loading import check_model_source, model_skeleton, resolve_device, resolve_dtype
+from fastrank.models.reranker import CausalLMScorer, unwrap_model
+from fastrank.presets import Preset, detect_preset, get_preset
+from fastrank.utils import positive_int
+
+
+def document_texts(documents) -> List[str]:
+    """The text of each document (a string or a ``{"text": ...}`` dict), checked: a non-empty list."""
+    if isinstance(documents, str):
+        raise ValueError(
+            "documents: got one string; pass a list of documents (e.g. [text]), not a string, "
+            "whose characters would each be ranked"
+        )
+    if not isinstance(documents, list) or not documents:
+        raise ValueError("documents: must be a non-empty list; give at least one document to rank")
+    texts = []
+    for i, doc in enumerate(documents):
+        text = doc.get("text") if isinstance(doc, dict) else doc
+        if not isinstance(text, str):
+            raise ValueError(f"documents[{i}]: expected a string or a {{'text': ...}} dict, got {type(doc).__name__}")
+        texts.append(text)
+    return texts
+
+
+class Reranker:
+    """A causal-LM reranker that scores pairs through fastrank's score head.
+
+    Pairs are tokenised with the preset's layout, cut into batches under a token budget, scored (the
+    backbone once per batch, then only the preset's vocabulary rows at each pair's last real token: no
+    full-vocabulary logits), and returned in input order.
+
+    Packed (the default where the model supports it: Qwen2/3, Llama, Mistral, Gemma, Gemma 2): a batch is
+    one stream of real tokens, no padding, and the pairs of one query share their prefix (the preset's
+    template head and the query, ``preset.template.shared_prefix``), computed once per batch; each
+    document attends to it and continues at the position after it, so scores equal the unshared ones.
+    ``packed=False`` runs the padded path (length-sorted batches with an attention mask);
+    ``share_prefix=False`` packs without sharing. Other models run padded, with a warning that says why.
+    """
+
+    def __init__(self, model, tokenizer, preset: Union[str, Preset], *, packed: bool = True, share_prefix: bool = True):
+        self.preset = get_preset(preset)
+        self.tokenizer = tokenizer
+        self.model = model.eval()
+        self.pad_token_id = pad_token_id_of(tokenizer)
+        self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
+        self.packed = bool(packed) and enable_packing(model)
+        self.share_prefix = bool(share_prefix)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_model,
+        preset: Union[str, Preset, None] = None,
+        *,
+        tokenizer=None,
+        dtype="auto",
+        device=None,
+        devices: Optional[Sequence[str]] = None,
+        attn_implementation=None,
+        packed: bool = True,
+        share_prefix: bool = True,
+        **model_kwargs,
+    ):
+        """Load a reranker from a local path or hub name, or wrap an already loaded causal LM.
+
+        Args:
+            path_or_model: a path/name for ``AutoModelForCausalLM.from_pretrained``, or a model instance
+                (PEFT-wrapped models work; their adapters stay active).
+            preset: a name from ``fastrank.presets()`` or a ``fastrank.Preset``. None picks it from the
+                checkpoint: the preset a fastrank training run saved in the folder, else a public reranker
+                recognised by name (Qwen3-Reranker, mxbai-rerank-*-v2, lb-reranker, bge-reranker-v2-gemma);
+                any other checkpoint needs it given (a ``ValueError`` says so).
+            tokenizer: the tokenizer (loaded from the path, or from ``model.name_or_path``, when omitted).
+            dtype: ``"auto"`` (the checkpoint's), or e.g. ``"bfloat16"``, ``torch.float16``.
+            device: where to run (default: CUDA when available, else CPU). ``"meta"`` loads no weights: the
+                reranker tokenizes and plans batches but cannot score (what a device pool's parent holds).
+            devices: several devices, e.g. ``["cuda:0", "cuda:1"]`` (one may repeat: ``["cpu", "cpu"]``): a
+                ``RerankerPool`` with one worker process per device, each loading the model once, that
+                scores as this class does (same methods, same scores to the bit), the batches shared out
+                among the devices as they free up. Needs a path or hub name; call ``close()`` (or use it in a
+                ``with`` block) to stop the workers.
+            attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"flash_attention_2"``, ...);
+                with packing on, this is what the model's padded calls use.
+            packed, share_prefix: packed batches and shared query prefixes (see the class); True by default.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if devices is not None:
+            from fastrank.inference.pool import RerankerPool
+
+            if device is not None:
+                raise ValueError("device, devices: give one (devices starts one worker per device)")
+            return RerankerPool.start(
+                path_or_model,
+                preset,
+                devices,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                packed=packed,
+                share_prefix=share_prefix,
+                **model_kwargs,
+            )
+        dtype = resolve_dtype(dtype)
+        device = resolve_device(device)
+        if isinstance(path_or_model, str):
+            source = check_model_source(path_or_model)
+        elif isinstance(path_or_model, torch.nn.Module):
+            source = getattr(unwrap_model(path_or_model), "name_or_path", None)
+        else:
+            raise ValueError(
+                f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}"
+            )
+        # The preset before any weights: an unknown checkpoint fails at once, not after loading it.
+        preset = get_preset(preset) if preset is not None else detect_preset(source)
+        if isinstance(path_or_model, str):
+            kwargs = dict(model_kwargs)
+            if attn_implementation is not None:
+                kwargs["attn_implementation"] = attn_implementation
+            if device.type == "meta":
+                model = model_skeleton(AutoModelForCausalLM, source, dtype=dtype, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        else:
+            model = path_or_model
+            if dtype not in (None, "auto"):
+                model = model.to(dtype)
+            if attn_implementation is not None:
+                unwrap_model(model).set_attn_implementation(attn_implementation)
+        if tokenizer is None:
+            if not source:
+                raise ValueError("tokenizer: none given and the model has no name_or_path to load one from")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        return cls(model.to(device), tokenizer, preset, packed=packed, share_prefix=share_prefix)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, pairs: Sequence, max_length: Optional[int] = None):
+        """Token ids of each pair under the preset's layout (``TokenizedPair`` list)."""
+        positive_int("max_length", max_length, none_ok=True)
+        return self.preset.template.tokenize(
+            self.tokenizer, pairs, self.preset.max_length if max_length is None else max_length
+        )
+
+    @torch.inference_mode()
+    def score(
+        self,
+        pairs: Sequence,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: Optional[int] = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        normalize: bool = False,
+        show_progress: Optional[bool] = None,
+    ) -> List[float]:
+        """One score per (query, passage) pair, in input order.
+
+        Args:
+            pairs: a list of ``(query, passage)`` pairs (a single pair is accepted too).
+            batch_size: at most this many pairs per forward pass.
+            max_length: the preset's token budget per pair (default: the preset's own); longer pairs
+                are truncated by the preset's rule (passage first, never the template) with a warning.
+            max_tokens: at most this many tokens per forward pass (real tokens when packed, a shared prefix
+                counted once; padded tokens otherwise).
+            normalize: map scores to [0, 1] as the convention defines (sigmoid for logit conventions).
+            show_progress: a progress bar over pairs; default on for more than ``4 * batch_size`` pairs.
+        """
+        if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
+            pairs = [pairs]
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+            raise ValueError(f"pairs: expected a list of (query, passage) pairs, got {type(pairs).__name__}")
+        positive_int("batch_size", batch_size)
+        positive_int("max_tokens", max_tokens)
+        positive_int("max_length", max_length, none_ok=True)
+        pairs = list(pairs)
+        if not pairs:
+            return []
+        scores = torch.empty(len(pairs), dtype=torch.float32, device=self._results_device)
+        show = show_progress if show_progress is not None else len(pairs) > 4 * batch_size
+        truncated = [0]
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(pairs), unit="pair", desc="scoring", disable=not show) as bar:
+            batches = self._plan(pairs, batch_size, max_length, max_tokens, truncated)
+            for batch, values in self._execute(batches, normalize):
+                write_rows(scores, batch.indices, values)
+                bar.update(len(batch.indices))
+        if truncated[0]:
+            warnings.warn(
+                f"{truncated[0]} of {len(pairs)} pairs exceeded max_length={max_length or self.preset.max_length} "
+                f"tokens and were truncated by the {self.preset.name!r} preset's rule",
+                stacklevel=3,  # past the inference_mode wrapper, to the caller
+            )
+        return scores.cpu().tolist()
+
+    @property
+    def _plan_device(self) -> torch.device:
+        """The device the batches are planned for (window size, padded widths)."""
+        return self.device
+
+    @property
+    def _results_device(self) -> torch.device:
+        return self.device
+
+    def _plan(self, pairs, batch_size, max_length, max_tokens, truncated) -> Iterator[PlannedBatch]:
+        """The batches of ``pairs``, window by window: each window is tokenised, split at each pair's shared
+        prefix (packed) and cut into batches. A generator, so on CUDA the next window is tokenised while
+        the device runs this one (nothing here waits for the device). ``truncated[0]`` counts the pairs
+        cut to ``max_length``."""
+        chunk = sort_window(batch_size, self._plan_device)
+        limit = self.preset.max_length if max_length is None else max_length
+        for start in range(0, len(pairs), chunk):
+            window = pairs[start : start + chunk]
+            encoded = self.tokenize(window, max_length)
+            truncated[0] += sum(e.truncated for e in encoded)
+            heads = None
+            if self.packed:
+                heads = (
+                    shared_prefix_lengths(self.preset.template, self.tokenizer, window, encoded, limit)
+                    if self.share_prefix
+                    else [None] * len(encoded)
+                )
+            sequences = [e.input_ids for e in encoded]
+            yield from plan_batches(sequences, start, batch_size, max_tokens, self._plan_device, heads)
+
+    def _execute(self, batches, normalize: bool):
+        """``(batch, scores)`` for each planned batch; here, one after the other on this reranker's device."""
+        for batch in batches:
+            yield batch, self._run(batch, normalize)
+
+    def _run(self, batch: PlannedBatch, normalize: bool) -> torch.Tensor:
+        if self.device.type == "meta":
+            raise ValueError(
+                "device: this reranker was loaded with device='meta' (no weights): it tokenizes and plans "
+                "batches but cannot score; load it on 'cpu' or 'cuda'"
+            )
+
+        def padded(b):
+            return self.scorer(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, normalize=normalize
+            )
+
+        return run_planned(
+            batch,
+            self.model,
+            self.device,
+            lambda b: self.scorer.packed_scores(b, normalize=normalize),
+            padded,
+            self.pad_token_id,
+            getattr(self.tokenizer, "padding_side", "right"),
+        )
+
+    @torch.inference_mode()
+    def _run_remote(self, batch: PlannedBatch, normalize: bool):
+        """What a pool worker runs: one planned batch's scores, as a host array."""
+        return self._run(batch, normalize).float().cpu().numpy()
+
+    def rank(
+        self, query: str, documents: Sequence, *, top_k: Optional[int] = None, normalize: bool = False, **score_kwargs
+    ) -> List[dict]:
+        """Documents for ``query``, best first: ``[{"index", "relevance_score", "document"}, ...]``.
+
+        ``documents`` are strings or ``{"text": ...}`` dicts (returned as given); ``top_k`` keeps the best k.
+        """
+        if not isinstance(query, str):
+            raise ValueError(f"query: must be a string, got {type(query).__name__}")
+        documents = documents if isinstance(documents, str) else list(documents)
+        texts = document_texts(documents)
+        positive_int("top_k", top_k, none_ok=True)
+        scores = self.score([(query, t) for t in texts], normalize=normalize, **score_kwargs)
+        return [{"index": i, "relevance_score": scores[i], "document": documents[i]} for i in best_first(scores, top_k)]
+
+    def compute_score(
+        self,
+        sentence_pairs,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: Optional[int] = None,
+        normalize: bool = False,
+        **kwargs,
+    ):
+        """FlagEmbedding's ``compute_score``: the list of scores of ``sentence_pairs`` (a list of ``[query,
+        passage]``, or one such pair, which gives a one-element list as FlagEmbedding 1.4 does); ``normalize=True``
+        applies the preset's mapping to [0, 1] (a sigmoid for the logit conventions, as FlagEmbedding does).
+        Other keywords go to ``score``."""
+        single = (
+            isinstance(sentence_pairs, (list, tuple))
+            and len(sentence_pairs) == 2
+            and all(isinstance(x, str) for x in sentence_pairs)
+        )
+        pairs = [tuple(sentence_pairs)] if single else sentence_pairs
+        return self.score(pairs, batch_size=batch_size, max_length=max_length, normalize=normalize, **kwargs)
+
+
+def best_first(scores: Sequence[float], top_k: Optional[int] = None) -> List[int]:
+    """Indices of ``scores`` from the highest score down (ties keep input order), the first ``top_k`` of them."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    return order if top_k is None else order[:top_k]
