@@ -370,3 +370,50 @@ def test_sigterm_finishes_requests_in_flight(server):
     # uvicorn re-raises the signal once it has drained, so the exit status is -SIGTERM (or 0)
     assert proc.wait(60) in (0, -signal.SIGTERM)
     assert len(results) == 1 and results[0].status_code == 200 and len(results[0].json()["results"]) == 250
+
+
+def test_tei_truncate_false_refuses_over_long_inputs_and_left_cuts_are_refused(models):
+    import dataclasses
+
+    # budgets that the first input fits and the second does not
+    fits = len(models[0].tokenize([(QUERY, DOCS[0])])[0].input_ids)
+    reranker = fastrank.Reranker(
+        models[0].model, models[0].tokenizer, dataclasses.replace(fastrank.get_preset(PRESET), max_length=fits + 4)
+    )
+    fits = len(models[1].encoder.tokenize([TEXTS[0]])[0])
+    embedder = fastrank.Embedder(
+        fastrank.BiEncoder(models[1].encoder.model, models[1].tokenizer, pooling="last", max_length=fits + 4)
+    )
+    long_text = " ".join(["river"] * 60)
+    with TestClient(build_app(reranker, embedder)) as c:
+        for path, body in (
+            ("/tei/rerank", {"query": QUERY, "texts": [DOCS[0], long_text]}),
+            ("/embed", {"inputs": [TEXTS[0], long_text]}),
+        ):
+            field = "texts" if path == "/tei/rerank" else "inputs"
+            r = c.post(path, json={**body, "truncate": False})
+            assert (
+                r.status_code == 413
+                and f"{field}[1]: longer than the model's" in r.json()["error"]
+                and r.json()["field"] == field
+            )
+            assert c.post(path, json={**body, "truncate": True}).status_code == 200
+            assert c.post(path, json=body).status_code == 200  # the default cuts, as TEI's --auto-truncate
+            r = c.post(path, json={**body, "truncation_direction": "Left"})
+            assert r.status_code == 422 and "truncation_direction: 'Left' is not supported" in r.text
+            short = {**body, field: body[field][:1]}
+            assert c.post(path, json={**short, "truncate": False, "truncation_direction": "Left"}).status_code == 200
+
+
+def test_each_request_is_tokenised_once(models):
+    reranker = fastrank.Reranker(models[0].model, models[0].tokenizer, PRESET)
+    calls = []
+    tokenize = reranker.tokenize
+    reranker.tokenize = lambda pairs, max_length=None: calls.append(len(pairs)) or tokenize(pairs, max_length)
+    with TestClient(build_app(reranker)) as c:
+        r = c.post("/v2/rerank", json={"query": QUERY, "documents": DOCS})
+    assert r.status_code == 200 and calls == [len(DOCS)]
+    want = models[0].rank(QUERY, DOCS, normalize=True)
+    np.testing.assert_allclose(
+        [x["relevance_score"] for x in r.json()["results"]], [w["relevance_score"] for w in want], **TOL
+    )

@@ -177,6 +177,7 @@ class Embedder:
         convert_to_tensor: Optional[bool] = None,
         convert_to_numpy: Optional[bool] = None,
         show_progress_bar: Optional[bool] = None,
+        tokenized: Optional[Sequence[Sequence[int]]] = None,
     ):
         """Embeddings of ``texts`` in input order: ``[N, H]`` fp32 (a single string gives ``[H]``).
 
@@ -194,6 +195,8 @@ class Embedder:
             normalize_embeddings, convert_to_tensor, convert_to_numpy, show_progress_bar:
                 sentence-transformers' names for ``normalize``, ``convert_to="torch"``, ``convert_to="numpy"``
                 and ``show_progress``, so code written for ``SentenceTransformer.encode`` runs unchanged.
+            tokenized: the texts' token ids as ``encoder.tokenize(texts, kind, max_length)`` gives them, when the
+                caller already has them (the server counts tokens with them), so they are not tokenised twice.
         """
         normalize = _same_option("normalize", normalize, "normalize_embeddings", normalize_embeddings)
         show_progress = _same_option("show_progress", show_progress, "show_progress_bar", show_progress_bar)
@@ -213,6 +216,10 @@ class Embedder:
                 raise ValueError(f"texts[{i}]: expected a string, got {type(t).__name__}")
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to: must be 'numpy' or 'torch', got {convert_to!r}")
+        if tokenized is not None and (prompt or len(tokenized) != len(texts)):
+            raise ValueError(
+                f"tokenized: give one token-id list per text ({len(tokenized)} for {len(texts)}), and no prompt"
+            )
         if prompt:
             texts = [prompt + t for t in texts]
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self._results_device)
@@ -220,7 +227,7 @@ class Embedder:
         from tqdm.auto import tqdm
 
         with tqdm(total=len(texts), unit="text", desc="encoding", disable=not show) as bar:
-            batches = self._plan(texts, kind, batch_size, max_length, max_tokens)
+            batches = self._plan(texts, kind, batch_size, max_length, max_tokens, tokenized)
             for batch, values in self._execute(batches, normalize):
                 write_rows(out, batch.indices, values)
                 bar.update(len(batch.indices))
@@ -237,12 +244,15 @@ class Embedder:
     def _results_device(self) -> torch.device:
         return self.device
 
-    def _plan(self, texts, kind, batch_size, max_length, max_tokens) -> Iterator[PlannedBatch]:
+    def _plan(self, texts, kind, batch_size, max_length, max_tokens, tokenized=None) -> Iterator[PlannedBatch]:
         """The batches of ``texts``, window by window (tokenised, sorted by length, cut under the budget); a
         generator, so on CUDA the next window is tokenised while the device encodes this one."""
         window = sort_window(batch_size, self._plan_device)
         for start in range(0, len(texts), window):
-            sequences = self.encoder.tokenize(texts[start : start + window], kind, max_length)
+            if tokenized is None:
+                sequences = self.encoder.tokenize(texts[start : start + window], kind, max_length)
+            else:
+                sequences = tokenized[start : start + window]
             heads = [None] * len(sequences) if self.packed else None
             yield from plan_batches(sequences, start, batch_size, max_tokens, self._plan_device, heads)
 

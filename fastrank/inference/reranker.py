@@ -63,7 +63,12 @@ class Reranker:
         self.tokenizer = tokenizer
         self.model = model.eval()
         self.pad_token_id = pad_token_id_of(tokenizer)
-        self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
+        if self.is_cross_encoder:
+            from fastrank.models.cross_encoder import CrossEncoderScorer
+
+            self.scorer = CrossEncoderScorer(model)
+        else:
+            self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
         self.packed = bool(packed) and enable_packing(model)
         self.share_prefix = bool(share_prefix)
 
@@ -104,7 +109,7 @@ class Reranker:
                 with packing on, this is what the model's padded calls use.
             packed, share_prefix: packed batches and shared query prefixes (see the class); True by default.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         if devices is not None:
             from fastrank.inference.pool import RerankerPool
@@ -138,10 +143,12 @@ class Reranker:
             kwargs = dict(model_kwargs)
             if attn_implementation is not None:
                 kwargs["attn_implementation"] = attn_implementation
+            # A cross-encoder is a sequence-classification model; every other preset reads a causal LM's head.
+            loader = AutoModelForSequenceClassification if preset.convention.kind == "classifier" else AutoModelForCausalLM
             if device.type == "meta":
-                model = model_skeleton(AutoModelForCausalLM, source, dtype=dtype, **kwargs)
+                model = model_skeleton(loader, source, dtype=dtype, **kwargs)
             else:
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+                model = loader.from_pretrained(source, dtype=dtype, **kwargs)
         else:
             model = path_or_model
             if dtype not in (None, "auto"):
@@ -157,6 +164,11 @@ class Reranker:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def is_cross_encoder(self) -> bool:
+        """Whether the preset scores a sequence-classification model (``"cross-encoder"``) rather than an LM head."""
+        return self.preset.convention.kind == "classifier"
 
     def tokenize(self, pairs: Sequence, max_length: Optional[int] = None):
         """Token ids of each pair under the preset's layout (``TokenizedPair`` list)."""
@@ -175,6 +187,7 @@ class Reranker:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         normalize: bool = False,
         show_progress: Optional[bool] = None,
+        tokenized: Optional[Sequence] = None,
     ) -> List[float]:
         """One score per (query, passage) pair, in input order.
 
@@ -187,6 +200,8 @@ class Reranker:
                 counted once; padded tokens otherwise).
             normalize: map scores to [0, 1] as the convention defines (sigmoid for logit conventions).
             show_progress: a progress bar over pairs; default on for more than ``4 * batch_size`` pairs.
+            tokenized: the pairs' ``tokenize(pairs, max_length)`` when the caller already has it (the server
+                counts tokens with it), so they are not tokenised twice.
         """
         if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
             pairs = [pairs]
@@ -196,6 +211,8 @@ class Reranker:
         positive_int("max_tokens", max_tokens)
         positive_int("max_length", max_length, none_ok=True)
         pairs = list(pairs)
+        if tokenized is not None and len(tokenized) != len(pairs):
+            raise ValueError(f"tokenized: {len(tokenized)} encodings for {len(pairs)} pairs; give one per pair")
         if not pairs:
             return []
         scores = torch.empty(len(pairs), dtype=torch.float32, device=self._results_device)
@@ -204,7 +221,7 @@ class Reranker:
         from tqdm.auto import tqdm
 
         with tqdm(total=len(pairs), unit="pair", desc="scoring", disable=not show) as bar:
-            batches = self._plan(pairs, batch_size, max_length, max_tokens, truncated)
+            batches = self._plan(pairs, batch_size, max_length, max_tokens, truncated, tokenized)
             for batch, values in self._execute(batches, normalize):
                 write_rows(scores, batch.indices, values)
                 bar.update(len(batch.indices))
@@ -225,16 +242,16 @@ class Reranker:
     def _results_device(self) -> torch.device:
         return self.device
 
-    def _plan(self, pairs, batch_size, max_length, max_tokens, truncated) -> Iterator[PlannedBatch]:
-        """The batches of ``pairs``, window by window: each window is tokenised, split at each pair's shared
-        prefix (packed) and cut into batches. A generator, so on CUDA the next window is tokenised while
-        the device runs this one (nothing here waits for the device). ``truncated[0]`` counts the pairs
-        cut to ``max_length``."""
+    def _plan(self, pairs, batch_size, max_length, max_tokens, truncated, tokenized=None) -> Iterator[PlannedBatch]:
+        """The batches of ``pairs``, window by window: each window is tokenised (or taken from ``tokenized``),
+        split at each pair's shared prefix (packed) and cut into batches. A generator, so on CUDA the next
+        window is tokenised while the device runs this one (nothing here waits for the device).
+        ``truncated[0]`` counts the pairs cut to ``max_length``."""
         chunk = sort_window(batch_size, self._plan_device)
         limit = self.preset.max_length if max_length is None else max_length
         for start in range(0, len(pairs), chunk):
             window = pairs[start : start + chunk]
-            encoded = self.tokenize(window, max_length)
+            encoded = self.tokenize(window, max_length) if tokenized is None else tokenized[start : start + chunk]
             truncated[0] += sum(e.truncated for e in encoded)
             heads = None
             if self.packed:
@@ -244,7 +261,10 @@ class Reranker:
                     else [None] * len(encoded)
                 )
             sequences = [e.input_ids for e in encoded]
-            yield from plan_batches(sequences, start, batch_size, max_tokens, self._plan_device, heads)
+            types = [e.segment_a for e in encoded] if any(e.segment_a is not None for e in encoded) else None
+            if types is not None:  # a cross-encoder's token types (segment A's length; None: all type 0)
+                types = [len(seq) if a is None else a for seq, a in zip(sequences, types)]
+            yield from plan_batches(sequences, start, batch_size, max_tokens, self._plan_device, heads, types)
 
     def _execute(self, batches, normalize: bool):
         """``(batch, scores)`` for each planned batch; here, one after the other on this reranker's device."""
@@ -258,16 +278,23 @@ class Reranker:
                 "batches but cannot score; load it on 'cpu' or 'cuda'"
             )
 
+        # A cross-encoder's token types travel with the batch (segment A's length per pair).
+        types = {} if batch.segment_a is None else {"segment_a": batch.segment_a}
+
         def padded(b):
             return self.scorer(
-                input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, normalize=normalize
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                position_ids=b.position_ids,
+                normalize=normalize,
+                **types,
             )
 
         return run_planned(
             batch,
             self.model,
             self.device,
-            lambda b: self.scorer.packed_scores(b, normalize=normalize),
+            lambda b: self.scorer.packed_scores(b, normalize=normalize, **types),
             padded,
             self.pad_token_id,
             getattr(self.tokenizer, "padding_side", "right"),

@@ -112,7 +112,8 @@ class JinaRerankResponse(RerankResponse):
 
 
 class TEIRerankRequest(BaseModel):
-    """TEI's rerank request. The preset's truncation rule always applies (``truncate`` is accepted and ignored)."""
+    """TEI's rerank request. Over-long pairs are cut by the preset's rule (the passage's end) unless ``truncate`` is
+    false, which makes them a 413; ``truncation_direction`` "Left" is refused when a pair needs cutting."""
 
     query: StrictStr = Field(..., min_length=1)
     texts: List[StrictStr] = Field(..., min_length=1)
@@ -129,7 +130,8 @@ class TEIRank(BaseModel):
 
 
 class TEIEmbedRequest(BaseModel):
-    """TEI's embed request. Texts longer than the embedder's max_length are truncated (``truncate`` is accepted)."""
+    """TEI's embed request. Texts longer than the embedder's max_length are cut at the end unless ``truncate`` is
+    false, which makes them a 413; ``truncation_direction`` "Left" is refused when a text needs cutting."""
 
     inputs: Union[StrictStr, List[StrictStr]]
     normalize: bool = True
@@ -373,17 +375,23 @@ def build_app(
     if reranker is not None:
         reranker_name = reranker_name or getattr(reranker.model, "name_or_path", None) or "reranker"
 
-        def run_rerank(pairs, options):
+        def run_rerank(items, options):
             (normalize,) = options
-            return reranker.score(pairs, normalize=normalize, max_tokens=max_batch_tokens, show_progress=False)
+            pairs, encoded = zip(*items)  # the encodings the request was counted with: not tokenised again
+            return reranker.score(
+                list(pairs), normalize=normalize, max_tokens=max_batch_tokens, show_progress=False, tokenized=encoded
+            )
 
         batchers["reranker"] = Batcher(run_rerank, on_batch=on_batch("reranker"), **common)
     if embedder is not None:
         embedder_name = embedder_name or getattr(embedder.encoder.model, "name_or_path", None) or "embedder"
 
-        def run_embed(texts, options):
+        def run_embed(items, options):
             (normalize,) = options
-            vectors = embedder.encode(texts, normalize=normalize, max_tokens=max_batch_tokens, show_progress=False)
+            texts, ids = zip(*items)
+            vectors = embedder.encode(
+                list(texts), normalize=normalize, max_tokens=max_batch_tokens, show_progress=False, tokenized=ids
+            )
             return list(np.asarray(vectors, dtype=np.float32))
 
         batchers["embedder"] = Batcher(run_embed, on_batch=on_batch("embedder"), **common)
@@ -502,31 +510,78 @@ def build_app(
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         return [t if len(i) <= n else tok.decode(i[:n]) for t, i in zip(texts, ids)]
 
-    async def rerank(request: Request, query: str, texts: List[str], normalize: bool, endpoint: str, max_doc=None):
+    def check_truncation(cut: List[bool], field: str, limit: int, truncate, direction) -> None:
+        """TEI's ``truncate``: False makes an over-long input an error rather than cut it (the default, None,
+        cuts it, as TEI's ``--auto-truncate`` does); only the end of a text is ever cut."""
+        if not any(cut):
+            return
+        first = cut.index(True)
+        if truncate is False:
+            raise ApiError(
+                413,
+                f"{field}[{first}]: longer than the model's {limit} tokens ({sum(cut)} inputs are); send "
+                "truncate: true to cut them, or shorten them",
+                field,
+                "max_length",
+            )
+        if direction.lower() == "left":
+            raise ApiError(
+                422,
+                f"truncation_direction: 'Left' is not supported ({field}[{first}] needs cutting, and this server "
+                "cuts the end of a text); send 'Right', or shorten the input",
+                "truncation_direction",
+            )
+
+    async def rerank(
+        request: Request,
+        query: str,
+        texts: List[str],
+        normalize: bool,
+        endpoint: str,
+        max_doc=None,
+        truncate=None,
+        direction="Right",
+    ):
         batcher = need("reranker")
-        check_count(len(texts), "documents" if endpoint != "/tei/rerank" else "texts", "max_documents")
+        field = "documents" if endpoint != "/tei/rerank" else "texts"
+        check_count(len(texts), field, "max_documents")
         check_chars([query], "query")
-        check_chars(texts, "documents" if endpoint != "/tei/rerank" else "texts")
+        check_chars(texts, field)
 
         def prepare():
             docs = cut_documents(texts, max_doc)
             pairs = [(query, d) for d in docs]
-            return pairs, [len(e.input_ids) for e in reranker.tokenize(pairs)]
+            return pairs, reranker.tokenize(pairs)
 
-        pairs, tokens = await in_thread(prepare)
+        pairs, encoded = await in_thread(prepare)
+        check_truncation([e.truncated for e in encoded], field, reranker.preset.max_length, truncate, direction)
+        tokens = [len(e.input_ids) for e in encoded]
         check_tokens(sum(tokens))
-        scores = await compute(request, batcher, pairs, tokens, (normalize,), endpoint)
+        scores = await compute(request, batcher, list(zip(pairs, encoded)), tokens, (normalize,), endpoint)
         return scores, int(sum(tokens))
 
-    async def embed(request: Request, texts: List[str], normalize, field: str, endpoint: str):
+    async def embed(
+        request: Request, texts: List[str], normalize, field: str, endpoint: str, truncate=None, direction="Right"
+    ):
         batcher = need("embedder")
         if not texts:
             raise ApiError(422, f"{field}: must not be empty", field)
         check_count(len(texts), field, "max_texts")
         check_chars(texts, field)
-        tokens = await in_thread(lambda: [len(s) for s in embedder.encoder.tokenize(texts, "passage", None)])
+
+        def prepare():
+            ids = embedder.encoder.tokenize(texts, "passage", None)
+            if truncate is False or direction.lower() == "left":  # which inputs were cut: their full length
+                full = embedder.encoder.tokenize(texts, "passage", 1 << 30)
+                return ids, [len(a) < len(b) for a, b in zip(ids, full)]
+            return ids, []
+
+        ids, cut = await in_thread(prepare)
+        limit = getattr(embedder.encoder, "max_length", None) or embedder.encoder.passage_max_len
+        check_truncation(cut, field, limit, truncate, direction)
+        tokens = [len(i) for i in ids]
         check_tokens(sum(tokens))
-        vectors = await compute(request, batcher, texts, tokens, (normalize,), endpoint)
+        vectors = await compute(request, batcher, list(zip(texts, ids)), tokens, (normalize,), endpoint)
         return vectors, int(sum(tokens))
 
     def cohere_results(scores, documents, top_n, return_documents):
@@ -585,7 +640,15 @@ def build_app(
     @app.post("/tei/rerank", response_model=List[TEIRank], tags=["TEI"], **exclude)
     async def tei_rerank(body: TEIRerankRequest, request: Request):
         """TEI's rerank: a bare list `[{index, score, text?}]`, best first; `raw_scores` skips the normalisation."""
-        scores, _ = await rerank(request, body.query, list(body.texts), not body.raw_scores, "/tei/rerank")
+        scores, _ = await rerank(
+            request,
+            body.query,
+            list(body.texts),
+            not body.raw_scores,
+            "/tei/rerank",
+            truncate=body.truncate,
+            direction=body.truncation_direction,
+        )
         return [
             TEIRank(index=i, score=scores[i], text=body.texts[i] if body.return_text else None)
             for i in best_first(scores)
@@ -595,7 +658,9 @@ def build_app(
     async def tei_embed(body: TEIEmbedRequest, request: Request):
         """TEI's embed: one list of floats per input."""
         texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
-        vectors, _ = await embed(request, texts, body.normalize, "inputs", "/embed")
+        vectors, _ = await embed(
+            request, texts, body.normalize, "inputs", "/embed", body.truncate, body.truncation_direction
+        )
         return [v.tolist() for v in vectors]
 
     @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
