@@ -417,3 +417,49 @@ def test_each_request_is_tokenised_once(models):
     np.testing.assert_allclose(
         [x["relevance_score"] for x in r.json()["results"]], [w["relevance_score"] for w in want], **TOL
     )
+
+
+def test_a_client_that_disconnects_while_queued_costs_no_model_work(models):
+    """Over real HTTP (uvicorn on a loopback port): a request still waiting for the model when its client hangs
+    up is dropped before its batch runs, and counted as status 499."""
+    import httpx
+    import uvicorn
+
+    reranker = fastrank.Reranker(models[0].model, models[0].tokenizer, PRESET)
+    seen = []
+    score = reranker.score
+
+    def slow_score(pairs, **kwargs):
+        seen.extend(d for _, d in pairs)
+        time.sleep(1.0)  # holds the model while the second request waits in the queue
+        return score(pairs, **kwargs)
+
+    reranker.score = slow_score
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(build_app(reranker, max_wait_ms=0), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        first = threading.Thread(
+            target=lambda: seen.append(
+                httpx.post(url + "/v2/rerank", json={"query": QUERY, "documents": ["first"]}, timeout=30).status_code
+            )
+        )
+        first.start()
+        time.sleep(0.3)  # the first request is in the model
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v2/rerank", json={"query": QUERY, "documents": ["gone"]}, timeout=0.3)
+        first.join(30)
+        time.sleep(0.3)
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+    assert seen == ["first", 200]  # "gone" never reached the model
+    assert 'fastrank_requests_total{endpoint="/v2/rerank",status="499"} 1' in metrics

@@ -307,6 +307,53 @@ def _error(status: int, message: str, field=None, limit=None, headers=None) -> J
 # ---------------------------------------------------------------------------------------------------- the app
 
 
+class _Around:
+    """What every request goes through: the API key, a 500 with an id in the log for a failure, and the request
+    counters and latency.
+
+    A plain ASGI middleware, not Starlette's ``@app.middleware("http")``: that one hands the endpoint a
+    ``receive`` that never reports the client's disconnect, so ``request.is_disconnected()`` stays False and a
+    request whose client has gone would still be computed (tested over real HTTP)."""
+
+    def __init__(self, app, api_key: Optional[str], metrics: "Metrics", routes):
+        self.app, self.api_key, self.metrics, self.routes = app, api_key, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        start = time.perf_counter()
+        if self.api_key and path not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                response = _error(
+                    401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", "Authorization"
+                )
+                self.metrics.requests[(path, 401)] += 1
+                return await response(scope, receive, send)
+        status = {}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:  # noqa: BLE001 -- a failure answers this request only; the server lives on
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("error id %s on %s %s", error_id, scope["method"], path)
+            if "code" not in status:  # nothing sent yet: the client gets the id
+                await _error(500, f"internal server error (id {error_id} in the server's log)")(
+                    scope, receive, send_and_note
+                )
+        known = any(getattr(r, "path", None) == path for r in self.routes)
+        endpoint = path if known else "other"
+        self.metrics.requests[(endpoint, status.get("code", 500))] += 1
+        self.metrics.latency[endpoint].observe(time.perf_counter() - start)
+
+
 def _describe(model) -> dict:
     """dtype and device of a Reranker or Embedder."""
     params = model.model.parameters() if hasattr(model, "model") else model.encoder.parameters()
@@ -423,30 +470,7 @@ def build_app(
     async def on_api_error(request, exc: ApiError):
         return _error(exc.status, exc.message, exc.field, exc.limit, exc.headers or None)
 
-    @app.middleware("http")
-    async def around(request: Request, call_next):
-        path = request.url.path
-        start = time.perf_counter()
-        if api_key and path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                response = _error(
-                    401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", "Authorization"
-                )
-                metrics.requests[(path, 401)] += 1
-                return response
-        try:
-            response = await call_next(request)
-        except Exception:  # noqa: BLE001 -- a failure answers this request only; the server lives on
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("error id %s on %s %s", error_id, request.method, path)
-            response = _error(500, f"internal server error (id {error_id} in the server's log)")
-        known = any(getattr(r, "path", None) == path for r in app.routes)
-        endpoint = path if known else "other"
-        metrics.requests[(endpoint, response.status_code)] += 1
-        metrics.latency[endpoint].observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Around, api_key=api_key, metrics=metrics, routes=app.routes)
 
     # ------------------------------------------------------------------ helpers
 
