@@ -6,9 +6,9 @@
     report["after_training"]["mrr@10"]
 
 Each runs the Hugging Face Trainer on fastrank's training model (the fused score head or the fused contrastive
-loss): checkpoints every ``save_steps`` in ``output``, ``resume`` from the last one, the final model saved to
-``output``, and with ``eval`` the held-out metrics before and after training (also written to
-``output/eval_results.json``).
+loss): checkpoints every ``save_steps`` in ``output`` (each written whole or not at all; the newest
+``save_total_limit`` kept), ``resume`` from the newest complete one, the final model saved to ``output``, and
+with ``eval`` the held-out metrics before and after training (also written to ``output/eval_results.json``).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from fastrank.engine import attention_dropout, enable_packing
 from fastrank.evaluation import reranking_metrics, retrieval_metrics
 from fastrank.heads import yes_logit
 from fastrank.inference import Embedder, Reranker
-from fastrank.integrations.trainer import EmbedderTrainer, RerankerTrainer
+from fastrank.integrations.fsdp import check_fsdp_mode, is_sharded
+from fastrank.integrations.trainer import EmbedderTrainer, RerankerTrainer, last_complete_checkpoint
 from fastrank.models.embedder import BiEncoder, LlaraEncoder
 from fastrank.models.llm_reranker import LLMRerankerModel
-from fastrank.models.loading import check_model_source, default_device, resolve_dtype
+from fastrank.models.loading import check_model_source, resolve_dtype
 from fastrank.presets import Preset, save_preset
 from fastrank.utils import positive_int
 
@@ -45,8 +46,10 @@ class TrainingOptions:
     ``data`` is one or more JSONL files or folders (``query``, ``pos``, ``neg``, optional ``pos_scores`` /
     ``neg_scores``); ``eval`` a held-out JSONL for the metrics before and after; ``train_group_size`` passages per
     query (1 positive + G-1 negatives); ``batch_size`` queries per device and step; ``warmup_ratio`` the
-    linear warm-up fraction; ``query_max_len`` / ``passage_max_len`` the token budgets; ``progress`` the
-    Trainer's progress bar.
+    linear warm-up fraction; ``query_max_len`` / ``passage_max_len`` the token budgets; ``save_total_limit``
+    how many checkpoints to keep (None: all); ``fsdp`` shards the model over the processes of a ``torchrun`` /
+    ``accelerate launch`` run with FSDP2 (``"full_shard"`` or ``"shard_grad_op"``; None: each process holds
+    the whole model, DDP when there are several); ``progress`` the Trainer's progress bar.
     """
 
     output: str
@@ -65,10 +68,12 @@ class TrainingOptions:
     passage_instruction: Optional[str] = None
     max_examples_per_dataset: Optional[int] = None
     save_steps: int = 500
+    save_total_limit: Optional[int] = None
     logging_steps: int = 10
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: Optional[str] = None
     packed: bool = True
     resume: bool = False
     seed: int = 42
@@ -91,6 +96,9 @@ class TrainingOptions:
         ):
             positive_int(name, getattr(self, name))
         positive_int("max_examples_per_dataset", self.max_examples_per_dataset, none_ok=True)
+        positive_int("save_total_limit", self.save_total_limit, none_ok=True)
+        if self.fsdp is not None:
+            check_fsdp_mode(self.fsdp)
         if not self.lr > 0:
             raise ValueError(f"lr: must be positive, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
@@ -117,6 +125,7 @@ class TrainingOptions:
             num_train_epochs=self.epochs,
             max_steps=self.max_steps,
             save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
             logging_steps=self.logging_steps,
             bf16=self.bf16,
             fp16=self.fp16,
@@ -142,25 +151,25 @@ def _train_and_report(
     report: Optional[Report],
     log: Optional[Log],
 ) -> dict:
-    """Train (from the last checkpoint with ``resume``), save to ``output``, and with ``eval`` measure the
-    held-out metrics before and after (``evaluate()`` gives them for the model as it is)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """Train (from the newest complete checkpoint with ``resume``), save to ``output``, and with ``eval``
+    measure the held-out metrics before and after (``evaluate()`` gives them for the model as it is). With
+    several processes only the first evaluates (every one holds the same model, or after FSDP a shard of it)."""
     result = {"output": options.output}
-    if options.eval:
+    evaluating = options.eval and trainer.is_world_process_zero()
+    if evaluating:
         result["before_training"] = evaluate()
         if report:
             report("before_training", result["before_training"])
     resume = None
     if options.resume:
-        resume = get_last_checkpoint(options.output) if os.path.isdir(options.output) else None
+        resume = last_complete_checkpoint(options.output)
         if resume is None and log:
-            log(f"resume: no checkpoint in {options.output}; starting from the beginning")
+            log(f"resume: no complete checkpoint in {options.output}; starting from the beginning")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(options.output)
     if log:
         log(f"saved the trained {what} to {options.output}")
-    if options.eval:
+    if evaluating:
         result["after_training"] = evaluate()
         with open(os.path.join(options.output, "eval_results.json"), "w") as f:
             json.dump({k: result[k] for k in ("before_training", "after_training")}, f, indent=2)
@@ -191,6 +200,10 @@ def train_embedder(
     if kind not in ("bi", "llara"):
         raise ValueError(f"kind: must be 'bi' or 'llara', got {kind!r}")
     model_path = check_model_source(model, "model")
+    # First: under torchrun this sets up torch.distributed, which negatives_cross_device needs at construction.
+    training_args = options.trainer_arguments()
+    if training_args.process_index != 0:
+        report = log = None  # one process reports
     common = dict(
         temperature=temperature,
         negatives_cross_device=negatives_cross_device,
@@ -220,19 +233,26 @@ def train_embedder(
         seed=options.seed,
     )
     eval_rows = read_retrieval_jsonl(options.eval, need_negatives=False) if options.eval else None
-    encoder.to(default_device())
+    encoder.to(training_args.device)
     trainer = EmbedderTrainer(
         model=encoder.train(),
-        args=options.trainer_arguments(),
+        args=training_args,
         train_dataset=train,
         data_collator=EmbedderCollator(
             encoder, options.query_max_len, options.passage_max_len, packed=_train_packed(encoder.model, options, log)
         ),
+        fsdp=options.fsdp,
     )
+
+    def evaluate():
+        if is_sharded(encoder):  # this process holds a shard of the trained model: score the saved one
+            return retrieval_metrics(Embedder.from_pretrained(options.output, device=training_args.device), eval_rows)
+        return retrieval_metrics(Embedder(encoder.eval()), eval_rows)
+
     return _train_and_report(
         trainer,
         options,
-        lambda: retrieval_metrics(Embedder(encoder.eval()), eval_rows),
+        evaluate,
         f"{encoder.kind} embedder",
         report,
         log,
@@ -287,6 +307,9 @@ def train_reranker(
     if lora_rank != 0:
         positive_int("lora_rank", lora_rank)
     model_path = check_model_source(model, "model")
+    training_args = options.trainer_arguments()  # under torchrun, sets up torch.distributed
+    if training_args.process_index != 0:
+        report = log = None  # one process reports
     query_instruction = "A: " if options.query_instruction is None else options.query_instruction
     passage_instruction = "B: " if options.passage_instruction is None else options.passage_instruction
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -338,10 +361,9 @@ def train_reranker(
         max_length=options.query_max_len + options.passage_max_len,
         description=f"trained by fastrank from {model}",
     )
-    training_args = options.trainer_arguments()
     if options.gradient_checkpointing and lora_rank:
         reranker.enable_input_require_grads()
-    lm.to(default_device())
+    lm.to(training_args.device)
     trainer = RerankerTrainer(
         model=reranker.train(),
         args=training_args,
@@ -351,14 +373,23 @@ def train_reranker(
             padding_side=padding_side,
             share_prefix=_train_packed(lm, options, log),
         ),
+        fsdp=options.fsdp,
     )
+
+    def evaluate():
+        if is_sharded(reranker):  # this process holds a shard of the trained model: score the saved one
+            saved = Reranker.from_pretrained(options.output, preset, device=training_args.device)
+            return reranking_metrics(saved, eval_rows)
+        return reranking_metrics(Reranker(lm.eval(), tokenizer, preset), eval_rows)
+
     result = _train_and_report(
         trainer,
         options,
-        lambda: reranking_metrics(Reranker(lm.eval(), tokenizer, preset), eval_rows),
+        evaluate,
         "reranker's " + ("LoRA adapter" if lora_rank else "model") + " and tokenizer",
         report,
         log,
     )
-    save_preset(preset, options.output)
+    if trainer.is_world_process_zero():
+        save_preset(preset, options.output)
     return result

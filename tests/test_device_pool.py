@@ -8,6 +8,7 @@ the pool."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from references import require
+from tolerances import SAME_COMPUTATION, assert_close
 
 import fastrank
 from fastrank.cli import main
@@ -227,3 +229,31 @@ def test_a_script_without_a_main_guard_can_start_a_pool(reranker_path, tmp_path)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("SCORES") == 1 and "bootstrapping" not in done.stderr
+
+
+def test_cli_devices(minilm_path, reranker_path, tmp_path, capsys):
+    texts = _texts(40, seed=6)
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "pool.npy"
+    args = ["encode", "--model", minilm_path, "--input", str(src), "--no-progress"]
+    assert main([*args, "--output", str(out), "--devices", "cpu,cpu"]) == 0
+    want = fastrank.Embedder.from_pretrained(minilm_path, device="cpu").encode(texts, show_progress=False)
+    # one process runs 2 threads here and each worker 1: the same batches, BLAS sums split another way
+    assert_close(np.load(out), want, SAME_COMPUTATION, what="encode --devices cpu,cpu")
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": q, "document": d}) + "\n" for q, d in _pairs(2, seed=7)))
+    scored = tmp_path / "scores.jsonl"
+    rerank = ["rerank", "--model", reranker_path, "--preset", PRESET, "--input", str(pairs), "--no-progress"]
+    assert main([*rerank, "--output", str(scored), "--devices", "cpu,cpu"]) == 0
+    got = [json.loads(line)["score"] for line in scored.read_text().splitlines()]
+    want = fastrank.Reranker.from_pretrained(reranker_path, PRESET, device="cpu").score(_pairs(2, seed=7))
+    assert_close(torch.tensor(got), torch.tensor(want), SAME_COMPUTATION, what="rerank --devices cpu,cpu")
+
+    capsys.readouterr()
+    assert main([*args, "--output", str(out), "--devices", "cpu,cpu", "--device", "cpu"]) == 1
+    assert "--device, --devices: give one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--output", str(out), "--devices", "cpu,,cpu"])
+    assert "expected devices separated by commas" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Drop-ins for the trainers people use: the Hugging Face Trainer and sentence-transformers' losses.
+"""Drop-ins for the tools people use: the Hugging Face Trainer, sentence-transformers' losses, and Ray Data.
 
-Imported lazily (``fastrank.integrations.trainer``, ``fastrank.integrations.sentence_transformers``) so that
-``import fastrank`` needs neither sentence-transformers nor the Trainer's extras.
+Imported lazily (``fastrank.integrations.trainer``, ``fastrank.integrations.sentence_transformers``,
+``fastrank.integrations.ray``) so that ``import fastrank`` needs neither sentence-transformers, the Trainer's
+extras nor Ray.
 """

@@ -281,13 +281,14 @@ class BiEncoder(_EmbedderBase):
     def instruction(self, kind: str) -> Optional[str]:
         return self.query_instruction if kind == "query" else self.passage_instruction
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, state_dict: Optional[dict] = None) -> None:
         """Write the model, its tokenizer, fastrank's settings and a sentence-transformers layout
         (``modules.json``, ``1_Pooling``, ``2_Normalize``) so ``SentenceTransformer(path)`` loads it.
         A PEFT-wrapped model writes its adapter instead of the full weights (merge it to get a folder
-        sentence-transformers loads alone)."""
+        sentence-transformers loads alone). ``state_dict`` (keyed as ``self.model.state_dict()``) gives the
+        weights to write when the parameters hold only this process's shard (FSDP)."""
         os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path)  # a PEFT model writes its adapter
+        self.model.save_pretrained(path, state_dict=state_dict)  # a PEFT model writes its adapter
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         dim = unwrap_model(self.model).config.hidden_size
@@ -489,9 +490,10 @@ class LlaraEncoder(_EmbedderBase):
         norm = self.normalize if normalize is None else normalize
         return F.pool(hidden, mode="special", last_k=8, normalize=norm, **layout)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, state_dict: Optional[dict] = None) -> None:
+        """As ``BiEncoder.save``: the model (or adapter), the tokenizer and fastrank's settings."""
         os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path)  # a PEFT model writes its adapter
+        self.model.save_pretrained(path, state_dict=state_dict)  # a PEFT model writes its adapter
         self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, FASTRANK_CONFIG), "w") as f:
             json.dump(

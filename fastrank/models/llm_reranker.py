@@ -134,11 +134,13 @@ class LLMRerankerModel(torch.nn.Module):
     def enable_input_require_grads(self):
         unwrap_model(self.model).enable_input_require_grads()
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, state_dict: Optional[dict] = None) -> None:
         """Write the model (a PEFT model writes its adapter) and the tokenizer to ``path``; the folder loads
-        with ``fastrank.Reranker.from_pretrained`` (merged or full weights) or PEFT."""
+        with ``fastrank.Reranker.from_pretrained`` (merged or full weights) or PEFT. ``state_dict`` (keyed as
+        ``self.model.state_dict()``) gives the weights to write when the parameters hold only this process's
+        shard (FSDP)."""
         os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, state_dict=state_dict)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
