@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -59,40 +60,48 @@ def _input_lines(path: str):
         return path, f.read().splitlines()
 
 
-def _parse_rerank_line(text: str):
-    """One JSONL line -> (record, [(query, passage)], kind) or raise ValueError with the reason."""
-    if not text.strip():
-        raise ValueError("empty line: nothing to score (remove it, or put a JSON object on it)")
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    query = record.get("query")
-    if not isinstance(query, str):
-        raise ValueError("'query' must be a string")
-    if "documents" in record:
-        from fastrank.inference import document_texts
-
-        return record, [(query, t) for t in document_texts(record["documents"])], "documents"
-    if isinstance(record.get("document"), str):
-        return record, [(query, record["document"])], "pair"
-    raise ValueError("needs 'documents' (a list) or 'document' (a string) next to 'query'")
-
-
 def _open_output(path: str):
     return sys.stdout if path == "-" else open(path, "w")
 
 
+def _layerwise_options(args) -> dict:
+    """``cutoff_layers``, ``compress_layers``, ``compress_ratio`` for ``Reranker.from_pretrained``, where given."""
+    options = {}
+    for name in ("cutoff_layers", "compress_layers", "compress_ratio"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
+def _layer_list(text: str):
+    """argparse type: a comma-separated list of layer numbers (``8`` or ``24,40``)."""
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+    if not layers or any(k < 0 for k in layers):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}")
+    return layers
+
+
 def cmd_rerank(args) -> int:
+    if _ray_requested(args) and _layerwise_options(args):
+        raise ValueError(
+            "--cutoff-layers, --compress-layers, --compress-ratio: not supported with --ray yet; run the layer-wise "
+            "reranker without --ray"
+        )
+    if _ray_requested(args):  # Parquet shards on Ray Data: fastrank.integrations.ray
+        if args.devices:
+            raise ValueError("--ray, --devices: give one (Ray places one actor per device; see --ray-actors)")
+        return _ray_integration().rerank_command(args)
     from fastrank.inference import Reranker, best_first
+    from fastrank.inference.reranker import parse_rerank_line
 
     where, lines = _input_lines(args.input)
     parsed, errors = [], 0
     for number, text in enumerate(lines, start=1):
         try:
-            parsed.append((number, *_parse_rerank_line(text)))
+            parsed.append((number, *parse_rerank_line(text)))
         except ValueError as e:
             parsed.append((number, None, str(e), "error"))
             errors += 1
@@ -102,16 +111,22 @@ def cmd_rerank(args) -> int:
     scores = []
     if pairs:
         reranker = Reranker.from_pretrained(
-            args.model, args.preset, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation
+            args.model,
+            args.preset,
+            dtype=args.dtype,
+            attn_implementation=args.attn_implementation,
+            **_device_options(args),
+            **_layerwise_options(args),
         )
-        scores = reranker.score(
-            pairs,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            max_tokens=args.max_tokens,
-            normalize=args.normalize,
-            show_progress=False if args.no_progress else None,
-        )
+        with contextlib.closing(reranker) if args.devices else contextlib.nullcontext():
+            scores = reranker.score(
+                pairs,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                max_tokens=args.max_tokens,
+                normalize=args.normalize,
+                show_progress=False if args.no_progress else None,
+            )
     out = _open_output(args.output)
     try:
         cursor = 0
@@ -169,6 +184,10 @@ def _read_texts(path: str, fmt: str):
 
 
 def cmd_encode(args) -> int:
+    if _ray_requested(args):  # Parquet shards on Ray Data: fastrank.integrations.ray
+        if args.devices:
+            raise ValueError("--ray, --devices: give one (Ray places one actor per device; see --ray-actors)")
+        return _ray_integration().encode_command(args)
     import numpy as np
 
     from fastrank.inference import Embedder
@@ -186,18 +205,19 @@ def cmd_encode(args) -> int:
         normalize=normalize,
         max_length=args.max_length,
         dtype=args.dtype,
-        device=args.device,
+        **_device_options(args),
     )
     method = embedder.encode_queries if args.queries else embedder.encode_corpus
     # One row per input line: a line that could not be encoded is a row of NaN, so row i is always line i + 1.
     vectors = np.full((len(items), embedder.dim), np.nan, dtype="float32")
-    if good:
-        vectors[[i for i, _ in good]] = method(
-            [t for _, t in good],
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            show_progress=False if args.no_progress else None,
-        )
+    with contextlib.closing(embedder) if args.devices else contextlib.nullcontext():
+        if good:
+            vectors[[i for i, _ in good]] = method(
+                [t for _, t in good],
+                batch_size=args.batch_size,
+                max_tokens=args.max_tokens,
+                show_progress=False if args.no_progress else None,
+            )
     if args.output.endswith(".npy"):
         np.save(args.output, vectors)
     else:
@@ -350,6 +370,70 @@ def _positive(text: str) -> int:
     return value
 
 
+def _device_list(text: str):
+    devices = [d.strip() for d in text.split(",")]
+    if not all(devices):
+        raise argparse.ArgumentTypeError(f"expected devices separated by commas, e.g. cuda:0,cuda:1; got {text!r}")
+    return devices
+
+
+def _add_device_flags(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--devices",
+        type=_device_list,
+        default=None,
+        help="several devices, e.g. cuda:0,cuda:1 (or cpu,cpu): one worker process per device, each loading the "
+        "model, the batches shared out among them; same results as one device",
+    )
+
+
+def _device_options(args) -> dict:
+    """``device=`` or ``devices=`` for from_pretrained; both given is an error naming the flags."""
+    if args.devices and args.device:
+        raise ValueError("--device, --devices: give one (--devices starts one worker per device)")
+    return {"devices": args.devices} if args.devices else {"device": args.device}
+
+
+def _ray_integration():
+    import fastrank.integrations.ray as module  # imports no Ray until a job runs
+
+    return module
+
+
+def _ray_requested(args) -> bool:
+    """--ray, or a --ray-* flag (which the integration refuses without --ray, rather than ignoring it)."""
+    return args.ray or any(getattr(args, name) is not None for name in _ray_integration().RAY_FLAGS)
+
+
+def _add_ray_flags(p, inputs: str) -> None:
+    """``--ray`` and its options, for encode and rerank: the job runs in fastrank.integrations.ray."""
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help=f"run on Ray Data actors (pip install 'fastrank-llm[ray]'): --input is a file or folder ({inputs}), "
+        "--output a folder of Parquet shards, and a rerun writes only the shards missing or incomplete",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=_positive,
+        default=None,
+        help="model replicas, each loading the model once (default: one per GPU with --device cuda, else 1)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster to join, e.g. auto or HOST:6379 (default: RAY_ADDRESS, else a local Ray for this run)",
+    )
+    p.add_argument("--ray-shard-rows", type=_positive, default=None, help="input rows per output shard (default 50000)")
+    p.add_argument(
+        "--ray-cpus-per-actor",
+        type=float,
+        default=None,
+        help="CPUs each actor reserves; a CPU actor's torch runs that many threads (default 1)",
+    )
+
+
 def _add_training_flags(
     p, *, batch_size, lr, lr_note, query_max_len, passage_max_len, query_instruction, passage_instruction
 ) -> None:
@@ -394,16 +478,35 @@ def _add_training_flags(
         "--max-examples-per-dataset", type=_positive, default=None, help="use at most this many lines per file"
     )
     p.add_argument("--save-steps", type=_positive, default=500, help="checkpoint every N steps (default 500)")
+    p.add_argument(
+        "--save-total-limit",
+        type=_positive,
+        default=None,
+        help="keep only the newest N checkpoints, never deleting the one just written (default: keep all)",
+    )
     p.add_argument("--logging-steps", type=_positive, default=10, help="log the loss every N steps (default 10)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     p.add_argument("--fp16", action="store_true", help="fp16 mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument(
+        "--fsdp",
+        choices=["full_shard", "shard_grad_op"],
+        default=None,
+        help="shard the model over the processes with FSDP2 (launch with torchrun or accelerate launch): "
+        "full_shard gathers each block's weights for its forward and again for its backward, shard_grad_op "
+        "keeps them from forward to backward (more memory, less communication); default: no sharding (DDP)",
+    )
+    p.add_argument(
         "--no-packing",
         action="store_true",
         help="train on padded batches (default: packed, each query's prefix once, where the model supports it)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in --output (an incomplete newer one is passed over "
+        "with a warning)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (training, loading and saving weights)")
 
@@ -474,9 +577,31 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--top-k", type=_positive, default=None, help="keep the k best documents per query")
     rerank.add_argument("--normalize", action="store_true", help="scores in [0, 1] (sigmoid, or the preset's mapping)")
     rerank.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
-    rerank.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    _add_device_flags(rerank)
     rerank.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2, ...")
+    rerank.add_argument(
+        "--cutoff-layers",
+        type=_positive,
+        default=None,
+        help="layer-wise rerankers (bge-reranker-v2-minicpm-layerwise, bge-reranker-v2.5-gemma2-lightweight) only: "
+        "the layer to score at, the decoder run only that deep (default: the last layer; the cards use 28)",
+    )
+    rerank.add_argument(
+        "--compress-layers",
+        type=_layer_list,
+        default=None,
+        help="bge-reranker-v2.5-gemma2-lightweight only: layers at which the passage is compressed, e.g. 24,40 "
+        "(default 8)",
+    )
+    rerank.add_argument(
+        "--compress-ratio",
+        type=int,
+        choices=(1, 2, 4, 8),
+        default=None,
+        help="bge-reranker-v2.5-gemma2-lightweight only: passage tokens mean-pooled per group (default 1: none)",
+    )
     rerank.add_argument("--no-progress", action="store_true", help="no progress bars (scoring, loading weights)")
+    _add_ray_flags(rerank, ".jsonl, .parquet: query + document, or query + documents")
     rerank.set_defaults(func=cmd_rerank)
 
     enc = sub.add_parser(
@@ -511,8 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-tokens", type=_positive, default=32768, help="padded tokens per forward pass at most")
     enc.add_argument("--max-length", type=_positive, default=None, help="tokens per text (default: the folder's)")
     enc.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    enc.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    _add_device_flags(enc)
     enc.add_argument("--no-progress", action="store_true", help="no progress bars (encoding, loading weights)")
+    _add_ray_flags(enc, ".jsonl, .parquet with a text column, or text")
     enc.set_defaults(func=cmd_encode)
 
     te = sub.add_parser(

@@ -10,8 +10,12 @@ one score per pair:
 | ``yes_no``    | ``l_yes - l_no`` as one fp32 row                          | sigmoid (= P(yes | yes,no)) |
 | ``token_diff``| ``l_a - l_b`` for two given tokens                        | sigmoid                    |
 | ``digit_ev``  | ``sum_d d * p(d)``, p the full-vocabulary softmax         | renormalised, rescaled to [0, 1] |
+| ``classifier``| a cross-encoder's classification logit (no vocabulary)    | sigmoid                    |
+| ``layerwise`` | a layer-wise reranker's per-layer head (no vocabulary)    | sigmoid                    |
 
-Token strings are looked up with the model's own tokenizer and must each be one token.
+Token strings are looked up with the model's own tokenizer and must each be one token. ``classifier`` is the
+convention of sequence-classification models (FlagReranker, sentence-transformers' CrossEncoder), scored by
+``fastrank.models.cross_encoder`` rather than through an LM head.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 import fastrank.functional as F
 
-CONVENTIONS = ("yes_logit", "yes_no", "token_diff", "digit_ev")
+CONVENTIONS = ("yes_logit", "yes_no", "token_diff", "digit_ev", "classifier", "layerwise")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Convention:
     def __post_init__(self):
         if self.kind not in CONVENTIONS:
             raise ValueError(f"kind: {self.kind!r} is not a convention; choose from {', '.join(CONVENTIONS)}")
-        expected = {"yes_logit": 1, "yes_no": 2, "token_diff": 2}.get(self.kind)
+        expected = {"yes_logit": 1, "yes_no": 2, "token_diff": 2, "classifier": 0, "layerwise": 0}.get(self.kind)
         if expected is not None and len(self.tokens) != expected:
             raise ValueError(f"tokens: {self.kind} reads {expected} token(s), got {list(self.tokens)}")
         if self.kind == "digit_ev" and (len(self.values) != len(self.tokens) or not self.tokens):
@@ -78,6 +82,19 @@ def digit_ev(digits=("1", "2", "3", "4", "5", "6", "7"), values=None, renormaliz
     return Convention("digit_ev", digits, values, renormalize)
 
 
+def classifier() -> Convention:
+    """A sequence-classification model's own logit (one label), read at the first token through the model's
+    classification head: FlagReranker's and sentence-transformers' CrossEncoder score; sigmoid to normalise."""
+    return Convention("classifier", ())
+
+
+def layerwise() -> Convention:
+    """A layer-wise reranker's score (FlagEmbedding's bge-reranker-v2-minicpm-layerwise): at each requested layer,
+    that layer's own 1-output head on the normed hidden state of the last real token
+    (``fastrank.models.layerwise``); sigmoid to normalise."""
+    return Convention("layerwise", ())
+
+
 def single_token_id(tokenizer, text: str) -> int:
     """The id of ``text`` as one token of ``tokenizer``; a clear error when it is not one token."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -110,6 +127,16 @@ def convention_scores(
     """
     kw = dict(bias=bias, attention_mask=attention_mask, positions=positions, cu_seqlens=cu_seqlens)
     kind = convention.kind
+    if kind == "classifier":
+        raise ValueError(
+            "convention: 'classifier' is a sequence-classification model's own head, not LM-head rows; score it "
+            "with fastrank.models.cross_encoder.CrossEncoderScorer (fastrank.Reranker does)"
+        )
+    if kind == "layerwise":
+        raise ValueError(
+            "convention: 'layerwise' reads each layer's own head, not LM-head rows; score it with "
+            "fastrank.models.layerwise.LayerwiseMiniCPM (fastrank.Reranker does)"
+        )
     if kind == "digit_ev":
         if softcap:
             raise ValueError(

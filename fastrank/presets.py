@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from fastrank.data import templates
-from fastrank.heads import Convention, digit_ev, token_diff, yes_logit, yes_no
+from fastrank.heads import Convention, classifier, digit_ev, layerwise, token_diff, yes_logit, yes_no
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,42 @@ BUILTIN_PRESETS = (
         description="mixedbread-ai/mxbai-rerank-base/large-v2: Qwen chat prefix, query/document/task "
         "prompt; '1' minus '0'",
     ),
+    Preset(
+        "cross-encoder",
+        classifier(),
+        templates.CrossEncoderTemplate(),
+        max_length=512,
+        description="cross-encoders (sequence-classification models: BAAI/bge-reranker-base/large/v2-m3, "
+        "ms-marco-MiniLM) as FlagEmbedding's FlagReranker scores them: the tokenizer's pair layout, the query "
+        "cut to 3/4 of max_length, then the passage; the classifier's logit on the first token",
+    ),
+    Preset(
+        "cross-encoder-st",
+        classifier(),
+        templates.CrossEncoderTemplate(truncation="longest_first"),
+        max_length=512,
+        description="cross-encoders as sentence-transformers' CrossEncoder.predict scores them: as "
+        "'cross-encoder', but over-long pairs cut longest-first (CrossEncoder's default is the sigmoid: "
+        "normalize=True)",
+    ),
+    Preset(
+        "bge-reranker-v2-minicpm-layerwise",
+        layerwise(),
+        templates.FlagLLMTemplate(always_bos=True),
+        max_length=512,
+        description="FlagEmbedding's layer-wise reranker (BAAI/bge-reranker-v2-minicpm-layerwise): the "
+        "bge-reranker-v2-gemma layout with BOS always first; the score of each cutoff layer from its own head, "
+        "the decoder run only to the deepest (cutoff_layers=, default the last layer)",
+    ),
+    Preset(
+        "bge-reranker-v2.5-gemma2-lightweight",
+        layerwise(),
+        templates.FlagLLMTemplate(prompt=templates.FLAG_LIGHTWEIGHT_PROMPT, always_bos=True),
+        max_length=512,
+        description="FlagEmbedding's lightweight reranker (BAAI/bge-reranker-v2.5-gemma2-lightweight): the layer-wise "
+        "layout with its own prompt; Gemma 2 with the passage tokens mean-pooled in groups of compress_ratio at "
+        "compress_layers, the score of each cutoff layer from a head, the decoder run only to the deepest",
+    ),
 )
 for _builtin in BUILTIN_PRESETS:
     register_preset(_builtin)
@@ -101,6 +137,8 @@ for _builtin in BUILTIN_PRESETS:
 # which preset a checkpoint needs
 # ------------------------------------------------------------------------------------------------
 PRESET_FILE = "fastrank_reranker.json"
+LAYERWISE_ARCHITECTURE = "LayerWiseMiniCPMForCausalLM"  # FlagEmbedding's layer-wise MiniCPM reranker
+LIGHTWEIGHT_ARCHITECTURE = "CostWiseGemmaForCausalLM"  # FlagEmbedding's lightweight Gemma 2 reranker
 
 # Public checkpoints recognised by name (a hub name, or a local folder named after its checkpoint).
 _NAME_PATTERNS = (
@@ -108,7 +146,40 @@ _NAME_PATTERNS = (
     (re.compile(r"mxbai[-_]rerank[-_].*v2", re.IGNORECASE), "mxbai-rerank-v2"),
     (re.compile(r"lb[-_]reranker", re.IGNORECASE), "lb-reranker"),
     (re.compile(r"bge[-_]reranker[-_]v2[-_]gemma", re.IGNORECASE), "bge-reranker-v2-gemma"),
+    (re.compile(r"bge[-_]reranker[-_]v2[-_]minicpm[-_]layerwise", re.IGNORECASE), "bge-reranker-v2-minicpm-layerwise"),
+    (
+        re.compile(r"bge[-_]reranker[-_]v2\.5[-_]gemma2[-_]lightweight", re.IGNORECASE),
+        "bge-reranker-v2.5-gemma2-lightweight",
+    ),
+    (re.compile(r"bge[-_]reranker[-_](base|large|v2[-_]m3)", re.IGNORECASE), "cross-encoder"),
+    (re.compile(r"^cross-encoder/", re.IGNORECASE), "cross-encoder-st"),
 )
+
+# Sequence-classification models of these (bidirectional encoder) types are cross-encoders; a decoder's
+# classification model (e.g. a Qwen3-Reranker converted to Qwen3ForSequenceClassification) reads its last token
+# under its own prompt, which no preset here reproduces.
+CROSS_ENCODER_MODEL_TYPES = (
+    "bert",
+    "xlm-roberta",
+    "roberta",
+    "camembert",
+    "distilbert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "mpnet",
+    "albert",
+    "modernbert",
+)
+
+
+def is_cross_encoder_config(config: dict) -> bool:
+    """Whether a model's ``config.json`` (as a dict) is a cross-encoder: a sequence-classification architecture
+    of a bidirectional encoder type."""
+    archs = config.get("architectures") or []
+    return config.get("model_type") in CROSS_ENCODER_MODEL_TYPES and any(
+        str(a).endswith("ForSequenceClassification") for a in archs
+    )
 
 
 def preset_to_dict(preset: Preset) -> dict:
@@ -171,8 +242,12 @@ def save_preset(preset, folder: str) -> str:
 def detect_preset(source: Optional[str]) -> Preset:
     """The preset of the checkpoint at ``source`` (a local folder or a hub name).
 
-    A folder that fastrank wrote holds its preset (``fastrank_reranker.json``); a public reranker is recognised
-    by its name (Qwen3-Reranker, mxbai-rerank-*-v2, lb-reranker, bge-reranker-v2-gemma). Anything else raises,
+    A folder that fastrank wrote holds its preset (``fastrank_reranker.json``); a folder whose ``config.json``
+    is an encoder's ``*ForSequenceClassification`` (BERT, XLM-R, ...) is a cross-encoder (``"cross-encoder"``),
+    one whose architecture is ``LayerWiseMiniCPMForCausalLM`` (``CostWiseGemmaForCausalLM``) the layer-wise
+    (lightweight) reranker; a public reranker is recognised by its name (Qwen3-Reranker, mxbai-rerank-*-v2,
+    lb-reranker, bge-reranker-v2-gemma, bge-reranker-v2-minicpm-layerwise, bge-reranker-v2.5-gemma2-lightweight,
+    bge-reranker-base/large/v2-m3, cross-encoder/*). Anything else raises,
     since scoring with another reranker's layout gives wrong scores without any other sign.
     """
     if source and os.path.isdir(source):
@@ -180,6 +255,19 @@ def detect_preset(source: Optional[str]) -> Preset:
         if os.path.exists(path):
             with open(path) as f:
                 return preset_from_dict(json.load(f), where=path)
+        config = os.path.join(source, "config.json")
+        if os.path.exists(config):
+            try:
+                with open(config) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                data = {}
+            if isinstance(data, dict) and is_cross_encoder_config(data):
+                return get_preset("cross-encoder")
+            if isinstance(data, dict) and LAYERWISE_ARCHITECTURE in (data.get("architectures") or []):
+                return get_preset("bge-reranker-v2-minicpm-layerwise")
+            if isinstance(data, dict) and LIGHTWEIGHT_ARCHITECTURE in (data.get("architectures") or []):
+                return get_preset("bge-reranker-v2.5-gemma2-lightweight")
     # A local folder is known by its own name only: a parent directory's name says nothing about the checkpoint.
     name = os.path.basename(os.path.normpath(source)) if source and os.path.isdir(source) else (source or "")
     for pattern, preset in _NAME_PATTERNS:

@@ -13,12 +13,15 @@ import torch
 
 from fastrank.benchmarks import (
     contrastive,
+    cross_encoder,
     embedder_train,
     encode,
+    layerwise,
     pool,
     rank_shared,
     rerank,
     reranker_train,
+    scale,
     score_head,
     serve,
     varlen_attention,
@@ -44,10 +47,13 @@ OPS: Dict[str, Benchmark] = {
         varlen_attention.BENCHMARK,
         rerank.BENCHMARK,
         rank_shared.BENCHMARK,
+        layerwise.BENCHMARK,
+        cross_encoder.BENCHMARK,
         encode.BENCHMARK,
         embedder_train.BENCHMARK,
         reranker_train.BENCHMARK,
         serve.BENCHMARK,
+        scale.BENCHMARK,
     )
 }
 

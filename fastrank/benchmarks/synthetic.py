@@ -111,6 +111,28 @@ def build_tokenizer(bos_token: Optional[str] = None, vocab_size: int = 1000, pad
     return fast
 
 
+def build_xlmr_tokenizer(vocab_size: int = 1000, seed: int = 0):
+    """An XLM-R-style ``XLMRobertaTokenizer``: a SentencePiece-style Unigram model (Metaspace ``▁`` pieces) trained
+    on the generated corpus, with XLM-R's special tokens and ids (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>``
+    3, ``<mask>`` 4) and pair layout ``<s> A </s></s> B </s>``."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import XLMRobertaTokenizer
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    vocab = [(piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
+    if [piece for piece, _ in vocab[: len(specials)]] != specials:
+        raise RuntimeError("build_xlmr_tokenizer: the trained vocabulary does not start with XLM-R's special tokens")
+    return XLMRobertaTokenizer(vocab=vocab, model_max_length=512)
+
+
 def qwen25_config(num_layers: int = 24, **overrides):
     from transformers import Qwen2Config
 

@@ -1,10 +1,12 @@
 """Prompt templates, tokenisation with per-segment truncation, and batching."""
 
 from fastrank.data.batching import Batch, collate, pad_token_id_of, token_budget_batches
+from fastrank.data.cross_encoder import CrossEncoderCollator, CrossEncoderTrainDataset
 from fastrank.data.embedder import EmbedderCollator, EmbedderTrainDataset, read_retrieval_jsonl
 from fastrank.data.reranker import RerankCollator, RerankTrainDataset
 from fastrank.data.templates import (
     ChatPairTemplate,
+    CrossEncoderTemplate,
     FlagLLMTemplate,
     MxbaiV2Template,
     Qwen3RerankerTemplate,
@@ -15,6 +17,9 @@ from fastrank.data.templates import (
 __all__ = [
     "Batch",
     "ChatPairTemplate",
+    "CrossEncoderCollator",
+    "CrossEncoderTemplate",
+    "CrossEncoderTrainDataset",
     "EmbedderCollator",
     "EmbedderTrainDataset",
     "TokenizedPair",

@@ -18,6 +18,8 @@ FLAG_LLM_PROMPT = (
     "Given a query A and a passage B, determine whether the passage contains an answer to the query by "
     "providing a prediction of either 'Yes' or 'No'."
 )
+# The default prompt of FlagEmbedding's lightweight reranker (bge-reranker-v2.5-gemma2-lightweight).
+FLAG_LIGHTWEIGHT_PROMPT = "Predict whether passage B contains an answer to query A."
 LB_RERANKER_SYSTEM = (
     "Given a query and a piece of text, output a score of 1-7 based on how related the query is to the text. "
     "1 means least related and 7 is most related."
@@ -42,10 +44,13 @@ MXBAI_V2_TASK = (
 
 @dataclass
 class TokenizedPair:
-    """Token ids of one pair and whether its query or passage was shortened to fit."""
+    """Token ids of one pair and whether its query or passage was shortened to fit. ``segment_a``: for a
+    cross-encoder whose tokenizer gives token type ids, how many leading ids are segment A (type 0; the rest
+    are type 1); None when the model reads no token types."""
 
     input_ids: List[int]
     truncated: bool = False
+    segment_a: Optional[int] = None
 
 
 def _check_pairs(pairs) -> List[Tuple[str, str]]:
@@ -144,7 +149,8 @@ class FlagLLMTemplate:
     ``[BOS] + tok(query_instruction + q)[:query_max_length] + tok(sep) + tok(passage_instruction + p)[:max_length]``,
     the second part cut ``only_second`` to ``max_length + len(sep) + len(prompt)``, then ``tok(sep) +
     tok(prompt)`` appended: each segment tokenised on its own, never the joined string. BOS is added when
-    the tokenizer has one that differs from its pad token. ``query_max_length`` defaults to
+    the tokenizer has one that differs from its pad token (always with ``always_bos=True``, as FlagEmbedding's
+    layer-wise and lightweight rerankers do). ``query_max_length`` defaults to
     ``max_length * 3 // 4``. As in the package, the final length can exceed ``max_length`` by up to
     ``2 * (len(sep) + len(prompt))`` tokens.
     """
@@ -154,7 +160,15 @@ class FlagLLMTemplate:
     passage_instruction: str = "B: "
     sep: str = "\n"
     query_max_length: Optional[int] = None
+    always_bos: bool = False
     _const: _ConstantIds = field(default_factory=_ConstantIds, repr=False, compare=False)
+
+    def _bos(self, tokenizer) -> List[int]:
+        if not self.always_bos:
+            return default_bos(tokenizer)
+        if tokenizer.bos_token_id is None:
+            raise ValueError("tokenizer: has no BOS token, which this layout always starts with")
+        return [tokenizer.bos_token_id]
 
     def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
         pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
@@ -162,7 +176,7 @@ class FlagLLMTemplate:
         passages = _tokenize(tokenizer, [self.passage_instruction + p for _, p in pairs])
         sep = self._const(tokenizer, self.sep)
         prompt = self._const(tokenizer, self.prompt)
-        bos = default_bos(tokenizer)
+        bos = self._bos(tokenizer)
         encode_max = max_length + len(sep) + len(prompt)
         out = []
         for q_ids, p_ids in zip(queries, passages):
@@ -179,7 +193,7 @@ class FlagLLMTemplate:
         starts with (unless truncation cuts into the separator)."""
         side = getattr(tokenizer, "truncation_side", "right")
         q_cut = self._query_cut(_tokenize(tokenizer, [self.query_instruction + query])[0], max_length, side)
-        return default_bos(tokenizer) + q_cut + self._const(tokenizer, self.sep)
+        return self._bos(tokenizer) + q_cut + self._const(tokenizer, self.sep)
 
     def _query_cut(self, q_ids: List[int], max_length: int, side: str) -> List[int]:
         return keep_tokens(q_ids, self.query_max_length or max_length * 3 // 4, side)
@@ -413,6 +427,258 @@ class SegmentTemplate:
         return keep_tokens(q_ids, max(1, int(budget * self.query_max_fraction)), side)
 
 
+CROSS_ENCODER_TRUNCATION = ("flag", "longest_first")
+
+
+@dataclass
+class CrossEncoderTemplate:
+    """A (query, passage) pair as a cross-encoder (sequence-classification model) reads it: the tokenizer's own
+    pair layout (``[CLS] q [SEP] p [SEP]`` for BERT, ``<s> q </s></s> p </s>`` for XLM-R) and its token type
+    ids (``TokenizedPair.segment_a``). Bidirectional attention: the query's tokens see the passage's, so no
+    pair shares a prefix with another (this template has no ``shared_prefix``).
+
+    ``truncation="flag"`` is FlagEmbedding's ``FlagReranker.compute_score`` (1.4, on transformers 5):
+    ``tok(query_instruction + q)`` cut to ``query_max_length`` (default ``max_length * 3 // 4``) and
+    ``tok(passage_instruction + p)`` cut to ``max_length``, both without special tokens; then each cut is
+    decoded back to text and the two texts tokenised as a pair, ``truncation="only_second"`` to ``max_length``
+    (FlagEmbedding's stand-in for the ``prepare_for_model`` that transformers 5 removed). The round trip gives
+    back the same ids except where a text holds a character the tokenizer maps to its unknown token (decoded,
+    it is the text ``<unk>``, which re-tokenises as the special token) or a cut falls inside a word the kept
+    part still reaches; those pairs go through the round trip, the others are assembled from their ids.
+    ``truncation="longest_first"`` is sentence-transformers' ``CrossEncoder.predict``: the pair tokenised
+    whole with ``truncation="longest_first"`` to ``max_length``. The two rules give the same ids when nothing
+    is cut and no character is unknown.
+    """
+
+    truncation: str = "flag"
+    query_max_length: Optional[int] = None
+    query_instruction: str = ""
+    passage_instruction: str = ""
+
+    def __post_init__(self):
+        if self.truncation not in CROSS_ENCODER_TRUNCATION:
+            raise ValueError(
+                f"truncation: must be one of {', '.join(CROSS_ENCODER_TRUNCATION)} (FlagReranker's or "
+                f"sentence-transformers' rule), got {self.truncation!r}"
+            )
+        positive_int("query_max_length", self.query_max_length, none_ok=True)
+        for name in ("query_instruction", "passage_instruction"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: must be a string, got {type(getattr(self, name)).__name__}")
+
+    def tokenize(self, tokenizer, pairs, max_length: int) -> List[TokenizedPair]:
+        pairs, max_length, side = _encode_inputs(tokenizer, pairs, max_length)
+        if not pairs:
+            return []
+        specials = tokenizer.num_special_tokens_to_add(pair=True)
+        if max_length <= specials:
+            raise ValueError(
+                f"max_length: {max_length} leaves no room for the query and passage after the tokenizer's "
+                f"{specials} special tokens of a pair"
+            )
+        queries = [self.query_instruction + q for q, _ in pairs]
+        passages = [self.passage_instruction + p for _, p in pairs]
+        backend = _rust_backend(tokenizer)
+        if self.truncation == "longest_first":
+            if backend is None:
+                return self._longest_first_slow(tokenizer, queries, passages, max_length)
+            with _configured(tokenizer, "longest_first", max_length):
+                encodings = backend.encode_batch(list(zip(queries, passages)))
+            return [TokenizedPair(e.ids, bool(e.overflowing), _types_split(e.type_ids)) for e in encodings]
+        qmax = self.query_max_length or max_length * 3 // 4
+        if backend is None:
+            q_ids, p_ids = _tokenize(tokenizer, queries), _tokenize(tokenizer, passages)
+            return self._round_trip(tokenizer, q_ids, p_ids, qmax, max_length, side, specials)
+        unique: Dict[str, int] = {}
+        q_of = [unique.setdefault(q, len(unique)) for q in queries]
+        with _configured(tokenizer, None, None):
+            q_enc = backend.encode_batch(list(unique), add_special_tokens=False)
+            p_enc = backend.encode_batch(passages, add_special_tokens=False)
+        q_ids = [e.ids for e in q_enc]
+        q_plain = [len(ids) <= qmax and not _has_unk(tokenizer, ids) for ids in q_ids]
+        out: List[Optional[TokenizedPair]] = [None] * len(pairs)
+        slow = []
+        with _configured(tokenizer, "only_second", max_length):
+            for i, (qi, p) in enumerate(zip(q_of, p_enc)):
+                p_ids = p.ids
+                plain = q_plain[qi] and not _has_unk(
+                    tokenizer, p_ids[:max_length] if side == "right" else p_ids[-max_length:]
+                )
+                if plain and len(p_ids) > max_length:
+                    plain = _cut_word_dropped(p.word_ids, max_length, max_length - specials - len(q_ids[qi]), side)
+                if not plain:
+                    slow.append(i)
+                    continue
+                try:
+                    e = backend.post_process(q_enc[qi], p, add_special_tokens=True)
+                except Exception as err:  # the tokenizers library raises a bare Exception for an impossible cut
+                    raise _no_room(max_length, err) from None
+                cut = len(p_ids) > max_length or bool(e.overflowing)
+                out[i] = TokenizedPair(e.ids, cut, _types_split(e.type_ids))
+        if slow:
+            done = self._round_trip(
+                tokenizer,
+                [q_ids[q_of[i]] for i in slow],
+                [p_enc[i].ids for i in slow],
+                qmax,
+                max_length,
+                side,
+                specials,
+            )
+            for i, pair in zip(slow, done):
+                out[i] = pair
+        return out
+
+    @staticmethod
+    def _round_trip(tokenizer, q_ids, p_ids, qmax, max_length, side, specials) -> List[TokenizedPair]:
+        """FlagReranker's exact steps: cut, decode, tokenise the pair of texts ``only_second``."""
+        q_cut = [keep_tokens(ids, qmax, side) for ids in q_ids]
+        p_cut = [keep_tokens(ids, max_length, side) for ids in p_ids]
+        encoded = pair_round_trip(tokenizer, q_cut, p_cut, max_length, "query_max_length")
+        out = []
+        for i, ids in enumerate(encoded["input_ids"]):
+            cut = len(q_cut[i]) < len(q_ids[i]) or len(p_cut[i]) < len(p_ids[i])
+            cut = cut or len(ids) < specials + len(q_cut[i]) + len(p_cut[i])
+            out.append(TokenizedPair(list(ids), cut, _segment_a(encoded, i)))
+        return out
+
+    @staticmethod
+    def _longest_first_slow(tokenizer, queries, passages, max_length) -> List[TokenizedPair]:
+        encoded = tokenizer(queries, passages)
+        over = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+        short = (
+            tokenizer(
+                [queries[i] for i in over],
+                [passages[i] for i in over],
+                truncation="longest_first",
+                max_length=max_length,
+            )
+            if over
+            else None
+        )
+        cut = {i: j for j, i in enumerate(over)}
+        out = []
+        for i, ids in enumerate(encoded["input_ids"]):
+            if i in cut:
+                out.append(TokenizedPair(list(short["input_ids"][cut[i]]), True, _segment_a(short, cut[i])))
+            else:
+                out.append(TokenizedPair(list(ids), False, _segment_a(encoded, i)))
+        return out
+
+
+def _rust_backend(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a transformers fast tokenizer (its own calls go straight to it), or
+    None for a tokenizer without one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch") or not hasattr(backend, "post_process"):
+        return None
+    return backend
+
+
+class _configured:
+    """The tokenizer's Rust backend set as transformers sets it for a call without padding and with the given
+    truncation (``strategy`` None: none; the direction is the tokenizer's ``truncation_side``; special tokens
+    in the text are special unless ``split_special_tokens``), and restored afterwards."""
+
+    def __init__(self, tokenizer, strategy: Optional[str], max_length: Optional[int]):
+        self.tokenizer, self.strategy, self.max_length = tokenizer, strategy, max_length
+
+    def __enter__(self):
+        backend = self.tokenizer.backend_tokenizer
+        self.saved = (backend.truncation, backend.padding, backend.encode_special_tokens)
+        backend.no_padding()
+        if self.strategy is None:
+            backend.no_truncation()
+        else:
+            side = getattr(self.tokenizer, "truncation_side", "right")
+            backend.enable_truncation(self.max_length, stride=0, strategy=self.strategy, direction=side)
+        backend.encode_special_tokens = bool(getattr(self.tokenizer, "split_special_tokens", False))
+        return backend
+
+    def __exit__(self, *exc):
+        backend = self.tokenizer.backend_tokenizer
+        truncation, padding, split = self.saved
+        if truncation is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(**truncation)
+        if padding is None:
+            backend.no_padding()
+        else:
+            backend.enable_padding(**padding)
+        backend.encode_special_tokens = split
+
+
+def _has_unk(tokenizer, ids) -> bool:
+    unk = tokenizer.unk_token_id
+    return unk is not None and unk in ids
+
+
+def _cut_word_dropped(word_ids, max_length: int, kept: int, side: str) -> bool:
+    """Whether the word that a cut to ``max_length`` tokens splits (or ends on) lies wholly outside the ``kept``
+    tokens the pair truncation keeps of them, so that re-tokenising it cannot change the pair's ids."""
+    if kept <= 0:
+        return False
+    if side == "left":
+        first = len(word_ids) - max_length  # the first kept token of the cut
+        word = word_ids[first]
+        end = first
+        while end < len(word_ids) and word is not None and word_ids[end] == word:
+            end += 1
+        return end - first <= max_length - kept
+    last = max_length - 1
+    word = word_ids[last]
+    start = last
+    while start > 0 and word is not None and word_ids[start - 1] == word:
+        start -= 1
+    return start >= kept
+
+
+def _no_room(max_length: int, err) -> ValueError:
+    return ValueError(
+        f"max_length: a query leaves no room for its passage within max_length={max_length} ({err}); lower "
+        "query_max_length"
+    )
+
+
+def _types_split(type_ids) -> Optional[int]:
+    """``segment_a`` from one pair's token type ids (None when all are 0); the types must be zeros then ones."""
+    if 1 not in type_ids:
+        return None
+    a = type_ids.index(1)
+    if any(t != 1 for t in type_ids[a:]) or any(t != 0 for t in type_ids[:a]):
+        raise ValueError(
+            f"tokenizer: its token type ids of a pair are {list(type_ids)}, not zeros then ones; fastrank's "
+            "cross-encoder reads two segments"
+        )
+    return a
+
+
+def pair_round_trip(tokenizer, first: Sequence[Sequence[int]], second: Sequence[Sequence[int]], max_length: int, knob):
+    """FlagEmbedding's ``prepare_for_model_compat(tokenizer, first, second, truncation="only_second",
+    max_length=max_length)`` on transformers 5, for many pairs at once: each id list decoded back to text (special
+    tokens kept, no clean-up) and the two texts tokenised as a pair, with the tokenizer's special tokens and
+    token types, only the second cut. ``knob`` names the setting to lower when the first alone is too long."""
+    decode = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    try:
+        return tokenizer(
+            tokenizer.batch_decode([list(x) for x in first], **decode),
+            tokenizer.batch_decode([list(x) for x in second], **decode),
+            truncation="only_second",
+            max_length=max_length,
+        )
+    except Exception as e:  # the tokenizers library raises a bare Exception for an impossible cut
+        raise ValueError(
+            f"max_length: a query leaves no room for its passage within max_length={max_length} ({e}); lower {knob}"
+        ) from None
+
+
+def _segment_a(encoded, i: int) -> Optional[int]:
+    """``segment_a`` of pair ``i`` of a transformers ``BatchEncoding`` (None without token type ids)."""
+    types = encoded.get("token_type_ids") if hasattr(encoded, "get") else None
+    return None if types is None else _types_split(list(types[i]))
+
+
 def shared_prefix_lengths(template, tokenizer, pairs, encoded: Sequence[TokenizedPair], max_length: int):
     """For each pair, how many of its leading ids it shares with every other pair of its query, or None.
 
@@ -438,5 +704,12 @@ def shared_prefix_lengths(template, tokenizer, pairs, encoded: Sequence[Tokenize
 # Every template class by name, for presets saved to and loaded from a model folder.
 TEMPLATES = {
     cls.__name__: cls
-    for cls in (FlagLLMTemplate, MxbaiV2Template, Qwen3RerankerTemplate, ChatPairTemplate, SegmentTemplate)
+    for cls in (
+        FlagLLMTemplate,
+        MxbaiV2Template,
+        Qwen3RerankerTemplate,
+        ChatPairTemplate,
+        SegmentTemplate,
+        CrossEncoderTemplate,
+    )
 }

@@ -20,7 +20,7 @@ def _accepts(module, name: str) -> bool:
 def packed_forward(backbone, batch: PackedBatch, **kwargs) -> torch.Tensor:
     """The backbone's last hidden state ``[M, H]`` over a packed batch: one row of real tokens, the segment
     metadata as the forward kwarg ``fastrank_segments``, no cache and no attention mask. The model must have
-    the engine enabled (``enable_packing``)."""
+    the engine enabled (``enable_packing``). ``kwargs`` go to the backbone (``token_type_ids`` ``[1, M]``)."""
     call = dict(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
@@ -28,8 +28,9 @@ def packed_forward(backbone, batch: PackedBatch, **kwargs) -> torch.Tensor:
         fastrank_segments=batch.segments,
         **kwargs,
     )
-    if _accepts(backbone, "token_type_ids"):
-        # BERT reads a length-capped buffer when none are given; segment A everywhere, as single texts have.
+    if call.get("token_type_ids") is None and _accepts(backbone, "token_type_ids"):
+        # BERT reads a length-capped buffer when none are given; segment A everywhere, as single texts have
+        # (a cross-encoder passes its pairs' own [1, M] types).
         call["token_type_ids"] = torch.zeros_like(batch.input_ids)
     with packed_call():
         out = backbone(**call)

@@ -48,12 +48,14 @@ class PlannedBatch:
 
     ``indices``: where each sequence came from in the caller's list. ``sequences``: their token ids.
     ``prefix_lengths``: for a packed batch, each sequence's shareable prefix length (None: not shared);
-    None for a padded batch.
+    None for a padded batch. ``segment_a``: for a cross-encoder that reads token types, each sequence's
+    number of type-0 ids (the rest are type 1); None otherwise.
     """
 
     indices: List[int]
     sequences: List[List[int]]
     prefix_lengths: Optional[List[Optional[int]]] = None
+    segment_a: Optional[List[int]] = None
 
     @property
     def packed(self) -> bool:
@@ -81,6 +83,7 @@ def plan_batches(
     max_tokens: int,
     device: torch.device,
     prefix_lengths: Optional[Sequence[Optional[int]]] = None,
+    segment_a: Optional[Sequence[int]] = None,
 ) -> List[PlannedBatch]:
     """Cut ``sequences`` (inputs ``offset`` to ``offset + len(sequences)`` of the caller's list) into batches
     of at most ``batch_size`` sequences and ``max_tokens`` tokens.
@@ -88,22 +91,36 @@ def plan_batches(
     Packed when ``prefix_lengths`` is given (one per sequence, None where nothing is shared): real tokens
     counted, a shared prefix once per batch, the sequences of one prefix kept together. Padded otherwise:
     length-sorted, the budget counted in padded tokens (widths rounded as ``pad_multiple(device)`` says).
+    ``segment_a`` (one per sequence: its type-0 ids) travels with the sequences into their batches.
     """
     positive_int("batch_size", batch_size)
     positive_int("max_tokens", max_tokens)
     sequences = [list(s) for s in sequences]
+    if segment_a is not None:
+        segment_a = [int(a) for a in segment_a]
+        if len(segment_a) != len(sequences):
+            raise ValueError(f"segment_a: has {len(segment_a)} entries for {len(sequences)} sequences")
+
+    def types(idx):
+        return None if segment_a is None else [segment_a[i] for i in idx]
+
     if prefix_lengths is None:
         lengths = [len(s) for s in sequences]
         _check_nonempty(lengths, offset)
         return [
-            PlannedBatch([offset + i for i in idx], [sequences[i] for i in idx])
+            PlannedBatch([offset + i for i in idx], [sequences[i] for i in idx], segment_a=types(idx))
             for idx in token_budget_batches(lengths, batch_size, max_tokens, pad_multiple(device))
         ]
     prefix_lengths = list(prefix_lengths)
     items, keys, head_lengths = shared_groups(sequences, prefix_lengths)
     _check_nonempty([len(x) for x in items], offset)
     return [
-        PlannedBatch([offset + i for i in idx], [sequences[i] for i in idx], [prefix_lengths[i] for i in idx])
+        PlannedBatch(
+            [offset + i for i in idx],
+            [sequences[i] for i in idx],
+            [prefix_lengths[i] for i in idx],
+            types(idx),
+        )
         for idx in plan_packed_batches([len(x) for x in items], keys, head_lengths, max_tokens, batch_size)
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Iterator, List, Optional, Sequence, Union
 
@@ -19,9 +20,10 @@ from fastrank.inference.batches import (
     sort_window,
     write_rows,
 )
+from fastrank.models.cross_encoder import CrossEncoderScorer
 from fastrank.models.loading import check_model_source, model_skeleton, resolve_device, resolve_dtype
 from fastrank.models.reranker import CausalLMScorer, unwrap_model
-from fastrank.presets import Preset, detect_preset, get_preset
+from fastrank.presets import Preset, detect_preset, get_preset, is_cross_encoder_config
 from fastrank.utils import positive_int
 
 
@@ -43,6 +45,28 @@ def document_texts(documents) -> List[str]:
     return texts
 
 
+def parse_rerank_line(text: str):
+    """One line of ``fastrank rerank``'s JSONL (``{"query", "document"}`` or ``{"query", "documents": [...]}``) ->
+    ``(record, [(query, passage), ...], kind)`` with ``kind`` ``"pair"`` or ``"documents"``; a ValueError says what
+    is wrong with a bad line."""
+    if not text.strip():
+        raise ValueError("empty line: nothing to score (remove it, or put a JSON object on it)")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    query = record.get("query")
+    if not isinstance(query, str):
+        raise ValueError("'query' must be a string")
+    if "documents" in record:
+        return record, [(query, t) for t in document_texts(record["documents"])], "documents"
+    if isinstance(record.get("document"), str):
+        return record, [(query, record["document"])], "pair"
+    raise ValueError("needs 'documents' (a list) or 'document' (a string) next to 'query'")
+
+
 class Reranker:
     """A causal-LM reranker that scores pairs through fastrank's score head.
 
@@ -56,6 +80,10 @@ class Reranker:
     document attends to it and continues at the position after it, so scores equal the unshared ones.
     ``packed=False`` runs the padded path (length-sorted batches with an attention mask);
     ``share_prefix=False`` packs without sharing. Other models run padded, with a warning that says why.
+
+    Cross-encoders (the ``"cross-encoder"`` presets): a sequence-classification encoder (BERT, XLM-R, ...)
+    scored by its own classification head on each pair's first token (``fastrank.models.cross_encoder``),
+    packed for BERT and XLM-R; no prefix is ever shared (the query attends to the passage).
     """
 
     def __init__(self, model, tokenizer, preset: Union[str, Preset], *, packed: bool = True, share_prefix: bool = True):
@@ -64,8 +92,6 @@ class Reranker:
         self.model = model.eval()
         self.pad_token_id = pad_token_id_of(tokenizer)
         if self.is_cross_encoder:
-            from fastrank.models.cross_encoder import CrossEncoderScorer
-
             self.scorer = CrossEncoderScorer(model)
         else:
             self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
@@ -87,15 +113,19 @@ class Reranker:
         share_prefix: bool = True,
         **model_kwargs,
     ):
-        """Load a reranker from a local path or hub name, or wrap an already loaded causal LM.
+        """Load a reranker from a local path or hub name, or wrap an already loaded causal LM (or, for a
+        cross-encoder, sequence-classification model).
 
         Args:
-            path_or_model: a path/name for ``AutoModelForCausalLM.from_pretrained``, or a model instance
-                (PEFT-wrapped models work; their adapters stay active).
+            path_or_model: a path/name for ``AutoModelForCausalLM.from_pretrained`` (cross-encoder presets:
+                ``AutoModelForSequenceClassification``), or a model instance (PEFT-wrapped models work; their
+                adapters stay active).
             preset: a name from ``fastrank.presets()`` or a ``fastrank.Preset``. None picks it from the
-                checkpoint: the preset a fastrank training run saved in the folder, else a public reranker
-                recognised by name (Qwen3-Reranker, mxbai-rerank-*-v2, lb-reranker, bge-reranker-v2-gemma);
-                any other checkpoint needs it given (a ``ValueError`` says so).
+                checkpoint: the preset a fastrank training run saved in the folder, else ``"cross-encoder"``
+                for a folder whose config is an encoder's ``*ForSequenceClassification``, else a public
+                reranker recognised by name (Qwen3-Reranker, mxbai-rerank-*-v2, lb-reranker,
+                bge-reranker-v2-gemma, bge-reranker-base/large/v2-m3); any other checkpoint needs it given
+                (a ``ValueError`` says so).
             tokenizer: the tokenizer (loaded from the path, or from ``model.name_or_path``, when omitted).
             dtype: ``"auto"`` (the checkpoint's), or e.g. ``"bfloat16"``, ``torch.float16``.
             device: where to run (default: CUDA when available, else CPU). ``"meta"`` loads no weights: the
@@ -108,9 +138,35 @@ class Reranker:
             attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"flash_attention_2"``, ...);
                 with packing on, this is what the model's padded calls use.
             packed, share_prefix: packed batches and shared query prefixes (see the class); True by default.
+            cutoff_layers: for the layer-wise preset (``"bge-reranker-v2-minicpm-layerwise"``, also detected from a
+                ``LayerWiseMiniCPMForCausalLM`` folder) only, which is loaded as a
+                ``fastrank.inference.layerwise.LayerwiseReranker``: the layers to score at (an int or a list; default
+                the last layer); the decoder runs only to the deepest.
         """
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+        from fastrank.inference.layerwise import LayerwiseReranker, layerwise_preset
+
+        if cls is Reranker and layerwise_preset(path_or_model, preset) is not None:
+            # FlagEmbedding's layer-wise reranker is its own model (MiniCPM with per-layer heads): its class
+            # runs the decoder only to the deepest of cutoff_layers= (a keyword of model_kwargs here).
+            return LayerwiseReranker.from_pretrained(
+                path_or_model,
+                preset,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                device=device,
+                devices=devices,
+                attn_implementation=attn_implementation,
+                packed=packed,
+                share_prefix=share_prefix,
+                **model_kwargs,
+            )
+        if "cutoff_layers" in model_kwargs:
+            raise ValueError(
+                "cutoff_layers: only the layer-wise reranker (preset 'bge-reranker-v2-minicpm-layerwise') has cutoff "
+                "layers; this checkpoint is scored at its last layer"
+            )
         if devices is not None:
             from fastrank.inference.pool import RerankerPool
 
@@ -138,13 +194,18 @@ class Reranker:
                 f"path_or_model: expected a path, a hub name or a model, got {type(path_or_model).__name__}"
             )
         # The preset before any weights: an unknown checkpoint fails at once, not after loading it.
+        if preset is None and isinstance(path_or_model, torch.nn.Module):
+            inner = unwrap_model(path_or_model)
+            if is_cross_encoder_config({**inner.config.to_dict(), "architectures": [type(inner).__name__]}):
+                preset = "cross-encoder"
         preset = get_preset(preset) if preset is not None else detect_preset(source)
         if isinstance(path_or_model, str):
             kwargs = dict(model_kwargs)
             if attn_implementation is not None:
                 kwargs["attn_implementation"] = attn_implementation
             # A cross-encoder is a sequence-classification model; every other preset reads a causal LM's head.
-            loader = AutoModelForSequenceClassification if preset.convention.kind == "classifier" else AutoModelForCausalLM
+            cross = preset.convention.kind == "classifier"
+            loader = AutoModelForSequenceClassification if cross else AutoModelForCausalLM
             if device.type == "meta":
                 model = model_skeleton(loader, source, dtype=dtype, **kwargs)
             else:

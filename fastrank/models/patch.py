@@ -43,6 +43,12 @@ def patch(model, preset=None, *, tokenizer=None, token_ids=None):
         if preset is None:
             raise ValueError("preset: give a preset (e.g. 'qwen3-reranker') or explicit token_ids to patch a model")
         preset = get_preset(preset)
+        if preset.convention.kind == "classifier":
+            raise ValueError(
+                f"preset: {preset.name!r} scores a sequence-classification model with its own head, which patch() "
+                "(LM-head rows of a causal LM) does not apply to; use fastrank.Reranker.from_pretrained(path, "
+                f"{preset.name!r})"
+            )
         if tokenizer is None:
             from transformers import AutoTokenizer
 
