@@ -79,3 +79,19 @@ def test_sort_window_by_device():
     assert sort_window(64, torch.device("cuda")) == 1024
     assert sort_window(64, torch.device("cpu")) == 4096
     assert sort_window(512, torch.device("cpu")) == 16 * 512
+
+
+def test_on_a_cpu_batches_with_little_padding_and_no_shared_prefix_run_padded():
+    from fastrank.inference.batches import CPU_PACKING_MIN_WASTE
+
+    even = [[3] * 40, [3] * 38, [3] * 39]  # 1.7% of a padded batch would be padding
+    uneven = [[3] * 40, [3] * 5, [3] * 9]  # 55%
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # planning reads only the device type
+    assert CPU_PACKING_MIN_WASTE == 0.15
+    assert not plan_batches(even, 0, 8, 1_000, cpu, [None] * 3)[0].packed
+    assert plan_batches(uneven, 0, 8, 1_000, cpu, [None] * 3)[0].packed
+    assert plan_batches(even, 0, 8, 1_000, cuda, [None] * 3)[0].packed  # the packed kernels win at any padding
+    shared = [[1, 2, 3] + s for s in even]
+    assert plan_batches(shared, 0, 8, 1_000, cpu, [3] * 3)[0].packed  # a shared prefix is computed once
+    # 12.5% padding, but padded (80 tokens) the batch would exceed the budget its 70 real tokens fit
+    assert plan_batches([[3] * 40, [3] * 30], 0, 8, 75, cpu, [None] * 2)[0].packed
