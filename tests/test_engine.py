@@ -354,3 +354,27 @@ def test_packed_shared_scores_equal_padded_bf16(device, arch):
     want = fastrank.Reranker(model, tokenizer, "qwen3-reranker", packed=False).score(pairs)
     got = fastrank.Reranker(model, tokenizer, "qwen3-reranker").score(pairs)
     assert_close(got, want, BF16_LOGITS, what=f"{arch} bf16 shared vs padded")
+
+
+def test_packed_training_under_autocast(tmp_path):
+    """The Trainer's bf16 over fp32 weights is autocast, where RoPE leaves q and k in fp32 and v in bf16: the
+    packed forward casts them as torch's sdpa does, and its loss and gradients follow the padded forward's."""
+    from test_reranker_training import _grads
+
+    tok = tiny_tokenizer("qwen2", "left")
+    items = _reranker_batch(tmp_path, tok, labels=True)
+    losses, grads = [], []
+    for share in (False, True):
+        lm = tiny_causal_lm("qwen2")
+        model = fastrank.LLMRerankerModel(lm, tok, train_group_size=4).train()
+        pair = fastrank.RerankCollator(tok, share_prefix=share)(items)["pair"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(pair=pair).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_grads(lm))
+    # bf16 keeps 8 bits (u = 2**-8): two layers of bf16 matmuls, differently batched, move an O(1) loss and
+    # O(1) gradients by a few units of u
+    assert_close(losses[1], losses[0], atol=0.03, rtol=0.03, what="loss under autocast")
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], atol=0.05, rtol=0.05, what=name)

@@ -27,6 +27,8 @@ import warnings
 import weakref
 from typing import Optional
 
+import torch
+
 ATTENTION_NAME = "fastrank"
 
 # Model types whose packed forward was checked against their own padded forward (tests/test_engine.py).
@@ -88,6 +90,13 @@ def fastrank_attention(module, query, key, value, attention_mask, scaling=None, 
             f"fastrank_segments: a segment sees {segments.max_context} tokens, more than this layer's sliding "
             f"window ({window}); the engine runs such batches padded"
         )
+    # Under autocast (the Trainer's bf16/fp16 over fp32 weights) RoPE leaves q and k in fp32 while v is the
+    # projection's half precision. torch's sdpa is on autocast's lower-precision list and casts all three to the
+    # autocast dtype; so does this.
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     # The segments come from fastrank.data.packing.pack, which builds them valid: no value checks, whose
     # read-back would cost a device sync in every layer.
     with value_checks(False):
