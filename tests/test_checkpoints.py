@@ -338,3 +338,46 @@ def test_save_total_limit_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train-reranker", "--model", "m", "--data", "d", "--output", "o", "--save-total-limit", "0"])
     assert "argument --save-total-limit: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoint(data, tmp_path):
+    """The Trainer's own best-model loader expects the wrapper's keys; the wrapped trainers load the best
+    checkpoint as the model's ``save`` wrote it. ``greater_is_better=True`` on the loss makes the best an early
+    checkpoint, so loading it is visible."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    import fastrank
+    from fastrank.integrations.trainer import RerankerTrainer
+
+    tok = AutoTokenizer.from_pretrained(data / "model")
+    lm = AutoModelForCausalLM.from_pretrained(data / "model")
+    model = fastrank.LLMRerankerModel(lm, tok, train_group_size=3).train()
+    rows = fastrank.RerankTrainDataset(
+        str(data / "train.jsonl"), tok, train_group_size=3, query_max_len=16, passage_max_len=24
+    )
+    args = TrainingArguments(
+        str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        max_steps=6,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = RerankerTrainer(
+        model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=fastrank.RerankCollator(tok)
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    saved = load_file(os.path.join(best, "model.safetensors"))
+    live = lm.state_dict()
+    assert all(torch.equal(live[k], v) for k, v in saved.items())
+    last = load_file(os.path.join(tmp_path / "run" / "checkpoint-6", "model.safetensors"))
+    assert any(not torch.equal(last[k], v) for k, v in saved.items())

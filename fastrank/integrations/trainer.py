@@ -166,6 +166,17 @@ class _WrappedModelTrainer(Trainer):
         model = model.module if hasattr(model, "module") else model
         load_wrapped_weights(model, resume_from_checkpoint)
 
+    def _load_best_model(self):
+        """``load_best_model_at_end``: the best checkpoint, as the wrapped model's ``save`` wrote it, loaded back
+        into the wrapped model (the Trainer's own loader expects the wrapper's keys: it loaded nothing, then
+        failed on ``_keys_to_ignore_on_save``)."""
+        if is_sharded(self.model):
+            raise ValueError(
+                "load_best_model_at_end: not supported with fsdp; load trainer.state.best_model_checkpoint after "
+                "training instead"
+            )
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """The Trainer's ``train``; first the saving process removes what a save cut short left in
         ``output_dir``, and ``resume_from_checkpoint=True`` means the newest complete checkpoint."""
