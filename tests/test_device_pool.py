@@ -257,3 +257,20 @@ def test_cli_devices(minilm_path, reranker_path, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--output", str(out), "--devices", "cpu,,cpu"])
     assert "expected devices separated by commas" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fixture", ["layerwise_minicpm", "lightweight_gemma2"])
+def test_layerwise_pool_equals_one_process(fixture):
+    from fastrank.inference import LayerwiseRerankerPool
+
+    path = os.path.join(os.path.dirname(__file__), "fixtures", fixture)
+    pairs = _pairs(3, seed=8)
+    one = fastrank.Reranker.from_pretrained(path, cutoff_layers=[4], device="cpu")
+    with fastrank.Reranker.from_pretrained(path, cutoff_layers=[4], devices=["cpu"]) as pool:
+        assert isinstance(pool, LayerwiseRerankerPool)
+        with torch_threads(pool.workers.threads):
+            options = dict(batch_size=4, max_tokens=256, show_progress=False)
+            assert pool.score(pairs, **options) == one.score(pairs, **options)
+            several = dict(options, cutoff_layers=[2, 4], normalize=True)
+            assert pool.score(pairs, **several) == one.score(pairs, **several)
+            assert pool.rank(pairs[0][0], [d for _, d in pairs[:5]]) == one.rank(pairs[0][0], [d for _, d in pairs[:5]])

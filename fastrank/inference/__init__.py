@@ -8,7 +8,7 @@ early exit), ``embedder``, ``pool``.
 from fastrank.inference.batches import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, PlannedBatch, sort_window
 from fastrank.inference.embedder import Embedder
 from fastrank.inference.layerwise import LayerwiseReranker
-from fastrank.inference.pool import EmbedderPool, RerankerPool
+from fastrank.inference.pool import EmbedderPool, LayerwiseRerankerPool, RerankerPool
 from fastrank.inference.reranker import Reranker, best_first, document_texts
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Embedder",
     "EmbedderPool",
     "LayerwiseReranker",
+    "LayerwiseRerankerPool",
     "PlannedBatch",
     "Reranker",
     "RerankerPool",

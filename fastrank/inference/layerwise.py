@@ -24,9 +24,10 @@ from fastrank.inference.batches import (
     plan_batches,
     run_planned,
     sort_window,
+    write_rows,
 )
 from fastrank.inference.reranker import Reranker, best_first, document_texts
-from fastrank.models.layerwise import LayerwiseMiniCPM, is_layerwise_config
+from fastrank.models.layerwise import LayerwiseMiniCPM, is_layerwise_config, read_config
 from fastrank.models.lightweight import ARCHITECTURE as LIGHTWEIGHT_ARCHITECTURE
 from fastrank.models.lightweight import LightweightGemma2
 from fastrank.models.loading import resolve_device
@@ -138,12 +139,26 @@ class LayerwiseReranker(Reranker):
         change nothing (these models run padded).
         """
         del packed, share_prefix
-        if devices is not None:
-            raise ValueError("devices: the layer-wise reranker runs on one device; pass device= instead")
         if model_kwargs:
             raise ValueError(
                 f"{', '.join(sorted(model_kwargs))}: not options of the layer-wise reranker (its loader takes "
                 "dtype, device, attn_implementation, cutoff_layers, compress_layers and compress_ratio)"
+            )
+        if devices is not None:
+            from fastrank.inference.pool import LayerwiseRerankerPool
+
+            if device is not None:
+                raise ValueError("device, devices: give one (devices starts one worker per device)")
+            return LayerwiseRerankerPool.start(
+                path_or_model,
+                preset,
+                devices,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                cutoff_layers=cutoff_layers,
+                compress_layers=compress_layers,
+                compress_ratio=compress_ratio,
             )
         device = resolve_device(device)
         if isinstance(path_or_model, MODELS):
@@ -154,7 +169,13 @@ class LayerwiseReranker(Reranker):
         elif isinstance(path_or_model, str):
             source = _local_folder(path_or_model)
             loader = LightweightGemma2 if _architecture(source) == LIGHTWEIGHT_ARCHITECTURE else LayerwiseMiniCPM
-            model = loader.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+            if device.type == "meta":  # no weights: what a device pool's parent plans with
+                config = read_config(source) if loader is LayerwiseMiniCPM else _config_json(source)
+                model = loader.empty(config, device="meta", attn_implementation=attn_implementation)
+            else:
+                model = loader.from_pretrained(
+                    source, dtype=dtype, device=device, attn_implementation=attn_implementation
+                )
         else:
             raise ValueError(
                 f"path_or_model: expected a path, a hub name or a LayerwiseMiniCPM, got {type(path_or_model).__name__}"
@@ -215,15 +236,15 @@ class LayerwiseReranker(Reranker):
             raise ValueError(f"tokenized: {len(tokenized)} encodings for {len(pairs)} pairs; give one per pair")
         if not pairs:
             return [] if len(layers) == 1 else [[] for _ in layers]
-        scores = torch.empty(len(pairs), len(layers), dtype=torch.float32, device=self.device)
+        scores = torch.empty(len(pairs), len(layers), dtype=torch.float32, device=self._results_device)
         show = show_progress if show_progress is not None else len(pairs) > 4 * batch_size
         truncated = [0]
         from tqdm.auto import tqdm
 
         with tqdm(total=len(pairs), unit="pair", desc="scoring", disable=not show) as bar:
-            for batch in self._plan(pairs, batch_size, max_length, max_tokens, truncated, tokenized):
-                rows = torch.tensor(batch.indices, device=self.device)
-                scores[rows] = self._run_layers(batch, layers, normalize, compression)
+            batches = self._plan(pairs, batch_size, max_length, max_tokens, truncated, tokenized)
+            for batch, values in self._execute_layers(batches, layers, normalize, compression):
+                write_rows(scores, batch.indices, values)
                 bar.update(len(batch.indices))
         if truncated[0]:
             warnings.warn(
@@ -251,7 +272,7 @@ class LayerwiseReranker(Reranker):
         if not self.lightweight:
             yield from super()._plan(pairs, batch_size, max_length, max_tokens, truncated, tokenized)
             return
-        chunk = sort_window(batch_size, self.device)
+        chunk = sort_window(batch_size, self._plan_device)
         limit = self.preset.max_length if max_length is None else max_length
         template = self.preset.template
         for start in range(0, len(pairs), chunk):
@@ -260,7 +281,17 @@ class LayerwiseReranker(Reranker):
             truncated[0] += sum(e.truncated for e in encoded)
             heads = [len(template.shared_prefix(self.tokenizer, q, limit)) for q, _ in window]
             sequences = [e.input_ids for e in encoded]
-            yield from plan_batches(sequences, start, batch_size, max_tokens, self.device, None, heads)
+            yield from plan_batches(sequences, start, batch_size, max_tokens, self._plan_device, None, heads)
+
+    def _execute_layers(self, batches, layers, normalize, compression):
+        """``(batch, [n, len(layers)] scores)`` for each planned batch; here, one after the other on this device."""
+        for batch in batches:
+            yield batch, self._run_layers(batch, layers, normalize, compression)
+
+    @torch.inference_mode()
+    def _run_layers_remote(self, batch: PlannedBatch, layers, normalize, compression):
+        """What a pool worker runs: one planned batch's scores at ``layers``, as a host array."""
+        return self._run_layers(batch, layers, normalize, compression).float().cpu().numpy()
 
     def _run_layers(self, batch: PlannedBatch, layers: List[int], normalize: bool, compression=None) -> torch.Tensor:
         if self.device.type == "meta":
@@ -367,6 +398,13 @@ def _local_folder(source: str) -> str:
             "checkpoint"
         )
     return folder
+
+
+def _config_json(folder: str) -> dict:
+    import json
+
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f)
 
 
 def _architecture(folder: str) -> Optional[str]:

@@ -21,6 +21,7 @@ from typing import List, Sequence
 import torch
 
 from fastrank.inference.embedder import Embedder
+from fastrank.inference.layerwise import LayerwiseReranker
 from fastrank.inference.reranker import Reranker
 from fastrank.models.loading import resolve_device
 from fastrank.workers import WorkerPool
@@ -157,3 +158,39 @@ class EmbedderPool(_Pooled, Embedder):
         planner = Embedder.from_pretrained(source, device="meta", **options)
         workers = WorkerPool(functools.partial(_build_quietly, Embedder), (source,), options, devices)
         return cls(planner, workers)
+
+
+class LayerwiseRerankerPool(_Pooled, LayerwiseReranker):
+    """A ``LayerwiseReranker`` whose batches run in worker processes, one per device.
+
+    Made by ``Reranker.from_pretrained(path, devices=[...], cutoff_layers=[...])`` for a layer-wise or lightweight
+    checkpoint; ``score`` (one list per layer for several), ``rank`` and ``compute_score`` work as
+    ``LayerwiseReranker``'s and give the same scores.
+    """
+
+    def __init__(self, planner: LayerwiseReranker, workers: WorkerPool):
+        super().__init__(
+            planner.model,
+            planner.tokenizer,
+            planner.preset,
+            cutoff_layers=planner.cutoff_layers,
+            compress_layers=planner.compress_layers if planner.lightweight else None,
+            compress_ratio=planner.compress_ratio if planner.lightweight else None,
+        )
+        self.workers = workers
+
+    @classmethod
+    def start(cls, path_or_model, preset, devices, *, tokenizer=None, **options) -> "LayerwiseRerankerPool":
+        source = _source(path_or_model)
+        devices = check_devices(devices)
+        planner = LayerwiseReranker.from_pretrained(source, preset, tokenizer=tokenizer, device="meta", **options)
+        workers = WorkerPool(
+            functools.partial(_build_quietly, LayerwiseReranker),
+            (source, planner.preset),
+            {"tokenizer": tokenizer, **options},
+            devices,
+        )
+        return cls(planner, workers)
+
+    def _execute_layers(self, batches, layers, normalize, compression):
+        yield from self.workers.imap("_run_layers_remote", batches, layers, normalize, compression)
