@@ -91,8 +91,6 @@ def cmd_rerank(args) -> int:
             "reranker without --ray"
         )
     if _ray_requested(args):  # Parquet shards on Ray Data: fastrank.integrations.ray
-        if args.devices:
-            raise ValueError("--ray, --devices: give one (Ray places one actor per device; see --ray-actors)")
         return _ray_integration().rerank_command(args)
     from fastrank.inference import Reranker, best_first
     from fastrank.inference.reranker import parse_rerank_line
@@ -185,8 +183,6 @@ def _read_texts(path: str, fmt: str):
 
 def cmd_encode(args) -> int:
     if _ray_requested(args):  # Parquet shards on Ray Data: fastrank.integrations.ray
-        if args.devices:
-            raise ValueError("--ray, --devices: give one (Ray places one actor per device; see --ray-actors)")
         return _ray_integration().encode_command(args)
     import numpy as np
 

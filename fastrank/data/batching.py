@@ -88,3 +88,18 @@ def pad_token_id_of(tokenizer) -> int:
         if value is not None:
             return int(value)
     raise ValueError("tokenizer: has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
+
+
+def padding_options(tokenizer, pad_token_id, padding_side, pad_to_multiple_of, default_side: str):
+    """A collator's padding, checked: ``(pad id, side, multiple)``. The pad id is ``pad_token_id`` or the
+    tokenizer's (``pad_token_id_of``); the side is ``padding_side``, else the tokenizer's, else ``default_side``;
+    the multiple is ``pad_to_multiple_of`` or 1."""
+    if pad_token_id is None:
+        if tokenizer is None:
+            raise ValueError("tokenizer: give the tokenizer (or pad_token_id) to pad with")
+        pad_token_id = pad_token_id_of(tokenizer)
+    side = padding_side or getattr(tokenizer, "padding_side", None) or default_side
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side: must be 'left' or 'right', got {side!r}")
+    positive_int("pad_to_multiple_of", pad_to_multiple_of, none_ok=True)
+    return int(pad_token_id), side, pad_to_multiple_of or 1

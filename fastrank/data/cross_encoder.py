@@ -18,11 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastrank.data.batching import collate, pad_token_id_of
+from fastrank.data.batching import collate, padding_options
 from fastrank.data.packing import pack
 from fastrank.data.reranker import RerankTrainDataset
 from fastrank.data.templates import _segment_a, keep_tokens, pair_round_trip
-from fastrank.utils import positive_int
 
 
 class CrossEncoderTrainDataset(RerankTrainDataset):
@@ -128,17 +127,9 @@ class CrossEncoderCollator:
         pad_to_multiple_of: Optional[int] = None,
         packed: bool = False,
     ):
-        if pad_token_id is None:
-            if tokenizer is None:
-                raise ValueError("tokenizer: give the tokenizer (or pad_token_id) to pad with")
-            pad_token_id = pad_token_id_of(tokenizer)
-        side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side: must be 'left' or 'right', got {side!r}")
-        positive_int("pad_to_multiple_of", pad_to_multiple_of, none_ok=True)
-        self.pad_token_id = int(pad_token_id)
-        self.padding_side = side
-        self.pad_to_multiple_of = pad_to_multiple_of or 1
+        self.pad_token_id, self.padding_side, self.pad_to_multiple_of = padding_options(
+            tokenizer, pad_token_id, padding_side, pad_to_multiple_of, "right"
+        )
         self.packed = bool(packed)
 
     def __call__(self, items: List[dict]) -> Dict[str, object]:

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastrank.data.batching import collate, pad_token_id_of
+from fastrank.data.batching import collate, padding_options
 from fastrank.data.embedder import read_retrieval_jsonl, sample_group
 from fastrank.data.packing import common_prefix_length, pack
 from fastrank.data.templates import FLAG_LLM_PROMPT, default_bos, keep_tokens, truncate_only_second
@@ -197,17 +197,9 @@ class RerankCollator:
         packed: bool = False,
         share_prefix: bool = False,
     ):
-        if pad_token_id is None:
-            if tokenizer is None:
-                raise ValueError("tokenizer: give the tokenizer (or pad_token_id) to pad with")
-            pad_token_id = pad_token_id_of(tokenizer)
-        side = padding_side or getattr(tokenizer, "padding_side", None) or "left"
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side: must be 'left' or 'right', got {side!r}")
-        positive_int("pad_to_multiple_of", pad_to_multiple_of, none_ok=True)
-        self.pad_token_id = int(pad_token_id)
-        self.padding_side = side
-        self.pad_to_multiple_of = pad_to_multiple_of or 1
+        self.pad_token_id, self.padding_side, self.pad_to_multiple_of = padding_options(
+            tokenizer, pad_token_id, padding_side, pad_to_multiple_of, "left"
+        )
         self.return_position_ids = return_position_ids
         self.packed = packed
         self.share_prefix = share_prefix

@@ -80,11 +80,10 @@ class Embedder:
         if devices is not None:
             from fastrank.inference.pool import EmbedderPool
 
-            if device is not None:
-                raise ValueError("device, devices: give one (devices starts one worker per device)")
             return EmbedderPool.start(
                 path_or_model,
                 devices,
+                device=device,
                 kind=kind,
                 tokenizer=tokenizer,
                 pooling=pooling,

@@ -147,12 +147,11 @@ class LayerwiseReranker(Reranker):
         if devices is not None:
             from fastrank.inference.pool import LayerwiseRerankerPool
 
-            if device is not None:
-                raise ValueError("device, devices: give one (devices starts one worker per device)")
             return LayerwiseRerankerPool.start(
                 path_or_model,
                 preset,
                 devices,
+                device=device,
                 tokenizer=tokenizer,
                 dtype=dtype,
                 attn_implementation=attn_implementation,

@@ -27,8 +27,11 @@ from fastrank.models.loading import resolve_device
 from fastrank.workers import WorkerPool
 
 
-def check_devices(devices) -> List[str]:
-    """``devices`` as a list of device names, each checked (``resolve_device``'s errors)."""
+def check_devices(devices, device=None) -> List[str]:
+    """``devices`` as a list of device names, each checked (``resolve_device``'s errors); ``device`` (the one-device
+    option of the same call) must not be given too."""
+    if device is not None:
+        raise ValueError("device, devices: give one (devices starts one worker per device)")
     if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence) or not devices:
         raise ValueError(
             f"devices: give a non-empty list of devices, e.g. ['cuda:0', 'cuda:1'] or ['cpu', 'cpu'], got {devices!r}"
@@ -126,9 +129,9 @@ class RerankerPool(_Pooled, Reranker):
         self.workers = workers
 
     @classmethod
-    def start(cls, path_or_model, preset, devices, *, tokenizer=None, **options) -> "RerankerPool":
+    def start(cls, path_or_model, preset, devices, *, device=None, tokenizer=None, **options) -> "RerankerPool":
+        devices = check_devices(devices, device)
         source = _source(path_or_model)
-        devices = check_devices(devices)
         planner = Reranker.from_pretrained(source, preset, tokenizer=tokenizer, device="meta", **options)
         workers = WorkerPool(
             Reranker.from_pretrained, (source, planner.preset), {"tokenizer": tokenizer, **options}, devices
@@ -152,9 +155,9 @@ class EmbedderPool(_Pooled, Embedder):
         self.workers = workers
 
     @classmethod
-    def start(cls, path_or_model, devices, **options) -> "EmbedderPool":
+    def start(cls, path_or_model, devices, *, device=None, **options) -> "EmbedderPool":
+        devices = check_devices(devices, device)
         source = _source(path_or_model)
-        devices = check_devices(devices)
         planner = Embedder.from_pretrained(source, device="meta", **options)
         workers = WorkerPool(functools.partial(_build_quietly, Embedder), (source,), options, devices)
         return cls(planner, workers)
@@ -180,9 +183,11 @@ class LayerwiseRerankerPool(_Pooled, LayerwiseReranker):
         self.workers = workers
 
     @classmethod
-    def start(cls, path_or_model, preset, devices, *, tokenizer=None, **options) -> "LayerwiseRerankerPool":
+    def start(
+        cls, path_or_model, preset, devices, *, device=None, tokenizer=None, **options
+    ) -> "LayerwiseRerankerPool":
+        devices = check_devices(devices, device)
         source = _source(path_or_model)
-        devices = check_devices(devices)
         planner = LayerwiseReranker.from_pretrained(source, preset, tokenizer=tokenizer, device="meta", **options)
         workers = WorkerPool(
             functools.partial(_build_quietly, LayerwiseReranker),

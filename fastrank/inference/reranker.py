@@ -170,12 +170,11 @@ class Reranker:
         if devices is not None:
             from fastrank.inference.pool import RerankerPool
 
-            if device is not None:
-                raise ValueError("device, devices: give one (devices starts one worker per device)")
             return RerankerPool.start(
                 path_or_model,
                 preset,
                 devices,
+                device=device,
                 tokenizer=tokenizer,
                 dtype=dtype,
                 attn_implementation=attn_implementation,

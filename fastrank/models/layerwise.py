@@ -167,27 +167,9 @@ class LayerwiseMiniCPM(nn.Module):
     ) -> "LayerwiseMiniCPM":
         """Load a ``LayerWiseMiniCPMForCausalLM`` checkpoint folder (``config.json`` and safetensors weights,
         one file or an index). ``dtype`` None or ``"auto"``: the checkpoint's ``torch_dtype``."""
-        from safetensors.torch import load_file
-
         config = read_config(folder)
-        if dtype in (None, "auto"):
-            name = config.get("torch_dtype") or config.get("dtype") or "float32"
-            dtype = getattr(torch, name) if isinstance(name, str) else name
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
         model = cls.empty(config, device=device, attn_implementation=attn_implementation)
-        state = {}
-        for path in _weight_files(folder):
-            state.update(load_file(path))
-        # FlagEmbedding saves no rotary buffers; they are computed, not loaded.
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
-        missing = [k for k in missing if "rotary_emb" not in k]
-        if missing or unexpected:
-            raise ValueError(
-                f"{folder}: not a {ARCHITECTURE} checkpoint of this config (missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]})"
-            )
-        return model.to(dtype).eval()
+        return load_checkpoint(model, folder, config, dtype, ARCHITECTURE)
 
     @classmethod
     def empty(cls, config: dict, *, device=None, attn_implementation: Optional[str] = None) -> "LayerwiseMiniCPM":
@@ -204,36 +186,22 @@ class LayerwiseMiniCPM(nn.Module):
 
     def check_cutoff_layers(self, cutoff_layers: Union[int, Sequence[int], None]) -> List[int]:
         """The requested layers as a list (None: the last layer, FlagEmbedding's default), each checked."""
-        if cutoff_layers is None:
-            return [self.num_layers]
-        if isinstance(cutoff_layers, int) and not isinstance(cutoff_layers, bool):
-            cutoff_layers = [cutoff_layers]
-        try:
-            layers = list(cutoff_layers)
-        except TypeError:
-            raise ValueError(
-                f"cutoff_layers: expected an int or a list of ints, got {type(cutoff_layers).__name__}"
-            ) from None
-        if not layers:
-            raise ValueError(
-                f"cutoff_layers: empty; give at least one layer in [{self.start_layer}, {self.num_layers}]"
-            )
-        for k in layers:
-            if isinstance(k, bool) or not isinstance(k, int):
-                raise ValueError(f"cutoff_layers: {k!r} is not an int layer number")
+
+        def problem(k):
             if k > self.num_layers or k < 1:
-                raise ValueError(
-                    f"cutoff_layers: layer {k} is outside the model's layers 1..{self.num_layers}; the heads cover "
+                return (
+                    f"layer {k} is outside the model's layers 1..{self.num_layers}; the heads cover "
                     f"[{self.start_layer}, {self.num_layers}]"
                 )
             if k < self.start_layer:
-                raise ValueError(
-                    f"cutoff_layers: layer {k} has no head (this model's heads start at layer {self.start_layer}, "
-                    f"config start_layer); choose layers in [{self.start_layer}, {self.num_layers}]"
+                return (
+                    f"layer {k} has no head (this model's heads start at layer {self.start_layer}, config "
+                    f"start_layer); choose layers in [{self.start_layer}, {self.num_layers}]"
                 )
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"cutoff_layers: {layers} repeats a layer")
-        return layers
+            return None
+
+        hint = f"give at least one layer in [{self.start_layer}, {self.num_layers}]"
+        return cutoff_layer_list(cutoff_layers, self.num_layers, hint, problem)
 
     def forward(
         self,
@@ -308,6 +276,57 @@ def is_layerwise_config(config: dict) -> bool:
     """Whether a ``config.json`` (as a dict) is FlagEmbedding's layer-wise MiniCPM reranker."""
     archs = config.get("architectures") or []
     return ARCHITECTURE in archs or (config.get("model_type") == "minicpm" and "start_layer" in config)
+
+
+def cutoff_layer_list(cutoff_layers, last: int, empty_hint: str, problem) -> List[int]:
+    """``cutoff_layers`` (an int, a list of ints, or None: ``[last]``) as a checked list of distinct int layers,
+    each one that ``problem(k)`` finds nothing wrong with (it returns None, or what is wrong with layer k);
+    ``empty_hint`` says what to give instead of an empty list. Both layer-wise models check their layers here."""
+    if cutoff_layers is None:
+        return [last]
+    if isinstance(cutoff_layers, int) and not isinstance(cutoff_layers, bool):
+        cutoff_layers = [cutoff_layers]
+    try:
+        layers = list(cutoff_layers)
+    except TypeError:
+        raise ValueError(
+            f"cutoff_layers: expected an int or a list of ints, got {type(cutoff_layers).__name__}"
+        ) from None
+    if not layers:
+        raise ValueError(f"cutoff_layers: empty; {empty_hint}")
+    for k in layers:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"cutoff_layers: {k!r} is not an int layer number")
+        wrong = problem(k)
+        if wrong is not None:
+            raise ValueError(f"cutoff_layers: {wrong}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"cutoff_layers: {layers} repeats a layer")
+    return layers
+
+
+def load_checkpoint(model, folder: str, config: dict, dtype, architecture: str):
+    """``model`` (built by ``empty``) with ``folder``'s safetensors weights, in ``dtype`` (None or ``"auto"``: the
+    config's ``torch_dtype``), in eval mode. FlagEmbedding saves no rotary buffers: they are computed, not loaded;
+    any other missing or unexpected key is an error naming the architecture."""
+    from safetensors.torch import load_file
+
+    if dtype in (None, "auto"):
+        name = config.get("torch_dtype") or config.get("dtype") or "float32"
+        dtype = getattr(torch, name) if isinstance(name, str) else name
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    state = {}
+    for path in _weight_files(folder):
+        state.update(load_file(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}: not a {architecture} checkpoint of this config (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]})"
+        )
+    return model.to(dtype).eval()
 
 
 def _weight_files(folder: str) -> List[str]:

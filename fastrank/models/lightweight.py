@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import fastrank.functional as F
-from fastrank.models.layerwise import LayerWiseHead, _weight_files
+from fastrank.models.layerwise import LayerWiseHead, cutoff_layer_list, load_checkpoint
 from fastrank.ops.score_head import score_head_rows
 
 ARCHITECTURE = "CostWiseGemmaForCausalLM"
@@ -132,53 +132,24 @@ class LightweightGemma2(nn.Module):
         import json
         import os
 
-        from safetensors.torch import load_file
-
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
-        if dtype in (None, "auto"):
-            name = config.get("torch_dtype") or config.get("dtype") or "float32"
-            dtype = getattr(torch, name) if isinstance(name, str) else name
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
         model = cls.empty(config, device=device, attn_implementation=attn_implementation)
-        state = {}
-        for path in _weight_files(folder):
-            state.update(load_file(path))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if "rotary_emb" not in k]
-        if missing or unexpected:
-            raise ValueError(
-                f"{folder}: not a {ARCHITECTURE} checkpoint of this config (missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]})"
-            )
-        return model.to(dtype).eval()
+        return load_checkpoint(model, folder, config, dtype, ARCHITECTURE)
 
     def check_cutoff_layers(self, cutoff_layers: Union[int, Sequence[int], None]) -> List[int]:
         """The requested layers as a list (None: the last layer), each one with a head."""
-        if cutoff_layers is None:
-            return [self.num_layers]
-        if isinstance(cutoff_layers, int) and not isinstance(cutoff_layers, bool):
-            cutoff_layers = [cutoff_layers]
-        try:
-            layers = list(cutoff_layers)
-        except TypeError:
-            raise ValueError(
-                f"cutoff_layers: expected an int or a list of ints, got {type(cutoff_layers).__name__}"
-            ) from None
-        if not layers:
-            raise ValueError(f"cutoff_layers: empty; give at least one of the layers {self.head_layers}")
-        for k in layers:
-            if isinstance(k, bool) or not isinstance(k, int):
-                raise ValueError(f"cutoff_layers: {k!r} is not an int layer number")
-            if k not in self.head_layers:
-                raise ValueError(
-                    f"cutoff_layers: layer {k} has no head; this model scores at layers {self.head_layers} "
-                    f"(config start_layer={self.start_layer}, layer_sep={self.layer_sep})"
-                )
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"cutoff_layers: {layers} repeats a layer")
-        return layers
+
+        def problem(k):
+            if k in self.head_layers:
+                return None
+            return (
+                f"layer {k} has no head; this model scores at layers {self.head_layers} (config "
+                f"start_layer={self.start_layer}, layer_sep={self.layer_sep})"
+            )
+
+        hint = f"give at least one of the layers {self.head_layers}"
+        return cutoff_layer_list(cutoff_layers, self.num_layers, hint, problem)
 
     def check_compression(self, compress_layers, compress_ratio) -> tuple:
         """``(layers, ratio)`` checked; ratio 1 (or no layers) is no compression."""
