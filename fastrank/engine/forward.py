@@ -20,7 +20,18 @@ def _accepts(module, name: str) -> bool:
 def packed_forward(backbone, batch: PackedBatch, **kwargs) -> torch.Tensor:
     """The backbone's last hidden state ``[M, H]`` over a packed batch: one row of real tokens, the segment
     metadata as the forward kwarg ``fastrank_segments``, no cache and no attention mask. The model must have
-    the engine enabled (``enable_packing``). ``kwargs`` go to the backbone (``token_type_ids`` ``[1, M]``)."""
+    the engine enabled (``enable_packing``). ``kwargs`` go to the backbone (``token_type_ids`` ``[1, M]``).
+
+    A backbone with CUDA graphs attached (``fastrank.engine.graphs.attach_graphs``) replays them for inference
+    forwards on CUDA; the result is then a view of the graph's output, valid until the next forward."""
+    runner = backbone.__dict__.get("_fastrank_graphs")
+    if runner is not None and not kwargs and runner.usable(batch):
+        return runner(batch)
+    return eager_packed_forward(backbone, batch, **kwargs)
+
+
+def eager_packed_forward(backbone, batch: PackedBatch, **kwargs) -> torch.Tensor:
+    """``packed_forward`` without CUDA graphs."""
     call = dict(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,

@@ -8,6 +8,7 @@ import torch
 
 from fastrank.data.batching import pad_token_id_of
 from fastrank.engine import enable_packing
+from fastrank.engine.graphs import attach_graphs
 from fastrank.inference.batches import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
@@ -41,6 +42,8 @@ class Embedder:
         self.tokenizer = encoder.tokenizer
         self.pad_token_id = pad_token_id_of(self.tokenizer)
         self.packed = bool(packed) and enable_packing(encoder.model)
+        if self.packed:
+            attach_graphs(encoder.backbone)  # CUDA graphs per token bucket on CUDA (FASTRANK_CUDA_GRAPHS=0: off)
 
     @classmethod
     def from_pretrained(

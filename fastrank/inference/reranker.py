@@ -11,6 +11,7 @@ import torch
 from fastrank.data.batching import pad_token_id_of
 from fastrank.data.templates import shared_prefix_lengths
 from fastrank.engine import enable_packing
+from fastrank.engine.graphs import attach_graphs
 from fastrank.inference.batches import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
@@ -97,6 +98,9 @@ class Reranker:
             self.scorer = CausalLMScorer(model, self.preset.convention, self.preset.convention.token_ids(tokenizer))
         self.packed = bool(packed) and enable_packing(model)
         self.share_prefix = bool(share_prefix)
+        if self.packed and not self.is_cross_encoder:
+            # Inference batches on CUDA replay CUDA graphs per token bucket (FASTRANK_CUDA_GRAPHS=0: off).
+            attach_graphs(self.scorer.backbone)
 
     @classmethod
     def from_pretrained(
