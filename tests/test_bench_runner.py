@@ -354,3 +354,21 @@ def test_bench_plot_path_is_checked_before_the_run(tmp_path):
         main(["--traceback", "bench", "--op", "pool", "--plot", str(tmp_path / "r.txt")])
     with pytest.raises(ValueError, match=r"^--plot .*r\.png: the folder .*no_dir does not exist"):
         main(["--traceback", "bench", "--op", "pool", "--plot", str(tmp_path / "no_dir" / "r.png")])
+
+
+def test_decoder_flops_count_the_projections_mlp_and_causal_attention():
+    """Qwen2.5-0.5B: 0.72 GFLOP per token of projections and MLP over 24 layers (the figure of issue 15), plus
+    causal attention that grows with the context; checked against a count written out by hand."""
+    from fastrank.benchmarks.harness import decoder_flops, gpu_bf16_peak_flops, throughput
+    from fastrank.benchmarks.synthetic import qwen25_config
+
+    config = qwen25_config(num_layers=24)
+    one = decoder_flops(config, [1])
+    by_hand = 24 * (2 * (896 * 64 * (2 * 14 + 2 * 2) + 3 * 896 * 4864) + 4 * 14 * 64 * 1)
+    assert one == by_hand and 0.70e9 < one < 0.73e9
+    # two sequences of 3 tokens: contexts 1 + 2 + 3 each
+    assert decoder_flops(config, [3, 3]) == 24 * (2 * 6 * (896 * 64 * 32 + 3 * 896 * 4864) + 4 * 14 * 64 * 12)
+    out = throughput({"tokens": 1000, "flops": 2e12}, 500.0, 1e15)
+    assert out["tokens_per_second"] == 2000 and out["model_tflops_per_second"] == 4.0 and out["mfu"] == 0.004
+    assert "mfu" not in throughput({"tokens": 1, "flops": 1.0}, 1.0, None)
+    assert gpu_bf16_peak_flops(torch.device("cpu")) is None

@@ -343,3 +343,69 @@ def ratio(baseline: Optional[float], ours: Optional[float], floor: float = 1e-12
     if baseline is None or ours is None:
         return None
     return max(baseline, floor) / max(ours, floor)
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s, by a substring of
+# torch.cuda.get_device_name; the first match wins, so the more specific names come first.
+GPU_BF16_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("H20", 148e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 125e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+)
+
+
+def gpu_bf16_peak_flops(device: torch.device) -> Optional[float]:
+    """The dense bf16 peak of ``device``'s GPU from ``GPU_BF16_PEAK_FLOPS``, or None (CPU, or a GPU not listed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_BF16_PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def throughput(work: dict, time_ms: float, peak_flops: Optional[float]) -> dict:
+    """Tokens/s, model TFLOP/s and, when the peak is known, model FLOPs utilisation (MFU: the fraction of the
+    GPU's dense bf16 peak) of a call that processed ``work`` (``{"tokens", "flops"}``) in ``time_ms``."""
+    seconds = time_ms / 1e3
+    out = {
+        "tokens": int(work["tokens"]),
+        "tokens_per_second": work["tokens"] / seconds,
+        "model_tflops_per_second": work["flops"] / seconds / 1e12,
+    }
+    if peak_flops:
+        out["mfu"] = work["flops"] / seconds / peak_flops
+        out["peak_bf16_tflops"] = peak_flops / 1e12
+    return out
+
+
+def decoder_flops(config, lengths) -> float:
+    """Model FLOPs of a decoder's forward over sequences of ``lengths`` tokens, each computed alone (no prefix
+    sharing, no padding: the work any implementation must do): 2 per multiply-add of the projections and the
+    gated MLP in every layer, plus causal attention's ``q k^T`` and ``p v`` (2 x 2 x heads x head_dim x
+    context, the context of token i being i + 1). Embedding lookups, norms and the one LM-head row count
+    nothing."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inter = config.intermediate_size
+    layers = config.num_hidden_layers
+    per_token = 2 * (hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter)
+    tokens = sum(lengths)
+    contexts = sum(n * (n + 1) // 2 for n in lengths)
+    return float(layers * (per_token * tokens + 4 * heads * head_dim * contexts))

@@ -52,6 +52,10 @@ class Benchmark(Generic[C]):
     # For whole jobs: what one call processes (pairs, texts, ...), reported per second in ``unit``s.
     items_per_call: Optional[Callable[[C], int]] = None
     unit: Optional[str] = None
+    # For model forwards: the real tokens one call processes and the model FLOPs they cost (what any provider
+    # must compute: the unshared, unpadded forward), as {"tokens": int, "flops": float}; the runner reports
+    # tokens/s, TFLOP/s and the fraction of the GPU's dense bf16 peak from it.
+    work_per_call: Optional[Callable[[C], Dict[str, float]]] = None
     # Whole jobs (seconds per call, host work included) rather than kernels: device type -> the warm-up and
     # timed runs (``measure``'s ``warmup`` and ``repeats``); kernel timing on a device type not listed.
     end_to_end: Mapping[str, Mapping[str, int]] = field(default_factory=dict)

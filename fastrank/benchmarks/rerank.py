@@ -33,7 +33,7 @@ from typing import Callable, Dict
 import torch
 
 import fastrank
-from fastrank.benchmarks.harness import attention_switched, reference_baseline
+from fastrank.benchmarks.harness import attention_switched, decoder_flops, reference_baseline
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate, pad_token_id_of
@@ -174,6 +174,22 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     return fns
 
 
+def work(case: Case) -> Dict[str, float]:
+    """The real tokens of the case's pairs in the preset's layout, truncated as every provider truncates, and
+    the Qwen2.5-0.5B-shaped decoder's model FLOPs over them (``harness.decoder_flops``)."""
+    tokenizer = build_tokenizer(padding_side="right")
+    config = qwen25_config(
+        num_layers=case.layers, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    template = fastrank.get_preset(PRESET).template
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        lengths = [
+            len(e.input_ids) for e in template.tokenize(tokenizer, synthetic_pairs(case.pairs, seed=0), case.max_length)
+        ]
+    return {"tokens": sum(lengths), "flops": decoder_flops(config, lengths)}
+
+
 BENCHMARK = Benchmark(
     name="rerank",
     case_type=Case,
@@ -186,6 +202,7 @@ BENCHMARK = Benchmark(
     ),
     items_per_call=lambda case: case.pairs,
     unit="pairs",
+    work_per_call=work,
     end_to_end={"cuda": dict(warmup=1, repeats=5), "cpu": dict(warmup=0, repeats=1)},
     legacy_keys={"n": "pairs", "t": "max_length"},
 )

@@ -32,8 +32,10 @@ from fastrank.benchmarks.harness import (
     Unavailable,
     environment,
     format_bytes,
+    gpu_bf16_peak_flops,
     measure,
     ratio,
+    throughput,
 )
 from fastrank.benchmarks.protocol import Benchmark
 
@@ -112,6 +114,12 @@ def run(
                 for m in measured:
                     if m.time_ms:
                         m.extra["items_per_second"] = benchmark.items_per_call(case) / (m.time_ms / 1e3)
+            if benchmark.work_per_call is not None:
+                work = benchmark.work_per_call(case)
+                peak = gpu_bf16_peak_flops(device)
+                for m in measured:
+                    if m.time_ms:
+                        m.extra.update(throughput(work, m.time_ms, peak))
             del fns
             gc.collect()
             if device.type == "cuda":
@@ -194,6 +202,11 @@ def format_table(results: dict) -> str:
         elif "items_per_second" in ours.get("extra", {}):
             rate = f"{ours['extra']['items_per_second']:.1f} {_rate_unit(entry['op'])}"
             ours_txt = f"{rate}{_latency(ours)}, {format_bytes(ours['peak_bytes'])}"
+            extra = ours["extra"]
+            if "tokens_per_second" in extra:
+                ours_txt += f", {extra['tokens_per_second']:,.0f} tokens/s"
+                if "mfu" in extra:
+                    ours_txt += f" ({100 * extra['mfu']:.1f}% of bf16 peak)"
         else:
             ours_txt = f"{ours['time_ms']:.3f} ms, {format_bytes(ours['peak_bytes'])}"
         baselines = [m for m in entry["measurements"] if m["provider"] != "fastrank"]
