@@ -147,8 +147,10 @@ class CudaGraphRunner:
             entry = self._capture(key, bucket_batch(batch, key))
             if entry is None:
                 return packed_forward(self.backbone, batch)
-        self._load(entry.batch, bucket_batch(batch, key))
-        entry.graph.replay()
+        # The static tensors were made under inference mode (as fastrank's callers run): write them there too.
+        with torch.inference_mode():
+            self._load(entry.batch, bucket_batch(batch, key))
+            entry.graph.replay()
         self.replays += 1
         return entry.hidden[: batch.num_tokens]
 
@@ -161,8 +163,22 @@ class CudaGraphRunner:
             static.segments.prefix.copy_(batch.segments.prefix, non_blocking=True)
 
     def _capture(self, key, batch: PackedBatch) -> Optional[_Graph]:
+        try:
+            return self._capture_into(key, batch)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run this model eagerly
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(
+                f"fastrank: CUDA graph capture failed, running eagerly from now on ({self.failed}); "
+                "set FASTRANK_CUDA_GRAPHS=0 to skip the attempt",
+                stacklevel=3,
+            )
+            return None
+
+    @torch.inference_mode()
+    def _capture_into(self, key, batch: PackedBatch) -> _Graph:
         from fastrank.engine.forward import eager_packed_forward as packed_forward
 
+        # The graph's own copies of the inputs, made under inference mode like everything it reads and writes.
         static = dataclasses.replace(
             batch,
             input_ids=batch.input_ids.clone(),
@@ -173,26 +189,17 @@ class CudaGraphRunner:
                 prefix=None if batch.segments.prefix is None else batch.segments.prefix.clone(),
             ),
         )
-        try:
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # Triton compiles and autotunes here, outside the capture
-                    packed_forward(self.backbone, static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                hidden = packed_forward(self.backbone, static)
-        except Exception as e:  # noqa: BLE001 - any capture failure means: run this model eagerly
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(
-                f"fastrank: CUDA graph capture failed, running eagerly from now on ({self.failed}); "
-                "set FASTRANK_CUDA_GRAPHS=0 to skip the attempt",
-                stacklevel=3,
-            )
-            return None
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # Triton compiles and autotunes here, outside the capture
+                packed_forward(self.backbone, static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden = packed_forward(self.backbone, static)
         entry = _Graph(graph=graph, batch=static, hidden=hidden)
         self.graphs[key] = entry
         return entry
