@@ -17,7 +17,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastrank.kernels import contrastive as C  # noqa: E402
+from fastrank.kernels import gated_activation as G  # noqa: E402
 from fastrank.kernels import pool as P  # noqa: E402
+from fastrank.kernels import rms_norm as R  # noqa: E402
+from fastrank.kernels import rope as Ro  # noqa: E402
 from fastrank.kernels import score_head as S  # noqa: E402
 from fastrank.kernels import varlen_attention as A  # noqa: E402
 
@@ -131,6 +134,7 @@ def variants():
                         IN_BATCH=in_batch,
                         HAS_TEACHER=teacher,
                         DOT_FP32=dtype == "fp32",
+                        FP32_PRECISION="ieee",
                         BLOCK_M=block[0],
                         BLOCK_N=block[1],
                         BLOCK_D=block[2],
@@ -140,7 +144,12 @@ def variants():
                 C._contrastive_coef_kernel,
                 dict(types, c_ptr=f"*{dtype}"),
                 dict(
-                    HAS_TEACHER=teacher, DOT_FP32=dtype == "fp32", BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2]
+                    HAS_TEACHER=teacher,
+                    DOT_FP32=dtype == "fp32",
+                    FP32_PRECISION="ieee",
+                    BLOCK_M=block[0],
+                    BLOCK_N=block[1],
+                    BLOCK_D=block[2],
                 ),
             )
             for fn in (C._contrastive_dq_kernel, C._contrastive_dp_kernel):
@@ -151,11 +160,23 @@ def variants():
                         IN_BATCH=False,
                         HAS_TEACHER=teacher,
                         DOT_FP32=dtype == "fp32",
+                        FP32_PRECISION="ieee",
                         BLOCK_M=block[0],
                         BLOCK_N=block[1],
                         BLOCK_D=block[2],
                     ),
                 )
+        if dtype == "fp32":  # under torch.set_float32_matmul_precision("high" or "medium"): TF32 dots
+            for teacher in (True, False):
+                for fn, extra in [
+                    (C._contrastive_fwd_kernel, dict(IN_BATCH=True)),
+                    (C._contrastive_coef_kernel, {}),
+                    (C._contrastive_dq_kernel, dict(IN_BATCH=False)),
+                    (C._contrastive_dp_kernel, dict(IN_BATCH=False)),
+                ]:
+                    flags = dict(extra, HAS_TEACHER=teacher, DOT_FP32=True, FP32_PRECISION="tf32")
+                    flags.update(BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block[2])
+                    yield fn, dict(types, c_ptr="*fp32"), flags
         yield from attention_variants(dtype)
     yield S._score_head_lse_merge_kernel, {}, dict(BLOCK_S=512)
     yield P._pool_normalize_kernel, {}, dict(BLOCK_H=1024)
@@ -208,9 +229,44 @@ def attention_variants(dtype):
                 )
 
 
+def decoder_variants():
+    """The fused decoder ops (rms_norm, gated_activation, rope) at the shapes fastrank's fusion launches them."""
+    import triton.language as tl
+
+    for x, w, o in [("bf16", "bf16", "bf16"), ("fp16", "fp32", "fp32"), ("fp32", "fp32", "fp32")]:
+        for h in (64, 896, 4096):
+            bm, bh, _ = R._fwd_blocks(h)
+            for unit_offset, residual in [(False, False), (False, True), (True, True)]:
+                types = dict(x_ptr=f"*{x}", residual_ptr=f"*{x}", weight_ptr=f"*{w}", out_ptr=f"*{o}", s_ptr=f"*{x}")
+                flags = dict(UNIT_OFFSET=unit_offset, HAS_RESIDUAL=residual, STORE_RSTD=True)
+                yield R._rms_norm_fwd_kernel, dict(types, eps="fp32"), dict(flags, BLOCK_M=bm, BLOCK_H=bh)
+            bm, bh, _ = R._bwd_blocks(h)
+            for unit_offset, grad_s in [(False, False), (True, True)]:
+                types = dict(
+                    grad_out_ptr=f"*{o}", grad_s_ptr=f"*{x}", x_ptr=f"*{x}", weight_ptr=f"*{w}", dx_ptr=f"*{x}"
+                )
+                flags = dict(UNIT_OFFSET=unit_offset, HAS_GRAD_S=grad_s, COMPUTE_DW=True, BLOCK_M=bm, BLOCK_H=bh)
+                yield R._rms_norm_bwd_kernel, types, flags
+    for d in ("bf16", "fp16", "fp32"):
+        for act in (0, 1):
+            for m, n in [(1, 8192 * 4864), (8192, 4864)]:
+                bm, bn, _ = G._blocks(m, n)
+                flags = dict(ACT=act, BLOCK_M=bm, BLOCK_N=bn)
+                yield G._gated_fwd_kernel, dict(gate_ptr=f"*{d}", up_ptr=f"*{d}", out_ptr=f"*{d}"), flags
+                types = dict(grad_ptr=f"*{d}", gate_ptr=f"*{d}", up_ptr=f"*{d}", dgate_ptr=f"*{d}", dup_ptr=f"*{d}")
+                yield G._gated_bwd_kernel, types, flags
+    for d in ("bf16", "fp32"):
+        for backward in (False, True):
+            for t, hq, hk, half in [(8192, 14, 2, 32), (4096, 16, 8, 64), (1, 32, 8, 64)]:
+                bt, bq, bk, bh = Ro._blocks(t, hq, hk, half)
+                types = {n: f"*{d}" for n in Ro._rope_kernel.arg_names if n.endswith("_ptr")}
+                flags = dict(BACKWARD=backward, COMPUTE=tl.float32, BLOCK_T=bt, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bh)
+                yield Ro._rope_kernel, types, flags
+
+
 def main() -> int:
     failures = 0
-    for fn, types, constexprs in variants():
+    for fn, types, constexprs in [*variants(), *decoder_variants()]:
         flags = {k: v for k, v in constexprs.items() if not k.startswith("BLOCK")}
         try:
             triton.compile(
