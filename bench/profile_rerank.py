@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 device = torch.device("cuda")
 case = rerank.quick_cases(device)[0]
 fns = rerank.providers(case, device)
-for name in ("hf_full_logits", "fastrank"):
+for name in ("hf_full_logits", "fastrank_unfused", "fastrank"):
     fn = fns[name]
     fn()
     torch.cuda.synchronize()

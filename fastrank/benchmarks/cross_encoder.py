@@ -162,7 +162,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
                     show_progress=False,
                 )
 
-        return attention_switched(r.model, score, packed=r.packed)
+        return attention_switched(r.model, score, packed=r.packed, fused=True)
 
     if not reranker.packed:
         raise RuntimeError(f"fastrank's engine does not run {type(reranker.model).__name__} packed")

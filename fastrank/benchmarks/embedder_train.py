@@ -108,8 +108,8 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
     return {
         "flagembedding": flag,
-        "fastrank_padded": attention_switched(encoder.model, step(q, p), packed=False),
-        "fastrank": attention_switched(encoder.model, step(packed_q, packed_p), packed=True),
+        "fastrank_padded": attention_switched(encoder.model, step(q, p), packed=False, fused=True),
+        "fastrank": attention_switched(encoder.model, step(packed_q, packed_p), packed=True, fused=True),
     }
 
 

@@ -136,10 +136,10 @@ def _llara(case: Case, device: torch.device):
         fn = lambda: embedder.encode(  # noqa: E731
             texts, batch_size=case.batch_size, max_tokens=case.batch_size * case.max_length, show_progress=False
         )
-        return attention_switched(model, fn, packed=packed)
+        return attention_switched(model, fn, packed=packed, fused=True)
 
     return {
-        "hf_output_hidden_states": attention_switched(model, reference, packed=False),
+        "hf_output_hidden_states": attention_switched(model, reference, packed=False, fused=False),
         "fastrank_padded": ours(packed=False),
         "fastrank": ours(packed=True),
     }

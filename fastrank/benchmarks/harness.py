@@ -133,13 +133,19 @@ def reference_baseline(
         raise
 
 
-def attention_switched(model, fn: Callable[[], object], packed: bool) -> Callable[[], object]:
-    """``fn`` run with ``model``'s attention as a provider needs it, for providers that share one model instance:
+def attention_switched(
+    model, fn: Callable[[], object], packed: bool, fused: Optional[bool] = None, graphs: bool = True
+) -> Callable[[], object]:
+    """``fn`` run with ``model`` set up as a provider needs it, for providers that share one model instance:
     ``packed=True`` switches fastrank's engine on (``fastrank.engine.enable_packing``; packed batches need it),
     ``packed=False`` gives the model back its own attention (sdpa), so that plain-transformers baselines and
-    fastrank's padded path run the model as it was loaded. The switch costs something only on a provider's
-    first call (the harness's warm-up or peak-memory call), never on the timed ones."""
+    fastrank's padded path run the model as it was loaded. ``fused=True`` / ``False`` switches the decoder's
+    fused elementwise ops (``fastrank.engine.fusion``) on / off (baselines run the model as HF wrote it;
+    None leaves it as it is); ``graphs=False`` hides the backbone's CUDA graphs from ``fn``. The switches
+    cost something only on a provider's first call (the harness's warm-up or peak-memory call), never on the
+    timed ones."""
     from fastrank.engine import disable_packing, enable_packing
+    from fastrank.engine.fusion import fuse, unfuse
 
     def call():
         if packed:
@@ -147,7 +153,19 @@ def attention_switched(model, fn: Callable[[], object], packed: bool) -> Callabl
                 raise RuntimeError(f"{type(model).__name__}: fastrank's engine cannot run this model packed")
         else:
             disable_packing(model)
-        return fn()
+        if fused is True:
+            fuse(model, warn=False)
+        elif fused is False:
+            unfuse(model)
+        if graphs:
+            return fn()
+        holders = [m for m in model.modules() if "_fastrank_graphs" in m.__dict__]
+        runners = [m.__dict__.pop("_fastrank_graphs") for m in holders]
+        try:
+            return fn()
+        finally:
+            for m, runner in zip(holders, runners):
+                m.__dict__["_fastrank_graphs"] = runner
 
     return call
 

@@ -119,7 +119,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
     fns: Dict[str, Provider] = {
         "hf_logits_to_keep": attention_switched(
-            model, run(lambda q, d: hf_scores(model, tokenizer, q, d, case.batch_size)), packed=False
+            model, run(lambda q, d: hf_scores(model, tokenizer, q, d, case.batch_size)), packed=False, fused=False
         )
     }
     for name, packed, shared in (
@@ -131,7 +131,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
         if reranker.packed != packed:
             raise RuntimeError(f"{name}: fastrank's engine does not run {type(model).__name__} packed")
         fns[name] = attention_switched(
-            model, run(lambda q, d, r=reranker: _ranked_scores(r, q, d, case.batch_size)), packed=packed
+            model, run(lambda q, d, r=reranker: _ranked_scores(r, q, d, case.batch_size)), packed=packed, fused=True
         )
     return fns
 

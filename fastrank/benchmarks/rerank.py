@@ -12,11 +12,15 @@ provider tokenises, batches, runs the model and returns one score per pair in in
   disk (reported as not run, with the reason, when FlagEmbedding is missing or does not import).
 - ``fastrank_padded``: ``fastrank.Reranker(..., packed=False).score``: length-sorted, padded token-budget
   batches, backbone only, score_head;
-- ``fastrank``: ``fastrank.Reranker.score`` (packed, the default): the same with each batch one stream of
-  real tokens, no padding (every pair has its own query here, so no prefix is shared: packing alone).
+- ``fastrank_unfused``: ``fastrank.Reranker.score`` packed, with the decoder's RMSNorm, RoPE and gated
+  activation as HF computes them and no CUDA graphs (fastrank before issue 15), to measure what those give;
+- ``fastrank``: ``fastrank.Reranker.score`` (packed, the default): each batch one stream of real tokens, no
+  padding (every pair has its own query here, so no prefix is shared: packing alone), the decoder's
+  elementwise work through fastrank's fused ops, and on CUDA the forward replayed as CUDA graphs.
 
-The plain-transformers and padded providers run the model with its own sdpa attention, the packed one with
-fastrank's engine switched on (``harness.attention_switched``).
+The plain-transformers and padded providers run the model with its own sdpa attention, the packed ones with
+fastrank's engine switched on; the plain-transformers ones run HF's own modules, fastrank's the fused ones
+(``harness.attention_switched``).
 """
 
 from __future__ import annotations
@@ -152,10 +156,10 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
         "hf_full_logits": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=False),
         "hf_logits_to_keep": lambda: _hf_scores(model, tokenizer, pairs, case, logits_to_keep=True),
     }
-    fns = {name: attention_switched(model, fn, packed=False) for name, fn in fns.items()}
+    fns = {name: attention_switched(model, fn, packed=False, fused=False) for name, fn in fns.items()}
     fns["flagembedding"] = reference_baseline("FlagEmbedding", lambda flag: _flagembedding(flag, case, device, pairs))
 
-    def ours(reranker):
+    def ours(reranker, fused=True, graphs=True):
         def score():
             with warnings.catch_warnings():  # the truncation notice; every provider truncates the same pairs
                 warnings.simplefilter("ignore", UserWarning)
@@ -167,9 +171,11 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
                     show_progress=False,
                 )
 
-        return attention_switched(model, score, packed=reranker.packed)
+        return attention_switched(model, score, packed=reranker.packed, fused=fused, graphs=graphs)
 
     fns["fastrank_padded"] = ours(fastrank.Reranker(model, tokenizer, PRESET, packed=False))
+    # The packed engine as it was before the decoder's elementwise fusion and CUDA graphs: their gain.
+    fns["fastrank_unfused"] = ours(fastrank.Reranker(model, tokenizer, PRESET), fused=False, graphs=False)
     fns["fastrank"] = ours(fastrank.Reranker(model, tokenizer, PRESET))
     return fns
 
@@ -196,7 +202,14 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("hf_full_logits", "hf_logits_to_keep", "flagembedding", "fastrank_padded", "fastrank"),
+    provider_names=(
+        "hf_full_logits",
+        "hf_logits_to_keep",
+        "flagembedding",
+        "fastrank_padded",
+        "fastrank_unfused",
+        "fastrank",
+    ),
     table_label=lambda case: (
         f"{case['pairs']} pairs L<={case['max_length']} b={case['batch_size']} {case['layers']}l {case['dtype']}"
     ),

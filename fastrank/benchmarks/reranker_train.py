@@ -174,9 +174,11 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
     flag = reference_baseline(FLAG_MODEL, flagembedding)
     return {
-        "flagembedding": flag if isinstance(flag, Unavailable) else attention_switched(model, flag, packed=False),
-        "fastrank_padded": attention_switched(model, step(ours, padded), packed=False),
-        "fastrank": attention_switched(model, step(ours, shared), packed=True),
+        "flagembedding": flag
+        if isinstance(flag, Unavailable)
+        else attention_switched(model, flag, packed=False, fused=False),
+        "fastrank_padded": attention_switched(model, step(ours, padded), packed=False, fused=True),
+        "fastrank": attention_switched(model, step(ours, shared), packed=True, fused=True),
     }
 
 

@@ -16,6 +16,7 @@ import torch
 import fastrank.functional as F
 from fastrank.data.packing import PackedBatch, is_packed_features
 from fastrank.engine import packed_forward
+from fastrank.engine.fusion import maybe_fuse
 from fastrank.models.reranker import backbone_of, enable_checkpointing, unwrap_model
 from fastrank.utils import positive_int
 
@@ -86,6 +87,7 @@ class _EmbedderBase(torch.nn.Module):
                 f"sub_batch_size: must be a positive int, or -1 for no sub-batches, got {sub_batch_size!r}"
             )
         self.model = model
+        maybe_fuse(model)  # decoder embedders (LLARA): norms, RoPE and gated activation through fused ops
         self.tokenizer = tokenizer
         self.normalize = normalize
         self.temperature = float(temperature)

@@ -18,6 +18,7 @@ import types
 import torch
 
 import fastrank.functional as F
+from fastrank.engine.fusion import fused, maybe_fuse, unfuse
 from fastrank.models.reranker import backbone_of, lm_head_of, logit_softcap_of, unwrap_model
 from fastrank.presets import get_preset
 
@@ -69,6 +70,9 @@ def patch(model, preset=None, *, tokenizer=None, token_ids=None):
         raise ValueError("preset: its convention needs the full softmax, unsupported with final-logit soft-capping")
     hf._fastrank_patch = {"token_ids": token_ids, "needs_lse": needs_lse, "softcap": softcap}
     hf.forward = types.MethodType(_patched_forward, hf)
+    # The decoder's norms, RoPE and gated activation through fastrank's fused ops (FASTRANK_FUSE=0: off); like
+    # the forward above, per module instance.
+    hf._fastrank_patch["fused"] = not fused(hf) and any(maybe_fuse(hf).values())
     return model
 
 
@@ -78,6 +82,8 @@ def unpatch(model):
     if getattr(hf, "_fastrank_patch", None) is None:
         raise ValueError("model: is not patched by fastrank")
     del hf.forward
+    if hf._fastrank_patch.get("fused"):
+        unfuse(hf)
     del hf._fastrank_patch
     return model
 

@@ -8,6 +8,7 @@ import torch
 
 from fastrank.data.packing import PackedBatch
 from fastrank.engine import packed_forward, unwrap_model
+from fastrank.engine.fusion import maybe_fuse
 from fastrank.heads import Convention, convention_scores
 
 # Architectures whose LM head output is rescaled by a config value fastrank does not reproduce.
@@ -84,6 +85,7 @@ class CausalLMScorer(torch.nn.Module):
         self.token_ids = tuple(int(t) for t in token_ids)
         self.softcap = logit_softcap_of(model)
         backbone_of(model)  # fail now, not at the first batch, if the model has no decoder to call
+        maybe_fuse(model)  # the decoder's norms, RoPE and gated activation through fastrank's fused ops
 
     @property
     def backbone(self):

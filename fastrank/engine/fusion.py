@@ -1,0 +1,245 @@
+"""The decoder's elementwise work through fastrank's fused ops, switched on per model instance.
+
+``fuse(model)`` walks one model's modules and gives three kinds of module a ``forward`` of their own (an
+instance attribute; the class and every other model are untouched):
+
+- RMSNorm modules (``input_layernorm``, ``post_attention_layernorm``, the final norm, Qwen3's ``q_norm`` /
+  ``k_norm``, Gemma 2's four norms per layer): ``fastrank.ops.rms_norm`` with the family's rounding order
+  (Llama-style: the normalised value is rounded to the input's dtype, then scaled by the weight; Gemma-style:
+  scaled by ``1 + weight`` in fp32, then rounded);
+- gated MLPs (``down_proj(act(gate_proj(x)) * up_proj(x))``): ``fastrank.ops.gated_activation`` for the middle,
+  SiLU or tanh-GELU, the projections called as they are (LoRA layers included);
+- attention modules: the same projections, norms, cache update and attention function lookup as the model's
+  own forward, with ``fastrank.ops.rope`` rotating q and k in one kernel instead of HF's four elementwise
+  products and two concatenations.
+
+Decoder layers themselves are never given a forward: transformers 5 checkpoints a layer by wrapping its class's
+``forward``, so an instance ``forward`` on a layer would silently switch gradient checkpointing off. That is
+why the residual add is not fused into the norm that follows it here (``rms_norm(..., residual=)`` exists for a
+layer-level fusion; it would need the layer's forward).
+
+Each op runs its Triton kernel on CUDA tensors and its PyTorch reference elsewhere, the reference being the HF
+formula itself, so a fused model on CPU computes what the unfused one does. Only classes whose numerics were
+checked against the unfused model are fused (``tests/test_fusion.py``); anything else keeps its own forward.
+``FASTRANK_FUSE=0`` turns fusion off for the loaders; ``unfuse(model)`` removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastrank.engine.attention import unwrap_model, warn_once
+
+# model type -> the keyword arguments its attention forward passes the attention function beyond the common ones.
+_ATTENTION_EXTRAS = {
+    "llama": (),
+    "gemma": (),
+    "qwen2": ("sliding_window",),
+    "qwen3": ("sliding_window",),
+    "mistral": ("config_sliding_window",),
+    "gemma2": ("sliding_window", "softcap"),
+}
+FUSABLE_MODEL_TYPES = tuple(_ATTENTION_EXTRAS)
+
+# RMSNorm classes by rounding order (see the module docstring); both compute in fp32.
+_LLAMA_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+_GEMMA_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm")
+_ATTENTIONS = (
+    "LlamaAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "MistralAttention",
+    "GemmaAttention",
+    "Gemma2Attention",
+)
+_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP")
+
+_MARK = "_fastrank_fused"
+
+
+def fusion_requested() -> bool:
+    """Whether the loaders fuse (``FASTRANK_FUSE``, default on)."""
+    return os.environ.get("FASTRANK_FUSE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fusion_unsupported_reason(model) -> Optional[str]:
+    """Why ``model`` cannot be fused, or None when it can."""
+    config = getattr(unwrap_model(model), "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FUSABLE_MODEL_TYPES:
+        return f"model type {model_type!r} has no checked fusion (checked: {', '.join(FUSABLE_MODEL_TYPES)})"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the instance forwards
+# ------------------------------------------------------------------------------------------------
+def _norm_forward(self, hidden_states):
+    from fastrank.ops.rms_norm import rms_norm
+
+    return rms_norm(hidden_states, self.weight, self._fastrank_eps, unit_offset=self._fastrank_unit_offset)
+
+
+def _mlp_forward(self, x):
+    from fastrank.ops.gated_activation import gated_activation
+
+    return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), activation=self._fastrank_activation))
+
+
+def _attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from fastrank.ops.rope import rope
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape)
+    key_states = self.k_proj(hidden_states).view(hidden_shape)
+    if self._fastrank_qk_norm:  # Qwen3 normalises each head before the rotation
+        query_states = self.q_norm(query_states)
+        key_states = self.k_norm(key_states)
+    query_states = query_states.transpose(1, 2)
+    key_states = key_states.transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    if cos.dtype == query_states.dtype == key_states.dtype:
+        query_states, key_states = rope(query_states, key_states, cos, sin)
+    else:
+        # Autocast over fp32 weights: bf16 q and k against fp32 cos and sin, which HF's products promote to fp32.
+        # The model's own function keeps that promotion.
+        apply = sys.modules[type(self).__module__].apply_rotary_pos_emb
+        query_states, key_states = apply(query_states, key_states, cos, sin)
+
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+    eager = getattr(sys.modules.get(type(self).__module__), "eager_attention_forward", None)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    extras = {}
+    for name in self._fastrank_extras:
+        if name == "sliding_window":
+            extras["sliding_window"] = self.sliding_window
+        elif name == "config_sliding_window":
+            extras["sliding_window"] = getattr(self.config, "sliding_window", None)
+        elif name == "softcap":
+            extras["softcap"] = self.attn_logit_softcapping
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0,
+        scaling=self.scaling,
+        **extras,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    attn_output = self.o_proj(attn_output)
+    return attn_output, attn_weights
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing what to fuse
+# ------------------------------------------------------------------------------------------------
+def _activation_of(act_fn) -> Optional[str]:
+    """``"silu"`` or ``"gelu_tanh"`` when ``act_fn`` computes exactly that (probed on a small fp32 tensor: a
+    module's name is not proof of its formula), else None."""
+    probe = torch.linspace(-6.0, 6.0, 97)
+    try:
+        out = act_fn(probe)
+    except Exception:  # noqa: BLE001
+        return None
+    if torch.equal(out, F.silu(probe)):
+        return "silu"
+    if torch.equal(out, F.gelu(probe, approximate="tanh")):
+        return "gelu_tanh"
+    return None
+
+
+def _set_forward(module, forward, **attributes) -> None:
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    module.forward = types.MethodType(forward, module)
+    setattr(module, _MARK, tuple(attributes))
+
+
+def fuse(model, warn: bool = True) -> Dict[str, int]:
+    """Fuse the elementwise work of ``model`` (this instance only; a PEFT wrapper's base model is used).
+
+    Returns the counts of modules given a fused forward: ``{"rms_norm": n, "gated_activation": n, "rope": n}``
+    (all zero when the model type is not supported, with a warning naming why when ``warn``). Idempotent.
+    """
+    counts = {"rms_norm": 0, "gated_activation": 0, "rope": 0}
+    reason = fusion_unsupported_reason(model)
+    if reason is not None:
+        if warn:
+            warn_once("fuse:" + reason, f"fastrank: decoder elementwise work left unfused: {reason}")
+        return counts
+    inner = unwrap_model(model)
+    model_type = inner.config.model_type
+    for module in inner.modules():
+        if hasattr(module, _MARK):
+            continue
+        name = type(module).__name__
+        if name in _LLAMA_NORMS or name in _GEMMA_NORMS:
+            eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+            if eps is None or getattr(module, "weight", None) is None:
+                continue
+            _set_forward(module, _norm_forward, _fastrank_eps=float(eps), _fastrank_unit_offset=name in _GEMMA_NORMS)
+            counts["rms_norm"] += 1
+        elif name in _MLPS:
+            activation = _activation_of(module.act_fn)
+            if activation is None:
+                if warn:
+                    warn_once(
+                        f"fuse-act:{type(module.act_fn).__name__}",
+                        f"fastrank: {name} keeps its own forward: its activation {module.act_fn!r} is neither "
+                        "SiLU nor tanh-GELU",
+                    )
+                continue
+            _set_forward(module, _mlp_forward, _fastrank_activation=activation)
+            counts["gated_activation"] += 1
+        elif name in _ATTENTIONS:
+            _set_forward(
+                module,
+                _attention_forward,
+                _fastrank_qk_norm=hasattr(module, "q_norm") and hasattr(module, "k_norm"),
+                _fastrank_extras=_ATTENTION_EXTRAS[model_type],
+            )
+            counts["rope"] += 1
+    return counts
+
+
+def unfuse(model) -> None:
+    """Give every module of ``model`` its class's forward back."""
+    for module in unwrap_model(model).modules():
+        attributes = getattr(module, _MARK, None)
+        if attributes is None:
+            continue
+        del module.forward
+        for name in attributes:
+            delattr(module, name)
+        delattr(module, _MARK)
+
+
+def fused(model) -> bool:
+    """Whether any module of ``model`` runs a fused forward."""
+    return any(hasattr(m, _MARK) for m in unwrap_model(model).modules())
+
+
+def maybe_fuse(model) -> Dict[str, int]:
+    """What the loaders call: ``fuse`` unless ``FASTRANK_FUSE=0``; unsupported models stay as they are,
+    silently (they already run the padded or unfused path by design)."""
+    if not fusion_requested():
+        return {"rms_norm": 0, "gated_activation": 0, "rope": 0}
+    return fuse(model, warn=False)
