@@ -285,7 +285,9 @@ def test_bad_arguments_raise(device):
 def test_benchmark_providers_agree(mode):
     case = bench_rope.Case(mode=mode, batch=2, seq_len=9, q_heads=3, kv_heads=1, head_dim=16, dtype="bfloat16")
     fns = bench_rope.BENCHMARK.providers_of(case, torch.device("cpu"))
-    assert set(fns) == {"torch_unfused", "fastrank"}
+    assert set(fns) == {"torch_unfused", "torch_compile", "liger", "fastrank"}
+    # torch.compile and Liger are the GPU alternatives: on CPU they are reported as not run, with the reason
+    assert "GPU only" in fns["torch_compile"].reason and "CUDA only" in fns["liger"].reason
     got, want = fns["fastrank"](), fns["torch_unfused"]()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert bench_rope.quick_cases(torch.device("cpu")) and bench_rope.full_cases(torch.device("cuda"))

@@ -15,6 +15,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from fastrank.benchmarks.harness import Unavailable, compiled_baseline, liger_baseline
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.ops.gated_activation import gated_activation
 
@@ -72,14 +73,27 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     def ours():
         return gated_activation(gate, up, case.activation)
 
-    fns = {"torch_unfused": unfused, "fastrank": ours}
+    def liger():
+        if case.activation == "silu":
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction as function
+        else:
+            from liger_kernel.ops.geglu import LigerGELUMulFunction as function
+
+        return lambda: function.apply(gate, up)
+
+    fns = {
+        "torch_unfused": unfused,
+        "torch_compile": compiled_baseline(unfused, device),
+        "liger": liger_baseline(liger, device),
+        "fastrank": ours,
+    }
     if not train:
-        return {k: torch.no_grad()(f) for k, f in fns.items()}
+        return {k: f if isinstance(f, Unavailable) else torch.no_grad()(f) for k, f in fns.items()}
 
     def with_backward(fn):
         return lambda: torch.autograd.grad(fn(), (gate, up), grad_outputs=grad)
 
-    return {k: with_backward(f) for k, f in fns.items()}
+    return {k: f if isinstance(f, Unavailable) else with_backward(f) for k, f in fns.items()}
 
 
 BENCHMARK = Benchmark(
@@ -88,7 +102,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("torch_unfused", "fastrank"),
+    provider_names=("torch_unfused", "torch_compile", "liger", "fastrank"),
     table_label=lambda case: (
         f"{case['mode']} {case.get('activation', 'silu')} M={case['tokens']} I={case['intermediate_size']} "
         f"{case['dtype']}"

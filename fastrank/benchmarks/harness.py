@@ -170,6 +170,27 @@ def attention_switched(
     return call
 
 
+def compiled_baseline(fn: Callable[[], object], device: torch.device) -> Union[Callable[[], object], Unavailable]:
+    """``fn`` through ``torch.compile`` (Inductor fuses elementwise chains itself): the alternative to a
+    hand-written kernel that vLLM takes. Compared on CUDA only; compilation happens in the warm-up call."""
+    if device.type != "cuda":
+        return Unavailable("torch.compile is compared on GPU only (Inductor's CPU code is not the choice at stake)")
+    return torch.compile(fn, dynamic=False)
+
+
+def liger_baseline(
+    build: Callable[[], Callable[[], object]], device: torch.device
+) -> Union[Callable[[], object], Unavailable]:
+    """Liger-Kernel's version of an op (``build()`` imports it and returns the closure), the other well-kept
+    alternative: Triton kernels, CUDA only, an optional dependency (``pip install liger-kernel``)."""
+    if device.type != "cuda":
+        return Unavailable("Liger-Kernel's kernels run on CUDA only")
+    try:
+        return build()
+    except ImportError as e:
+        return Unavailable(f"liger-kernel is not installed ({e}); pip install liger-kernel")
+
+
 def cuda_required(script: str) -> str:
     """The one line a GPU-only script in bench/ exits with where CUDA is missing."""
     return f"bench/{os.path.basename(script)} needs a CUDA GPU; on a CPU run `fastrank bench`"

@@ -18,6 +18,7 @@ from typing import Dict
 
 import torch
 
+from fastrank.benchmarks.harness import Unavailable, compiled_baseline, liger_baseline
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.ops.rms_norm import rms_norm
 
@@ -89,16 +90,31 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
             return rms_norm(x, weight, EPS, residual=residual, unit_offset=case.unit_offset)
         return (rms_norm(x, weight, EPS, unit_offset=case.unit_offset),)
 
-    fns = {"torch_unfused": unfused, "fastrank": ours}
+    def liger():
+        offset, casting = (1.0, "gemma") if case.unit_offset else (0.0, "llama")
+        if add:
+            from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+
+            return lambda: LigerFusedAddRMSNormFunction.apply(x, residual, weight, EPS, offset, casting, False)
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        return lambda: (LigerRMSNormFunction.apply(x, weight, EPS, offset, casting, False),)
+
+    fns = {
+        "torch_unfused": unfused,
+        "torch_compile": compiled_baseline(unfused, device),
+        "liger": liger_baseline(liger, device),
+        "fastrank": ours,
+    }
     if not train:
-        return {k: torch.no_grad()(f) for k, f in fns.items()}
+        return {k: f if isinstance(f, Unavailable) else torch.no_grad()(f) for k, f in fns.items()}
     inputs = (x, residual, weight) if add else (x, weight)
     grads = (grad, grad_s) if add else (grad,)
 
     def with_backward(fn):
         return lambda: torch.autograd.grad(fn(), inputs, grad_outputs=grads)
 
-    return {k: with_backward(f) for k, f in fns.items()}
+    return {k: f if isinstance(f, Unavailable) else with_backward(f) for k, f in fns.items()}
 
 
 BENCHMARK = Benchmark(
@@ -107,7 +123,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("torch_unfused", "fastrank"),
+    provider_names=("torch_unfused", "torch_compile", "liger", "fastrank"),
     table_label=lambda case: (
         f"{case['mode']} M={case['tokens']} H={case['hidden_size']} {case['dtype']}"
         + (" gemma" if case.get("unit_offset") else "")

@@ -19,6 +19,7 @@ from typing import Dict
 
 import torch
 
+from fastrank.benchmarks.harness import Unavailable, compiled_baseline, liger_baseline
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.ops.rope import rope
 
@@ -103,9 +104,19 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     def ours():
         return rope(heads(q_proj, hq), heads(k_proj, hk), cos, sin)
 
-    fns = {"torch_unfused": unfused, "fastrank": ours}
+    def liger():
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        return lambda: liger_rotary_pos_emb(heads(q_proj, hq), heads(k_proj, hk), cos, sin)
+
+    fns = {
+        "torch_unfused": unfused,
+        "torch_compile": compiled_baseline(unfused, device),
+        "liger": liger_baseline(liger, device),
+        "fastrank": ours,
+    }
     if not train:
-        return {name: torch.no_grad()(fn) for name, fn in fns.items()}
+        return {name: fn if isinstance(fn, Unavailable) else torch.no_grad()(fn) for name, fn in fns.items()}
 
     def with_backward(fn):
         def run():
@@ -114,7 +125,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
         return run
 
-    return {name: with_backward(fn) for name, fn in fns.items()}
+    return {name: fn if isinstance(fn, Unavailable) else with_backward(fn) for name, fn in fns.items()}
 
 
 BENCHMARK = Benchmark(
@@ -123,7 +134,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("torch_unfused", "fastrank"),
+    provider_names=("torch_unfused", "torch_compile", "liger", "fastrank"),
     table_label=lambda case: (
         f"{case['mode']} B={case['batch']} T={case['seq_len']} {case['q_heads']}/{case['kv_heads']}x"
         f"{case['head_dim']} {case['dtype']}"
