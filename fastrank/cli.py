@@ -339,8 +339,9 @@ def cmd_serve(args) -> int:
         preset=args.preset,
         host=args.host,
         port=args.port,
-        device=args.device,
+        **_device_options(args),
         dtype=args.dtype,
+        **_layerwise_options(args),
         api_key=args.api_key,
         max_batch_tokens=args.max_batch_tokens,
         max_wait_ms=args.max_wait_ms,
@@ -381,6 +382,31 @@ def _add_device_flags(p) -> None:
         default=None,
         help="several devices, e.g. cuda:0,cuda:1 (or cpu,cpu): one worker process per device, each loading the "
         "model, the batches shared out among them; same results as one device",
+    )
+
+
+def _add_layerwise_flags(p) -> None:
+    """The layer-wise and lightweight rerankers' options (``fastrank.inference.layerwise``)."""
+    p.add_argument(
+        "--cutoff-layers",
+        type=_positive,
+        default=None,
+        help="layer-wise rerankers (bge-reranker-v2-minicpm-layerwise, bge-reranker-v2.5-gemma2-lightweight) only: "
+        "the layer to score at, the decoder run only that deep (default: the last layer; the cards use 28)",
+    )
+    p.add_argument(
+        "--compress-layers",
+        type=_layer_list,
+        default=None,
+        help="bge-reranker-v2.5-gemma2-lightweight only: layers at which the passage is compressed, e.g. 24,40 "
+        "(default 8)",
+    )
+    p.add_argument(
+        "--compress-ratio",
+        type=int,
+        choices=(1, 2, 4, 8),
+        default=None,
+        help="bge-reranker-v2.5-gemma2-lightweight only: passage tokens mean-pooled per group (default 1: none)",
     )
 
 
@@ -575,27 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     _add_device_flags(rerank)
     rerank.add_argument("--attn-implementation", default=None, help="sdpa, eager, flash_attention_2, ...")
-    rerank.add_argument(
-        "--cutoff-layers",
-        type=_positive,
-        default=None,
-        help="layer-wise rerankers (bge-reranker-v2-minicpm-layerwise, bge-reranker-v2.5-gemma2-lightweight) only: "
-        "the layer to score at, the decoder run only that deep (default: the last layer; the cards use 28)",
-    )
-    rerank.add_argument(
-        "--compress-layers",
-        type=_layer_list,
-        default=None,
-        help="bge-reranker-v2.5-gemma2-lightweight only: layers at which the passage is compressed, e.g. 24,40 "
-        "(default 8)",
-    )
-    rerank.add_argument(
-        "--compress-ratio",
-        type=int,
-        choices=(1, 2, 4, 8),
-        default=None,
-        help="bge-reranker-v2.5-gemma2-lightweight only: passage tokens mean-pooled per group (default 1: none)",
-    )
+    _add_layerwise_flags(rerank)
     rerank.add_argument("--no-progress", action="store_true", help="no progress bars (scoring, loading weights)")
     _add_ray_flags(rerank, ".jsonl, .parquet: query + document, or query + documents")
     rerank.set_defaults(func=cmd_rerank)
@@ -754,8 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--embedder", default=None, help="local path or hub name of the embedder")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    srv.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    _add_device_flags(srv)
     srv.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    _add_layerwise_flags(srv)
     srv.add_argument(
         "--api-key",
         default=None,

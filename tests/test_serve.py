@@ -463,3 +463,56 @@ def test_a_client_that_disconnects_while_queued_costs_no_model_work(models):
         sock.close()
     assert seen == ["first", 200]  # "gone" never reached the model
     assert 'fastrank_requests_total{endpoint="/v2/rerank",status="499"} 1' in metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# layer-wise rerankers and device pools behind the same endpoints
+# ------------------------------------------------------------------------------------------------
+LAYERWISE = os.path.join(os.path.dirname(__file__), "fixtures", "layerwise_minicpm")
+
+
+def test_a_layerwise_reranker_is_served_at_its_cutoff_layer():
+    reranker = fastrank.Reranker.from_pretrained(LAYERWISE, device="cpu", cutoff_layers=3)
+    want = reranker.score([(QUERY, d) for d in DOCS], normalize=True)  # Cohere's relevance scores are in [0, 1]
+    with TestClient(build_app(reranker)) as c:
+        r = c.post("/v2/rerank", json={"query": QUERY, "documents": DOCS})
+        assert r.status_code == 200, r.text
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        info = c.get("/info").json()
+    np.testing.assert_allclose([got[i] for i in range(len(DOCS))], want, **TOL)
+    assert info["models"]["reranker"]["cutoff_layers"] == [3]
+    several = fastrank.Reranker.from_pretrained(LAYERWISE, device="cpu", cutoff_layers=[3, 5])
+    with pytest.raises(ValueError, match=r"reranker: .*several scores per document.*--cutoff-layers"):
+        build_app(several)
+
+
+def test_serve_refuses_several_cutoff_layers_and_device_with_devices():
+    from fastrank.serve import serve
+
+    with pytest.raises(ValueError, match="cutoff_layers: the APIs give one score"):
+        serve(LAYERWISE, cutoff_layers=[3, 5])
+    with pytest.raises(ValueError, match="device, devices: give one"):
+        serve(LAYERWISE, device="cpu", devices=["cpu"])
+
+
+def test_models_in_device_pools_are_served(tmp_path, models):
+    """``--devices cpu,cpu``: the merged batches run in two worker processes, with the in-process results."""
+    tiny_causal_lm("qwen2").save_pretrained(tmp_path)
+    tiny_tokenizer("qwen2").save_pretrained(tmp_path)
+    pairs = [(QUERY, d) for d in DOCS]
+    want = fastrank.Reranker.from_pretrained(str(tmp_path), PRESET, device="cpu").score(pairs, normalize=True)
+    pool = fastrank.Reranker.from_pretrained(str(tmp_path), PRESET, devices=["cpu", "cpu"])
+    try:
+        with TestClient(build_app(pool)) as c:
+            futures = []
+            with concurrent.futures.ThreadPoolExecutor(4) as ex:
+                for _ in range(4):
+                    futures.append(ex.submit(c.post, "/v2/rerank", json={"query": QUERY, "documents": DOCS}))
+            for f in futures:
+                r = f.result()
+                assert r.status_code == 200, r.text
+                got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+                np.testing.assert_allclose([got[i] for i in range(len(DOCS))], want, **TOL)
+            assert c.get("/info").json()["models"]["reranker"]["device"] == "cpu,cpu"
+    finally:
+        pool.close()

@@ -355,10 +355,16 @@ class _Around:
 
 
 def _describe(model) -> dict:
-    """dtype and device of a Reranker or Embedder."""
+    """dtype and device(s) of a Reranker or Embedder (a device pool: its workers' devices), and a layer-wise
+    reranker's cutoff layer."""
     params = model.model.parameters() if hasattr(model, "model") else model.encoder.parameters()
     p = next(params)
-    return {"dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device)}
+    devices = getattr(model, "devices", None)
+    out = {"dtype": str(p.dtype).replace("torch.", ""), "device": ",".join(devices) if devices else str(p.device)}
+    cutoff = getattr(model, "cutoff_layers", None)
+    if cutoff is not None:
+        out["cutoff_layers"] = list(cutoff)
+    return out
 
 
 def build_app(
@@ -400,6 +406,12 @@ def build_app(
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
     if max_wait_ms < 0:
         raise ValueError(f"max_wait_ms: must be >= 0, got {max_wait_ms!r}")
+    cutoff = getattr(reranker, "cutoff_layers", None)
+    if cutoff is not None and len(cutoff) != 1:
+        raise ValueError(
+            f"reranker: a layer-wise reranker scoring at layers {list(cutoff)} gives several scores per document; "
+            "the APIs return one: load it with one cutoff layer (--cutoff-layers N)"
+        )
 
     metrics = Metrics()
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastrank-model")
