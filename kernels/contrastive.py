@@ -36,6 +36,26 @@ from fastrank.common import ContrastiveConfig, cdiv, dot_fp32, is_interpreting, 
 _INTERPRET = is_interpreting()
 
 
+def fp32_matmul_precision() -> str:
+    """``tl.dot``'s ``input_precision`` for fp32 operands that does what torch's own fp32 matmuls do on CUDA under
+    ``torch.set_float32_matmul_precision``: ``"highest"`` (torch's default) is true fp32 GEMMs, so ``"ieee"`` (not
+    ``"tf32x3"``: close to fp32 but not the same numbers); ``"high"`` and ``"medium"`` are both TF32 in torch's
+    cuBLAS matmuls (it has no bf16-internal fp32 GEMM on CUDA; ``torch.backends.cuda.matmul.fp32_precision`` reads
+    ``"tf32"`` for both), so ``"tf32"``. Where the legacy setting cannot be read (torch >= 2.9 raises once its
+    per-backend API has been mixed in), the CUDA matmul's own ``fp32_precision`` decides."""
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "tf32" if getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32" else "ieee"
+    return "ieee" if precision == "highest" else "tf32"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``FP32_PRECISION`` a launch passes for inputs of ``dtype``: torch's setting for fp32 inputs; exact for the
+    fp32 dots of half inputs, which only the interpreter runs (it ignores the precision; a GPU runs half operands)."""
+    return fp32_matmul_precision() if dtype == torch.float32 else "ieee"
+
+
 @triton.jit
 def _score_tile(
     q_ptr,
@@ -49,11 +69,12 @@ def _score_tile(
     stride_pn,
     inv_tau,
     DOT_FP32: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """fp32 [BLOCK_M, BLOCK_N] tile of q p^T / tau."""
+    """fp32 [BLOCK_M, BLOCK_N] tile of q p^T / tau (fp32 operands: FP32_PRECISION, see ``dot_precision``)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -69,7 +90,7 @@ def _score_tile(
             other=0.0,
         )
         if DOT_FP32:
-            acc = tl.dot(q.to(tl.float32), p_t.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(q.to(tl.float32), p_t.to(tl.float32), acc, input_precision=FP32_PRECISION)
         else:
             acc = tl.dot(q, p_t, acc)
     return acc * inv_tau
@@ -96,6 +117,7 @@ def _contrastive_fwd_kernel(
     IN_BATCH: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -109,12 +131,16 @@ def _contrastive_fwd_kernel(
     target = tl.load(targets_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     group_lo = (target // G) * G
     group_hi = group_lo + G
+    # The block's own groups span the columns [own_lo, own_hi): only tiles that meet them hold a target or, with
+    # teacher scores, a group entry.
+    own_lo = tl.min(tl.where(m_mask, group_lo, P), axis=0)
+    own_hi = tl.max(tl.where(m_mask, group_hi, 0), axis=0)
     if IN_BATCH:
         col_lo = split * cols_per_split
         col_hi = tl.minimum(col_lo + cols_per_split, P)
     else:  # the block's rows only ever look at their own groups (one split)
-        col_lo = tl.min(tl.where(m_mask, group_lo, P), axis=0)
-        col_hi = tl.max(tl.where(m_mask, group_hi, 0), axis=0)
+        col_lo = own_lo
+        col_hi = own_hi
 
     # -1e30 rather than -inf keeps (m_old - m_new) finite on the first tile.
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
@@ -138,6 +164,7 @@ def _contrastive_fwd_kernel(
             stride_pn,
             inv_tau,
             DOT_FP32,
+            FP32_PRECISION,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
@@ -151,18 +178,24 @@ def _contrastive_fwd_kernel(
         m_new = tl.maximum(m_i, tl.max(s_c, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_c - m_new[:, None]), axis=1)
         m_i = m_new
-        pos += tl.sum(tl.where(offs_n[None, :] == target[:, None], s, 0.0), axis=1)
         if HAS_TEACHER:
-            s_g = tl.where(in_group & n_mask[None, :], s, float("-inf"))
-            mg_new = tl.maximum(mg_i, tl.max(s_g, axis=1))
-            lg_i = lg_i * tl.exp(mg_i - mg_new) + tl.sum(tl.exp(s_g - mg_new[:, None]), axis=1)
-            mg_i = mg_new
-            t = tl.load(
-                teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
-                mask=in_group & n_mask[None, :] & m_mask[:, None],
-                other=0.0,
-            )
-            kd += tl.sum(t * tl.where(in_group, s, 0.0), axis=1)
+            # Only where the tile meets the block's groups: in-batch, most tiles miss them all, and the group's
+            # online log-sum-exp (a second exp of the whole tile), the teacher tile's load and the target's
+            # lookup would be spent on nothing there.
+            if (n0 < own_hi) & (n0 + BLOCK_N > own_lo):
+                pos += tl.sum(tl.where(offs_n[None, :] == target[:, None], s, 0.0), axis=1)
+                s_g = tl.where(in_group & n_mask[None, :], s, float("-inf"))
+                mg_new = tl.maximum(mg_i, tl.max(s_g, axis=1))
+                lg_i = lg_i * tl.exp(mg_i - mg_new) + tl.sum(tl.exp(s_g - mg_new[:, None]), axis=1)
+                mg_i = mg_new
+                t = tl.load(
+                    teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
+                    mask=in_group & n_mask[None, :] & m_mask[:, None],
+                    other=0.0,
+                )
+                kd += tl.sum(t * tl.where(in_group, s, 0.0), axis=1)
+        else:
+            pos += tl.sum(tl.where(offs_n[None, :] == target[:, None], s, 0.0), axis=1)
     base = part_ptr + split * stride_ps + offs_m.to(tl.int64) * stride_pm
     tl.store(base + 0, m_i + tl.log(l_i), mask=m_mask)
     tl.store(base + 1, pos, mask=m_mask)
@@ -197,14 +230,21 @@ def _coef_tile(
     else:
         cand = valid & in_group
     c = tl.where(cand, tl.exp(s - lse[:, None]), 0.0)
-    c -= tl.where((offs_n[None, :] == target[:, None]) & valid, 1.0, 0.0)
     if HAS_TEACHER:
-        t = tl.load(
-            teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
-            mask=in_group & valid,
-            other=0.0,
-        )
-        c += tl.where(in_group & valid, tl.exp(s - lse_g[:, None]) - t, 0.0)
+        # The targets and group entries of the tile's rows lie in their groups' columns [own_lo, own_hi); a tile
+        # that misses them (most tiles, in-batch) skips the teacher tile's load and the group softmax's exp.
+        own_hi = tl.max(tl.where(m_mask, group_hi, 0), axis=0)
+        own_lo = tl.min(tl.where(m_mask, group_lo, own_hi), axis=0)
+        if (tl.min(offs_n, axis=0) < own_hi) & (tl.max(offs_n, axis=0) >= own_lo):
+            c -= tl.where((offs_n[None, :] == target[:, None]) & valid, 1.0, 0.0)
+            t = tl.load(
+                teacher_ptr + offs_m[:, None].to(tl.int64) * stride_tm + (offs_n[None, :] - group_lo[:, None]),
+                mask=in_group & valid,
+                other=0.0,
+            )
+            c += tl.where(in_group & valid, tl.exp(s - lse_g[:, None]) - t, 0.0)
+    else:
+        c -= tl.where((offs_n[None, :] == target[:, None]) & valid, 1.0, 0.0)
     return c * row_scale[:, None]
 
 
@@ -231,6 +271,7 @@ def _contrastive_coef_kernel(
     stride_cm,
     HAS_TEACHER: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -263,6 +304,7 @@ def _contrastive_coef_kernel(
         stride_pn,
         inv_tau,
         DOT_FP32,
+        FP32_PRECISION,
         BLOCK_M,
         BLOCK_N,
         BLOCK_D,
@@ -313,6 +355,7 @@ def _contrastive_dq_kernel(
     IN_BATCH: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -349,6 +392,7 @@ def _contrastive_dq_kernel(
             stride_pn,
             inv_tau,
             DOT_FP32,
+            FP32_PRECISION,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
@@ -382,7 +426,7 @@ def _contrastive_dq_kernel(
             both = m_mask[:, None] & d_mask[None, :]
             acc = tl.load(slab, mask=both, other=0.0)
             if DOT_FP32:
-                acc = tl.dot(c, p, acc, input_precision="ieee")
+                acc = tl.dot(c, p, acc, input_precision=FP32_PRECISION)
             else:  # half inputs: tf32 keeps the coefficients to 10 bits, above what the bf16 gradient holds
                 acc = tl.dot(c, p, acc, input_precision="tf32")
             tl.store(slab, acc, mask=both)
@@ -415,6 +459,7 @@ def _contrastive_dp_kernel(
     IN_BATCH: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -451,6 +496,7 @@ def _contrastive_dp_kernel(
                 stride_pn,
                 inv_tau,
                 DOT_FP32,
+                FP32_PRECISION,
                 BLOCK_M,
                 BLOCK_N,
                 BLOCK_D,
@@ -485,7 +531,7 @@ def _contrastive_dp_kernel(
                 both = n_mask[:, None] & d_mask[None, :]
                 acc = tl.load(slab, mask=both, other=0.0)
                 if DOT_FP32:
-                    acc = tl.dot(c_t, q, acc, input_precision="ieee")
+                    acc = tl.dot(c_t, q, acc, input_precision=FP32_PRECISION)
                 else:
                     acc = tl.dot(c_t, q, acc, input_precision="tf32")
                 tl.store(slab, acc, mask=both)
@@ -562,6 +608,7 @@ def contrastive_forward(q, p, targets, teacher, config: ContrastiveConfig):
             IN_BATCH=in_batch,
             HAS_TEACHER=teacher is not None,
             DOT_FP32=dot_fp32(q.dtype),
+            FP32_PRECISION=dot_precision(q.dtype),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
@@ -629,6 +676,7 @@ def _backward_in_batch(q, p, targets, teacher, stats, row_grad, temperature, gro
             c_view.stride(0),
             HAS_TEACHER=teacher is not None,
             DOT_FP32=dot_fp32(q.dtype),
+            FP32_PRECISION=dot_precision(q.dtype),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
@@ -660,6 +708,7 @@ def _backward_own_group(q, p, targets, teacher, stats, row_grad, temperature, gr
         IN_BATCH=False,
         HAS_TEACHER=teacher is not None,
         DOT_FP32=dot_fp32(q.dtype),
+        FP32_PRECISION=dot_precision(q.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -200,3 +200,108 @@ def test_large_batch_on_gpu(backend, dtype):
     assert_close(loss, want, atol=loss_atol, rtol=1e-5)
     assert_close(q.grad, gq, atol=gq_atol, rtol=STORE_RTOL[dtype])
     assert_close(p.grad, gp, atol=gp_atol, rtol=STORE_RTOL[dtype])
+
+
+@pytest.mark.parametrize("in_batch", [True, False], ids=["in_batch", "own_group"])
+@pytest.mark.parametrize("distill", [False, True], ids=["ce", "ce+kd"])
+def test_row_chunks_and_groups_apart(backend, device, monkeypatch, distill, in_batch):
+    """More query rows than one chunk of the reference (forced to 3 rows, the last chunk ragged) or one row block of
+    the kernels (16 rows when interpreted): each block's groups then cover a few of the passage tiles only, the
+    others skip the target and distillation terms."""
+    from fastrank.ops import contrastive as reference
+
+    monkeypatch.setattr(reference, "_contrastive_chunk_rows", lambda p_rows: 3)
+    monkeypatch.setattr(reference, "_own_group_chunk_rows", lambda group_size, dim: 3)
+    b, g, d, tau = 40, 2, 16, 0.05
+    q, p = make(b, g, d, torch.float32, device, seed=4, extra=1)  # P = 82 passages
+    targets = (torch.arange(b, device=device) + 1) * g  # groups from column 2: block edges off the tile edges
+    q.requires_grad_(True)
+    p.requires_grad_(True)
+    teacher = torch.randn(b, g, device=device) * 3 if distill else None
+    loss, lse = fastrank.contrastive_loss(
+        q, p, temperature=tau, group_size=g, in_batch=in_batch, targets=targets, teacher_scores=teacher, return_lse=True
+    )
+    loss.backward()
+    want, gq, gp, want_lse = oracle(q, p, tau, g, in_batch, targets=targets, teacher=teacher)
+    loss_atol, gq_atol, gp_atol = tolerances(q, p, tau, torch.float32, device)
+    assert_close(loss, want, atol=loss_atol, rtol=1e-6, what="loss")
+    assert_close(lse, want_lse, atol=loss_atol * b, rtol=1e-6, what="lse")
+    assert_close(q.grad, gq, atol=gq_atol, rtol=0, what="grad q")
+    assert_close(p.grad, gp, atol=gp_atol, rtol=0, what="grad p")
+
+
+def test_gradient_scales_with_the_upstream_gradient(backend, device):
+    """The reference computes the gradients of the mean loss along with the forward and scales them in backward:
+    a weighted loss, and a second backward through a retained graph, get the same gradients as the oracle's."""
+    b, g, d, tau = 5, 3, 20, 0.05
+    q, p = make(b, g, d, torch.float32, device, seed=5)
+    q.requires_grad_(True)
+    p.requires_grad_(True)
+    teacher = torch.randn(b, g, device=device)
+    loss = fastrank.contrastive_loss(q, p, temperature=tau, teacher_scores=teacher)
+    dq1, dp1 = torch.autograd.grad(2.5 * loss, (q, p), retain_graph=True)
+    dq2, dp2 = torch.autograd.grad(-0.5 * loss, (q, p))
+    _, gq, gp, _ = oracle(q, p, tau, g, teacher=teacher)
+    _, gq_atol, gp_atol = tolerances(q, p, tau, torch.float32, device)
+    assert_close(dq1, 2.5 * gq, atol=2.5 * gq_atol, rtol=0, what="grad q, x2.5")
+    assert_close(dp1, 2.5 * gp, atol=2.5 * gp_atol, rtol=0, what="grad p, x2.5")
+    assert_close(dq2, -0.5 * gq, atol=gq_atol, rtol=0, what="grad q, x-0.5, second backward")
+    assert_close(dp2, -0.5 * gp, atol=gp_atol, rtol=0, what="grad p, x-0.5, second backward")
+
+
+@pytest.mark.parametrize(
+    "setting,expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")], ids=["highest", "high", "medium"]
+)
+@pytest.mark.parametrize("in_batch", [True, False], ids=["in_batch", "own_group"])
+def test_fp32_dots_follow_torch_matmul_precision(device, monkeypatch, setting, expected, in_batch):
+    """fp32 inputs: every kernel launch passes the tl.dot precision torch's own fp32 matmuls use under
+    torch.set_float32_matmul_precision (exact at "highest", TF32 at "high" and "medium", as torch's cuBLAS matmuls);
+    half inputs are unaffected. The numbers stay within tolerance (the interpreter ignores the precision; a GPU's
+    TF32 gets TF32's unit roundoff, 2^-11, in place of fp32's)."""
+    from fastrank.kernels import contrastive as kernel
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            launch = self.fn[grid]
+
+            def run(*args, **kwargs):
+                seen.append(kwargs["FP32_PRECISION"])
+                return launch(*args, **kwargs)
+
+            return run
+
+    for name in (
+        "_contrastive_fwd_kernel",
+        "_contrastive_coef_kernel",
+        "_contrastive_dq_kernel",
+        "_contrastive_dp_kernel",
+    ):
+        monkeypatch.setattr(kernel, name, Recorder(getattr(kernel, name)))
+    monkeypatch.setenv("FASTRANK_BACKEND", "triton")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        assert kernel.fp32_matmul_precision() == expected
+        assert kernel.dot_precision(torch.float32) == expected
+        assert kernel.dot_precision(torch.bfloat16) == kernel.dot_precision(torch.float16) == "ieee"
+        b, g, d, tau = 5, 3, 20, 0.05
+        q, p = make(b, g, d, torch.float32, device, seed=6)
+        q.requires_grad_(True)
+        p.requires_grad_(True)
+        teacher = torch.randn(b, g, device=device)
+        loss = fastrank.contrastive_loss(q, p, temperature=tau, in_batch=in_batch, teacher_scores=teacher)
+        loss.backward()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert len(seen) >= 2 and set(seen) == {expected}  # the forward and the backward's kernels
+    want, gq, gp, _ = oracle(q, p, tau, g, in_batch, teacher=teacher)
+    loss_atol, gq_atol, gp_atol = tolerances(q, p, tau, torch.float32, device)
+    widen = 2.0**13 if (device.type == "cuda" and expected == "tf32") else 1.0  # 2^-11 / 2^-24
+    assert_close(loss, want, atol=loss_atol * widen, rtol=1e-6, what="loss")
+    assert_close(q.grad, gq, atol=gq_atol * widen, rtol=0, what="grad q")
+    assert_close(p.grad, gp, atol=gp_atol * widen, rtol=0, what="grad p")

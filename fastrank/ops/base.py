@@ -129,3 +129,11 @@ def check_layout(hidden: torch.Tensor, attention_mask, cu_seqlens):
             )
         same_device("attention_mask", attention_mask, hidden)
     return hidden, cu_seqlens
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (non-reentrant checkpointing, offloading) are active; True when unknown."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, RuntimeError, TypeError):
+        return True

@@ -13,7 +13,15 @@ from typing import Optional
 import torch
 
 from fastrank.common import ContrastiveConfig, accumulate_dtype
-from fastrank.ops.base import FLOAT_DTYPES, Implementation, dtype_name, integer_tensor, require_tensor, same_device
+from fastrank.ops.base import (
+    FLOAT_DTYPES,
+    Implementation,
+    dtype_name,
+    integer_tensor,
+    require_tensor,
+    same_device,
+    saved_tensor_hooks_active,
+)
 from fastrank.utils import select_backend
 
 
@@ -101,71 +109,142 @@ def _contrastive_chunk_rows(p_rows: int) -> int:
     return max(1, min(1024, (1 << 22) // max(p_rows, 1)))
 
 
-def _contrastive_scores(q_chunk, p_acc, config):
-    return (q_chunk.to(p_acc.dtype) @ p_acc.t()).div_(config.temperature)
+def _own_group_chunk_rows(group_size: int, dim: int) -> int:
+    # about 4 Mi entries of gathered passages [rows, G, D] per chunk
+    return max(1, (1 << 22) // max(group_size * dim, 1))
 
 
-def _group_masks(targets, group_size, n_cols, device):
-    """``[rows, n_cols]`` bool: True on the columns of each row's own group (the one holding its target)."""
-    group_lo = (targets // group_size) * group_size
-    cols = torch.arange(n_cols, device=device)
-    return (cols[None, :] >= group_lo[:, None]) & (cols[None, :] < group_lo[:, None] + group_size)
+def _group_columns(targets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[rows, G]``: the columns of each row's own group (the G passages from ``(target // G) * G``, which
+    lie inside ``[0, P)`` because P is a multiple of G and the target is below P)."""
+    offsets = torch.arange(group_size, device=targets.device)
+    return (targets // group_size * group_size)[:, None] + offsets
+
+
+def _row_logsumexp(s: torch.Tensor, rows: int = 32) -> torch.Tensor:
+    """``torch.logsumexp(s, 1)`` taken ``rows`` rows at a time (the same numbers: each row is its own reduction),
+    so its temporary ``exp(s - max)`` is a cache-sized slice rather than a second ``[rows, P]`` tensor."""
+    if s.shape[0] <= rows:
+        return torch.logsumexp(s, dim=1)
+    return torch.cat([torch.logsumexp(part, dim=1) for part in s.split(rows)])
+
+
+def _contrastive_walk(q, p, targets, teacher, config: ContrastiveConfig, stats, row_grad, need_q: bool, need_p: bool):
+    """The reference, one chunk of query rows at a time, in one ``[rows, P]`` buffer reused by every chunk.
+
+    ``stats`` None: the forward; it returns the per-row statistics ``[B, 4]`` and, where ``need_q`` /
+    ``need_p``, the gradients for the per-row upstream gradients ``row_grad`` from the same pass (the softmax
+    is at hand: no second score GEMM). ``stats`` given: the backward from them, recomputing the scores.
+    Returns ``(stats, dq, dp)`` with the gradients in the accumulate dtype (None where not asked for).
+    """
+    acc = accumulate_dtype(q.dtype)
+    p_acc = p.to(acc)
+    b, d, n, g = q.shape[0], q.shape[1], p.shape[0], config.group_size
+    forward = stats is None
+    if forward:
+        stats = torch.zeros((b, 4), dtype=acc, device=q.device)
+    dq = torch.empty((b, d), dtype=acc, device=q.device) if need_q else None
+    dp = torch.zeros((n, d), dtype=acc, device=p.device) if need_p else None
+    step = _contrastive_chunk_rows(n)
+    buffer = torch.empty((min(step, b), n), dtype=acc, device=q.device)
+    for r0 in range(0, b, step):
+        r1 = min(b, r0 + step)
+        q_rows = q[r0:r1].to(acc)
+        tgt = targets[r0:r1]
+        s = buffer[: r1 - r0]
+        torch.mm(q_rows, p_acc.t(), out=s)
+        s.div_(config.temperature)
+        if teacher is not None:
+            cols = _group_columns(tgt, g)
+            s_group = s.gather(1, cols)  # [rows, G]: the distillation term needs no [rows, P] mask
+        if forward:
+            stats[r0:r1, 0] = _row_logsumexp(s)
+            stats[r0:r1, 1] = s.gather(1, tgt[:, None])[:, 0]
+            if teacher is not None:
+                stats[r0:r1, 2] = torch.logsumexp(s_group, dim=1)
+                stats[r0:r1, 3] = (s_group * teacher[r0:r1].to(acc)).sum(1)
+            if not (need_q or need_p):
+                continue
+        # the softmax exp(s - lse), as torch's cross-entropy backward forms it, in s's storage
+        c = s.sub_(stats[r0:r1, 0:1]).exp_()
+        # c becomes d loss_i / d s_ij in place: softmax - onehot(target) (+ group softmax - teacher)
+        c.scatter_add_(1, tgt[:, None], c.new_full((r1 - r0, 1), -1.0))
+        if teacher is not None:
+            kd = torch.exp(s_group - stats[r0:r1, 2:3]) - teacher[r0:r1].to(acc)
+            c.scatter_add_(1, cols, kd)
+        c *= row_grad[r0:r1, None].to(acc) / config.temperature
+        if need_q:
+            torch.mm(c, p_acc, out=dq[r0:r1])
+        if need_p:
+            dp.addmm_(c.t(), q_rows)
+    return stats, dq, dp
+
+
+def _contrastive_walk_own_group(
+    q, p, targets, teacher, config: ContrastiveConfig, stats, row_grad, need_q: bool, need_p: bool
+):
+    """``_contrastive_walk`` for ``in_batch=False``: each row's candidates are its own group, so only the
+    ``[rows, G]`` scores of the group are computed (the group's passages gathered, ``[rows, G, D]``), never
+    ``[rows, P]``."""
+    acc = accumulate_dtype(q.dtype)
+    b, d, n, g = q.shape[0], q.shape[1], p.shape[0], config.group_size
+    forward = stats is None
+    if forward:
+        stats = torch.zeros((b, 4), dtype=acc, device=q.device)
+    dq = torch.empty((b, d), dtype=acc, device=q.device) if need_q else None
+    dp = torch.zeros((n, d), dtype=acc, device=p.device) if need_p else None
+    step = _own_group_chunk_rows(g, d)
+    for r0 in range(0, b, step):
+        r1 = min(b, r0 + step)
+        q_rows = q[r0:r1].to(acc)
+        tgt = targets[r0:r1]
+        cols = _group_columns(tgt, g).reshape(-1)
+        p_group = p.index_select(0, cols).to(acc).view(r1 - r0, g, d)
+        s = torch.bmm(p_group, q_rows[:, :, None])[:, :, 0].div_(config.temperature)  # [rows, G]
+        local = (tgt % g)[:, None]  # the target's column within the group
+        if forward:
+            lse = torch.logsumexp(s, dim=1)
+            stats[r0:r1, 0] = lse
+            stats[r0:r1, 1] = s.gather(1, local)[:, 0]
+            if teacher is not None:
+                stats[r0:r1, 2] = lse  # the candidates are the group
+                stats[r0:r1, 3] = (s * teacher[r0:r1].to(acc)).sum(1)
+            if not (need_q or need_p):
+                continue
+        c = torch.exp(s - stats[r0:r1, 0:1])
+        c.scatter_add_(1, local, c.new_full((r1 - r0, 1), -1.0))
+        if teacher is not None:
+            c += torch.exp(s - stats[r0:r1, 2:3]) - teacher[r0:r1].to(acc)
+        c *= row_grad[r0:r1, None].to(acc) / config.temperature
+        if need_q:
+            dq[r0:r1] = torch.bmm(c[:, None, :], p_group)[:, 0]
+        if need_p:
+            dp.index_add_(0, cols, (c[:, :, None] * q_rows[:, None, :]).view(-1, d))
+    return stats, dq, dp
+
+
+def _walk(config: ContrastiveConfig):
+    return _contrastive_walk if config.in_batch else _contrastive_walk_own_group
 
 
 def contrastive_forward_reference(q, p, targets, teacher, config: ContrastiveConfig):
     """Per-row statistics ``[B, 4]`` (as the kernel's), computed ``_contrastive_chunk_rows`` rows at a time."""
-    acc = accumulate_dtype(q.dtype)
-    p_acc = p.to(acc)
+    return _walk(config)(q, p, targets, teacher, config, None, None, False, False)[0]
+
+
+def contrastive_forward_backward_reference(q, p, targets, teacher, config: ContrastiveConfig, need_q, need_p):
+    """The forward's statistics and the gradients for the mean loss (upstream gradient 1), from one pass:
+    ``(stats, dq, dp)``, the gradients in the accumulate dtype (None where not needed)."""
     b = q.shape[0]
-    stats = torch.zeros((b, 4), dtype=acc, device=q.device)
-    step = _contrastive_chunk_rows(p.shape[0])
-    for r0 in range(0, b, step):
-        rows = slice(r0, min(b, r0 + step))
-        s = _contrastive_scores(q[rows], p_acc, config)
-        # [rows, P] group masks only where a mode reads them: in-batch CE without a teacher never does
-        if not config.in_batch or teacher is not None:
-            in_group = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
-        cand = s if config.in_batch else s.masked_fill(~in_group, float("-inf"))
-        stats[rows, 0] = torch.logsumexp(cand, dim=1)
-        stats[rows, 1] = s.gather(1, targets[rows, None])[:, 0]
-        if teacher is not None:
-            stats[rows, 2] = torch.logsumexp(s.masked_fill(~in_group, float("-inf")), dim=1)
-            group = s[in_group].view(-1, config.group_size)
-            stats[rows, 3] = (group * teacher[rows].to(acc)).sum(1)
-    return stats
+    row_grad = torch.full((b,), 1.0 / b, dtype=torch.float32, device=q.device)
+    return _walk(config)(q, p, targets, teacher, config, None, row_grad, need_q, need_p)
 
 
 def contrastive_backward_reference(
     q, p, targets, teacher, stats, row_grad, config: ContrastiveConfig, need_q: bool, need_p: bool
 ):
     """``(dq, dp)``: the kernel's coefficients ``c`` rebuilt chunk by chunk, then ``c p / tau`` and ``c^T q / tau``."""
-    acc = accumulate_dtype(q.dtype)
-    p_acc = p.to(acc)
-    q_acc = q.to(acc)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device) if need_q else None
-    dp = torch.zeros(p.shape, dtype=acc, device=p.device) if need_p else None
-    step = _contrastive_chunk_rows(p.shape[0])
-    for r0 in range(0, q.shape[0], step):
-        rows = slice(r0, min(q.shape[0], r0 + step))
-        s = _contrastive_scores(q[rows], p_acc, config)
-        if not config.in_batch or teacher is not None:
-            in_group = _group_masks(targets[rows], config.group_size, p.shape[0], q.device)
-        kd = None
-        if teacher is not None:  # before s becomes c in place below
-            kd = torch.exp(s - stats[rows, 2:3]).masked_fill_(~in_group, 0.0)
-            kd[in_group] -= teacher[rows].to(acc).reshape(-1)
-        # c is built in s's storage: each [rows, P] temporary is a full pass over memory on the CPU
-        c = s.sub_(stats[rows, 0:1]).exp_()
-        if not config.in_batch:
-            c.masked_fill_(~in_group, 0.0)
-        c[torch.arange(c.shape[0], device=c.device), targets[rows]] -= 1.0
-        if kd is not None:
-            c += kd
-        c *= row_grad[rows, None].to(acc) / config.temperature
-        if need_q:
-            dq[rows] = c @ p_acc
-        if need_p:
-            dp.addmm_(c.t(), q_acc[rows])
+    _, dq, dp = _walk(config)(q, p, targets, teacher, config, stats, row_grad, need_q, need_p)
     return (dq.to(q.dtype) if need_q else None), (dp.to(p.dtype) if need_p else None)
 
 
@@ -180,23 +259,41 @@ def _implementation(backend: str) -> Implementation:
     return Implementation(contrastive_forward_reference, contrastive_backward_reference)
 
 
+def _loss_of_stats(stats: torch.Tensor, teacher):
+    """The mean loss (fp32 scalar) and the per-row log-sum-exp (fp32 ``[B]``) of the per-row statistics."""
+    per_row = stats[:, 0] - stats[:, 1]
+    if teacher is not None:
+        per_row = per_row + stats[:, 2] - stats[:, 3]  # -sum_g t_g log softmax_group(s)_g, as sum_g t_g = 1
+    return per_row.float().mean(), stats[:, 0].float()
+
+
 class ContrastiveFunction(torch.autograd.Function):
     """contrastive_loss's autograd, shared by both paths.
 
     Inputs: q ``[B, D]``, p ``[P, D]``, targets ``[B]`` int64, teacher ``[B, G]`` fp32 probabilities (or
     None), a ``ContrastiveConfig`` and the backend name. Outputs: the scalar loss (fp32) and the per-row
-    log-sum-exp ``[B]`` (non-differentiable). Saves q, p and four fp32 numbers per row: never ``[B, P]``.
+    log-sum-exp ``[B]`` (non-differentiable). Saves q, p and four fp32 numbers per row: never ``[B, P]``. On the
+    torch path the forward also computes the gradients of the mean loss (``contrastive_forward_backward_reference``:
+    the softmax is at hand, no second score GEMM), held until backward scales them by the upstream gradient;
+    ``contrastive_loss`` calls it only where a gradient can follow (``needs_input_grad`` does not see
+    ``torch.no_grad()``).
     """
 
     @staticmethod
     def forward(ctx, q, p, targets, teacher, config, backend):
         impl = _implementation(backend)
-        stats = impl.forward(q, p, targets, teacher, config)
-        per_row = stats[:, 0] - stats[:, 1]
-        if teacher is not None:
-            per_row = per_row + stats[:, 2] - stats[:, 3]  # -sum_g t_g log softmax_group(s)_g, as sum_g t_g = 1
-        loss = per_row.float().mean()
-        lse = stats[:, 0].float()
+        need_q, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.unit_grads = None
+        if backend == "torch" and (need_q or need_p) and not saved_tensor_hooks_active():
+            # The reference computes the gradients of the mean loss along with the forward, from the softmax it
+            # has at hand, and backward scales them by the upstream gradient: one score GEMM fewer. They are
+            # held on ctx, not saved, so they are released once used (a second backward recomputes); under
+            # saved-tensor hooks (checkpointing, offloading) nothing is kept beyond the saved tensors.
+            stats, dq, dp = contrastive_forward_backward_reference(q, p, targets, teacher, config, need_q, need_p)
+            ctx.unit_grads = (dq, dp)
+        else:
+            stats = impl.forward(q, p, targets, teacher, config)
+        loss, lse = _loss_of_stats(stats, teacher)
         ctx.config = config
         ctx.backward_impl = impl.backward
         ctx.save_for_backward(q, p, targets, teacher, stats)
@@ -206,8 +303,19 @@ class ContrastiveFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
         q, p, targets, teacher, stats = ctx.saved_tensors
+        unit_grads, ctx.unit_grads = ctx.unit_grads, None
         if grad_loss is None:
             return None, None, None, None, None, None
+        if unit_grads is not None:
+            dq, dp = (None if x is None else x.mul_(grad_loss.to(x.dtype)) for x in unit_grads)
+            return (
+                (dq.to(q.dtype) if dq is not None else None),
+                (dp.to(p.dtype) if dp is not None else None),
+                None,
+                None,
+                None,
+                None,
+            )
         # d mean / d row = 1 / B; the upstream scalar gradient stays on the device (no host read).
         row_grad = (grad_loss.float() / q.shape[0]).expand(q.shape[0]).contiguous()
         dq, dp = ctx.backward_impl(
@@ -258,7 +366,11 @@ def contrastive_loss(
         q, p, temperature, group_size, in_batch, targets, teacher_scores, return_lse
     )
     backend = select_backend(q)
-    loss, lse = ContrastiveFunction.apply(q, p, targets, teacher, config, backend)
+    if backend == "torch" and not (torch.is_grad_enabled() and (q.requires_grad or p.requires_grad)):
+        # No gradient can follow: the forward alone (the Function would compute the gradients along with it).
+        loss, lse = _loss_of_stats(contrastive_forward_reference(q, p, targets, teacher, config), teacher)
+    else:
+        loss, lse = ContrastiveFunction.apply(q, p, targets, teacher, config, backend)
     return (loss, lse) if return_lse else loss
 
 

@@ -16,7 +16,15 @@ from typing import Optional
 import torch
 
 from fastrank.common import VarlenAttentionConfig, accumulate_dtype
-from fastrank.ops.base import FLOAT_DTYPES, Implementation, dtype_name, integer_tensor, require_tensor, same_device
+from fastrank.ops.base import (
+    FLOAT_DTYPES,
+    Implementation,
+    dtype_name,
+    integer_tensor,
+    require_tensor,
+    same_device,
+    saved_tensor_hooks_active,
+)
 from fastrank.utils import can_sync, checks_enabled, select_backend
 
 MAX_HEAD_DIM = 256  # the kernels pad head_dim to a power of two up to this
@@ -133,8 +141,9 @@ REFERENCE_BUCKET_ROWS = 8192  # padded query rows per attention call of the refe
 
 
 def attend_reference(q, k, v, mask, config: VarlenAttentionConfig) -> torch.Tensor:
-    """Masked attention, HF-style: ``q`` ``[B, Hq, L, D]``, ``k``/``v`` ``[B, Hkv, K, D]``, ``mask`` bool
-    ``[B, 1, L, K]`` (True = attend). Returns ``[B, Hq, L, D]`` in q's dtype.
+    """Masked attention, HF-style: ``q`` ``[B, Hq, L, D]``, ``k``/``v`` ``[B, Hkv, K, D]``, ``mask`` ``[B, 1, L, K]``,
+    bool (True = attend) or, without softcap, sdpa's additive float mask in q's dtype. Returns ``[B, Hq, L, D]``
+    in q's dtype.
 
     Without softcap: ``scaled_dot_product_attention`` in the input dtype with ``enable_gqa`` (the same numbers
     as repeating the kv heads as transformers' ``repeat_kv`` does, without the copies). With softcap, the
@@ -154,18 +163,23 @@ def attend_reference(q, k, v, mask, config: VarlenAttentionConfig) -> torch.Tens
     return (torch.softmax(scores, dim=-1) @ v.to(acc)).to(q.dtype)
 
 
+_ADDITIVE_MASK_MAX = 1 << 20  # entries of a bucket's mask kept as a float mask as well
+
+
 class _Bucket:
-    """Segments of similar length attended in one call: query rows ``[B, L]``, key rows ``[B, P + L]`` (the
-    prefix's rows, then the segment's own; ``M`` pads, a zero row), the mask ``[B, 1, L, P + L]``, and the
-    stream row of each real query (``rows``) with its place in the flattened ``[B * L]`` output (``take``)."""
+    """Segments of similar length attended in one call: the stream rows its queries ``[B * L]`` and its keys and
+    values ``[B * (P + L)]`` read (the prefix's rows, then the segment's own), and the mask ``[B, 1, L, P + L]``.
+    A padding slot reads its segment's first row, which every query of the segment sees anyway: masked out (and its
+    query's output dropped), it adds exactly nothing, and no value of another segment (not even a NaN) reaches it."""
 
     def __init__(self, segs, bounds, pre, causal: bool, m: int, device):
         lengths = [bounds[s + 1] - bounds[s] for s in segs]
         heads = [bounds[pre[s] + 1] - bounds[pre[s]] if pre[s] >= 0 else 0 for s in segs]
         n, width, head = len(segs), max(lengths), max(heads)
-        q_rows = torch.full((n, width), m, dtype=torch.long)
-        k_rows = torch.full((n, head + width), m, dtype=torch.long)
+        q_rows = torch.full((n, width), -1, dtype=torch.long)
+        k_rows = torch.empty((n, head + width), dtype=torch.long)
         for i, s in enumerate(segs):
+            k_rows[i].fill_(bounds[s])
             q_rows[i, : lengths[i]] = torch.arange(bounds[s], bounds[s + 1])
             k_rows[i, head : head + lengths[i]] = q_rows[i, : lengths[i]]
             if heads[i]:
@@ -179,15 +193,55 @@ class _Bucket:
         prefix_keys = (torch.arange(head)[None, :] < heads_t[:, None])[:, None, :].expand(n, width, head)
         mask = torch.cat([prefix_keys, own], dim=2)
         mask[:, :, head] |= ~mask.any(dim=2)  # a padding query row sees one key, never none (no NaN)
-        real = (pos[None, :] < lengths_t[:, None]).reshape(-1)
-        self.q_rows = q_rows.to(device)
-        self.k_rows = k_rows.to(device)
+        self.shape = (n, width, head + width)
+        self.q_read = k_rows[:, head:].reshape(-1)  # (CPU) the query rows: own rows, padding on the first
+        self.kv_rows = k_rows.reshape(-1).to(device)
         self.mask = mask[:, None].to(device)
-        self.take = real.nonzero().squeeze(1).to(device)
-        self.rows = q_rows.reshape(-1)[real].to(device)
+        self.stream_rows = q_rows.reshape(-1)  # (CPU) the stream row of each query row, -1 on padding
+        self._additive = {}
+
+    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as sdpa's additive float mask (0 where a key is seen, -inf elsewhere) in ``dtype``: what sdpa
+        turns a boolean mask into on every call, made once per dtype here (the same numbers). Only small masks
+        are kept so (at most 4 MiB in fp32); a large one stays boolean, its conversion small next to the call."""
+        mask = self._additive.get(dtype)
+        if mask is None:
+            if self.mask.numel() > _ADDITIVE_MASK_MAX:
+                return self.mask
+            mask = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            mask = self._additive[dtype] = mask.masked_fill_(~self.mask, float("-inf"))
+        return mask
 
 
-def _reference_plan(cu_seqlens, prefix, causal: bool, m: int):
+class _Plan:
+    """A stream's buckets and ``order``: the row of the buckets' concatenated ``[B * L]`` outputs that holds each
+    stream row's result (with ``zero_row``, one past them, for rows no segment covers, which only a
+    ``cu_seqlens`` left unchecked can leave)."""
+
+    def __init__(self, buckets, m: int, device):
+        order = torch.full((m,), -1, dtype=torch.long)
+        offset = 0
+        for bucket in buckets:
+            real = bucket.stream_rows >= 0
+            order[bucket.stream_rows[real]] = torch.arange(offset, offset + real.numel())[real]
+            offset += real.numel()
+        self.zero_row = bool((order < 0).any())
+        self.order = torch.where(order < 0, offset, order).to(device)
+        self.buckets = buckets
+        # All buckets' query rows, concatenated: the stream row each reads.
+        reads = [bucket.q_read for bucket in buckets]
+        self.q_rows = (torch.cat(reads) if reads else torch.zeros(0, dtype=torch.long)).to(device)
+        self.sizes = [bucket.shape[0] * bucket.shape[1] for bucket in buckets]
+
+
+def _padded_area(segs, bounds, pre) -> int:
+    """Query-key pairs one padded attention call over these segments computes: rows x (prefix + own) keys."""
+    width = max(bounds[s + 1] - bounds[s] for s in segs)
+    head = max(bounds[pre[s] + 1] - bounds[pre[s]] if pre[s] >= 0 else 0 for s in segs)
+    return len(segs) * width * (head + width)
+
+
+def _reference_plan(cu_seqlens, prefix, causal: bool, m: int) -> _Plan:
     """The buckets of a stream, cached on its ``cu_seqlens`` tensor: every layer of a forward (and its
     backward) passes the same segment tensors, and builds the index tensors once."""
     key = (id(cu_seqlens), id(prefix), causal, m)
@@ -199,18 +253,31 @@ def _reference_plan(cu_seqlens, prefix, causal: bool, m: int):
     n = len(bounds) - 1
     pre = prefix.tolist() if prefix is not None else [-1] * n
     pre = [p if 0 <= p < n and p != s else -1 for s, p in enumerate(pre)]
-    plan = []
+    families = []  # the segments without a prefix, then those with one
     for with_prefix in (False, True):
         segs = [s for s in range(n) if (pre[s] >= 0) == with_prefix and bounds[s + 1] > bounds[s]]
         segs.sort(key=lambda s: bounds[s + 1] - bounds[s])
+        groups = []
         while segs:  # shortest first; a bucket grows while its padded rows stay under the budget
             take = 1
             while take < len(segs) and (take + 1) * (bounds[segs[take] + 1] - bounds[segs[take]]) <= (
                 REFERENCE_BUCKET_ROWS
             ):
                 take += 1
-            plan.append(_Bucket(segs[:take], bounds, pre, causal, m, cu_seqlens.device))
+            groups.append(segs[:take])
             segs = segs[take:]
+        families.append(groups)
+    groups = families[0] + families[1]
+    if len(groups) == 2 and len(families[0]) == 1:
+        # A small stream (one bucket of each kind, e.g. a few prefixes and their documents): one call for both
+        # when that costs little more work than two (each call has its own fixed cost).
+        merged = sorted(groups[0] + groups[1], key=lambda s: bounds[s + 1] - bounds[s])
+        if len(merged) * (bounds[merged[-1] + 1] - bounds[merged[-1]]) <= REFERENCE_BUCKET_ROWS:
+            area = _padded_area(merged, bounds, pre)
+            if area <= 1.25 * (_padded_area(groups[0], bounds, pre) + _padded_area(groups[1], bounds, pre)):
+                groups = [merged]
+    buckets = [_Bucket(segs, bounds, pre, causal, m, cu_seqlens.device) for segs in groups]
+    plan = _Plan(buckets, m, cu_seqlens.device)
     if len(_PLAN_CACHE) >= 16:
         _PLAN_CACHE.clear()
     _PLAN_CACHE[key] = (weakref.ref(cu_seqlens), version, plan)
@@ -223,25 +290,27 @@ _PLAN_CACHE: dict = {}
 def _reference_attention(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig) -> torch.Tensor:
     """All segments, bucketed by length: each bucket's queries against its prefix's and its own keys under a
     mask that lets each query see its prefix and its own segment (causally), which is exactly its unshared
-    sequence's attention, as one padded ``scaled_dot_product_attention`` call."""
-    m = q.shape[0]
-    pad = lambda x: torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])  # noqa: E731  (row M: padding)
-    qz, kz, vz = pad(q), pad(k), pad(v)
-    pieces, rows = [], []
-    for bucket in _reference_plan(cu_seqlens, prefix, config.causal, m):
-        n, width = bucket.q_rows.shape
-        qb = qz[bucket.q_rows.reshape(-1)].reshape(n, width, q.shape[1], q.shape[2]).transpose(1, 2)
-        kb, vb = (
-            x[bucket.k_rows.reshape(-1)].reshape(n, bucket.k_rows.shape[1], x.shape[1], x.shape[2]).transpose(1, 2)
-            for x in (kz, vz)
-        )
-        o = attend_reference(qb, kb, vb, bucket.mask, config).transpose(1, 2).reshape(n * width, q.shape[1], -1)
-        pieces.append(o.index_select(0, bucket.take))
-        rows.append(bucket.rows)
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    if not pieces:
-        return out
-    return out.index_put((torch.cat(rows),), torch.cat(pieces))
+    sequence's attention, as one padded ``scaled_dot_product_attention`` call. The rows are gathered with
+    ``index_select`` (every bucket's queries at once) and the results put back in stream order by one more: no
+    zero-filled output, no scatter."""
+    m, hq, d = q.shape
+    plan = _reference_plan(cu_seqlens, prefix, config.causal, m)
+    if not plan.buckets:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    hkv = k.shape[1]
+    queries = q.index_select(0, plan.q_rows)  # every bucket's query rows
+    queries = queries.split(plan.sizes) if len(plan.buckets) > 1 else (queries,)
+    pieces = []
+    for bucket, qb in zip(plan.buckets, queries):
+        n, width, keys = bucket.shape
+        qb = qb.view(n, width, hq, d).transpose(1, 2)
+        kb, vb = (x.index_select(0, bucket.kv_rows).view(n, keys, hkv, d).transpose(1, 2) for x in (k, v))
+        mask = bucket.mask if config.softcap is not None else bucket.sdpa_mask(q.dtype)
+        o = attend_reference(qb, kb, vb, mask, config)
+        pieces.append(o.transpose(1, 2).reshape(n * width, hq, d))
+    if plan.zero_row:
+        pieces.append(q.new_zeros((1, hq, d)))
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).index_select(0, plan.order)
 
 
 class ReferenceGraph:
@@ -297,14 +366,6 @@ def _implementation(backend: str) -> Implementation:
     return Implementation(varlen_attention_forward_reference, varlen_attention_backward_reference)
 
 
-def _saved_tensor_hooks_active() -> bool:
-    """Whether saved-tensor hooks (non-reentrant checkpointing, offloading) are active; True when unknown."""
-    try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    except (AttributeError, RuntimeError, TypeError):
-        return True
-
-
 class VarlenAttentionFunction(torch.autograd.Function):
     """varlen_attention's autograd, shared by both paths.
 
@@ -320,7 +381,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
         impl = _implementation(backend)
         # Under activation checkpointing (saved-tensor hooks active) nothing beyond the saved tensors may be
         # kept: the reference recomputes in backward instead of holding its graph.
-        keep = any(ctx.needs_input_grad[:3]) and not _saved_tensor_hooks_active()
+        keep = any(ctx.needs_input_grad[:3]) and not saved_tensor_hooks_active()
         out, state = impl.forward(q, k, v, cu_seqlens, prefix, config, needs_grad=keep)
         ctx.config = config
         ctx.backward_impl = impl.backward
@@ -404,4 +465,10 @@ def varlen_attention(
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     config = VarlenAttentionConfig(causal=causal, scale=scale, softcap=softcap, max_seqlen=max_seqlen)
     backend = "torch" if q.dtype == torch.float64 else select_backend(q, ATTENTION_BACKEND_VARIABLE)
+    if backend == "torch":
+        # The reference is made of differentiable torch ops, so it runs under torch's own autograd (sdpa's backward,
+        # index_select's): the numbers of VarlenAttentionFunction's torch path, whose ReferenceGraph keeps this same
+        # graph, without the Function's and a nested autograd.grad's cost per call (a large part of a small call).
+        # Saved-tensor hooks (checkpointing, offloading) see every tensor it keeps.
+        return _reference_attention(q, k, v, cu_seqlens, prefix, config)
     return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, prefix, config, backend)
