@@ -160,18 +160,49 @@ def pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config: P
     return sel, status.to(torch.int32)
 
 
+def _destinations(sel: torch.Tensor, packed: bool) -> torch.Tensor:
+    """For every row of the hidden states viewed as ``[N * T, H]`` (padded) or ``[M, H]`` (packed): the
+    sequence that pools it, or ``N`` (a row past the sequences) where none does. Packed sequences that
+    pass the checks never overlap, so at most one sequence selects a row."""
+    n = sel.shape[0]
+    seq = torch.arange(n, device=sel.device)[:, None]
+    dest = torch.where(sel, seq, n)
+    return dest.amin(0) if packed else dest.view(-1)
+
+
+def _flat_rows(hidden: torch.Tensor, packed: bool):
+    """hidden as ``[rows, H]`` without a copy, or None where its strides do not allow that view."""
+    if packed:
+        return hidden
+    n, t = hidden.shape[0], hidden.shape[1]
+    if hidden.stride(0) != t * hidden.stride(1):
+        return None
+    return hidden.view(n * t, hidden.shape[2])
+
+
 def pool_forward_reference(hidden, attention_mask, input_ids, cu_seqlens, config: PoolConfig, needs_grad: bool):
     """The reference of ``fastrank.kernels.pool.pool_forward``, with its outputs: ``(out [N, H], count [N],
     status [N], pooled or None, norm or None)`` in the accumulate dtype (fp32; fp64 for fp64 input)."""
     sel, status = pool_weights(hidden.shape, hidden.device, attention_mask, input_ids, cu_seqlens, config)
     acc = accumulate_dtype(hidden.dtype)
-    # Only the selected rows are gathered, so whatever padding holds (even NaN) never reaches the result,
-    # as in the kernel, which does not read it at all.
-    seq, pos = sel.nonzero(as_tuple=True)
-    rows = hidden[pos] if cu_seqlens is not None else hidden[seq, pos]
-    summed = torch.zeros(sel.shape[0], hidden.shape[-1], dtype=acc, device=hidden.device).index_add(
-        0, seq, rows.to(acc)
-    )
+    packed = cu_seqlens is not None
+    n, width = sel.shape[0], hidden.shape[-1]
+    # Only the selected rows are added, in sequence order, so whatever padding holds (even NaN) never reaches
+    # the result, as in the kernel, which does not read it at all.
+    flat = _flat_rows(hidden, packed)
+    if config.mode == "mean" and hidden.dtype == acc and flat is not None:
+        # Most rows are pooled: one index_add over all of them, each into its sequence's sum or, for a row
+        # no sequence pools, into a scratch row N (read, never used). No copy of the selected rows.
+        summed = torch.zeros(n + 1, width, dtype=acc, device=hidden.device)
+        summed = summed.index_add_(0, _destinations(sel, packed), flat)[:n]
+    else:
+        # Few rows (cls, last, special), or half-precision rows that are widened first: gather them.
+        seq, pos = sel.nonzero(as_tuple=True)
+        if flat is None:
+            rows = hidden[seq, pos]
+        else:
+            rows = flat.index_select(0, pos if packed else seq * hidden.shape[1] + pos)
+        summed = torch.zeros(n, width, dtype=acc, device=hidden.device).index_add_(0, seq, rows.to(acc))
     count = sel.sum(1).to(acc)
     pooled = summed / count[:, None]  # an invalid sequence divides 0 by 0: NaN, visible
     if not config.normalize:
@@ -193,13 +224,10 @@ def pool_backward_reference(
         grad = (grad - out * (out * grad).sum(1, keepdim=True)) / norm.clamp_min(NORM_EPS)[:, None]
     sel, _ = pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config)
     per_row = grad / count[:, None]
-    seq, pos = sel.nonzero(as_tuple=True)
-    grad_hidden = torch.zeros(shape, dtype=dtype, device=device)
-    if cu_seqlens is not None:
-        grad_hidden[pos] = per_row[seq].to(dtype)
-    else:
-        grad_hidden[seq, pos] = per_row[seq].to(dtype)
-    return grad_hidden
+    # Each row of the result is its sequence's row of `table`, or the zero row N: written once, no zero fill
+    # then scatter.
+    table = torch.cat([per_row.to(dtype), per_row.new_zeros((1, per_row.shape[1]), dtype=dtype)])
+    return table.index_select(0, _destinations(sel, cu_seqlens is not None)).view(shape)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -76,19 +76,24 @@ def check_score_head_inputs(
     Returns ``(config, hidden, attention_mask, positions, cu_seqlens)`` where hidden is ``[N, T, H]`` or,
     for packed input, ``[M, H]`` (a ``[1, M, H]`` batch is viewed as ``[M, H]``).
     """
-    require_tensor("hidden", hidden, "[N, T, H] or packed [M, H]")
-    require_tensor("weight", weight, "[V, H]")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"hidden: must be float16, bfloat16 or float32, got {dtype_name(hidden.dtype)}")
+    # (The checks that pass call no helper: on a CPU call of a few microseconds each call counts.)
+    if not isinstance(hidden, torch.Tensor):
+        require_tensor("hidden", hidden, "[N, T, H] or packed [M, H]")
+    if not isinstance(weight, torch.Tensor):
+        require_tensor("weight", weight, "[V, H]")
+    dtype = hidden.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden: must be float16, bfloat16 or float32, got {dtype_name(dtype)}")
     if weight.dim() != 2:
         raise ValueError(f"weight: must be the LM head's [V, H] matrix, got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != dtype:
         raise ValueError(
-            f"weight: dtype {dtype_name(weight.dtype)} differs from hidden's {dtype_name(hidden.dtype)}; "
+            f"weight: dtype {dtype_name(weight.dtype)} differs from hidden's {dtype_name(dtype)}; "
             f"cast one of them, e.g. hidden.to({dtype_name(weight.dtype)!r}) or run the model in one dtype"
         )
-    same_device("weight", weight, hidden)
-    if not isinstance(return_lse, bool):
+    if weight.device != hidden.device:
+        same_device("weight", weight, hidden)
+    if return_lse is not True and return_lse is not False:
         raise ValueError(f"return_lse: must be True or False, got {return_lse!r}")
 
     packed = cu_seqlens is not None
@@ -115,11 +120,39 @@ def check_score_head_inputs(
             raise ValueError(f"bias: dtype {dtype_name(bias.dtype)} differs from weight's {dtype_name(weight.dtype)}")
         same_device("bias", bias, hidden)
 
-    ids = normalize_token_ids(token_ids, weight.shape[0])
+    config = _config(token_ids, weight.shape[0], combine, return_lse, packed)
+    return config, hidden, attention_mask, positions, cu_seqlens
+
+
+def _config(token_ids, vocab: int, combine, return_lse: bool, packed: bool) -> ScoreHeadConfig:
+    """The call's ``ScoreHeadConfig``, made once per (token ids, V, options) when the ids are an int or a
+    list or tuple of ints and there is no ``combine``: the usual call, repeated every batch."""
+    key = None
+    if combine is None:
+        kind = type(token_ids)
+        if kind is int:
+            key = ((token_ids,), vocab, return_lse, packed)
+        elif kind is list or kind is tuple:
+            if len(token_ids) == 1:
+                if type(token_ids[0]) is int:
+                    key = ((token_ids[0],), vocab, return_lse, packed)
+            elif all(type(t) is int for t in token_ids):
+                key = (tuple(token_ids), vocab, return_lse, packed)
+        config = _CONFIG_CACHE.get(key)
+        if config is not None:
+            return config
+    ids = normalize_token_ids(token_ids, vocab)
     config = ScoreHeadConfig(
         token_ids=ids, combine=normalize_combine(combine, len(ids)), return_lse=return_lse, packed=packed
     )
-    return config, hidden, attention_mask, positions, cu_seqlens
+    if key is not None:
+        if len(_CONFIG_CACHE) > 256:
+            _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[key] = config
+    return config
+
+
+_CONFIG_CACHE: dict = {}
 
 
 def raise_on_invalid_rows(rows: torch.Tensor, config: ScoreHeadConfig, attention_mask, positions, cu_seqlens) -> None:
@@ -207,7 +240,7 @@ def score_head_rows(
         return torch.where((p >= 0) & (p < t), p, torch.full_like(p, ROW_OUTSIDE))
 
     real = attention_mask != 0
-    steps = torch.arange(t, device=device)
+    steps = _arange(t, device)
     last = torch.where(real, steps, ROW_EMPTY).amax(dim=1)  # ROW_EMPTY (-1) exactly when a row has no token
     if positions is None:
         return last
@@ -218,12 +251,37 @@ def score_head_rows(
     return torch.where(last >= 0, rows, torch.full_like(rows, ROW_EMPTY))
 
 
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(n)`` on ``device``, made once per size for CPU tensors (a CPU call of this op is a few
+    microseconds of work, so each small op counts); elsewhere, and while torch.compile traces, made afresh."""
+    if device.type != "cpu" or _compiling():
+        return torch.arange(n, device=device)
+    steps = _ARANGE_CACHE.get(n)
+    if steps is None:
+        if len(_ARANGE_CACHE) > 64:
+            _ARANGE_CACHE.clear()
+        with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+            steps = _ARANGE_CACHE[n] = torch.arange(n)
+    return steps
+
+
+_ARANGE_CACHE: dict = {}
+
+
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
 def gather_rows(hidden: torch.Tensor, rows: torch.Tensor, packed: bool) -> torch.Tensor:
     """The hidden state at each scoring row, ``[N, H]`` in hidden's dtype.
 
     Invalid rows (negative status codes) read as NaN, so their scores are NaN rather than plausible
-    numbers when the status check is turned off.
+    numbers when the status check is turned off. On the CPU, where reading the smallest code back costs
+    no sync, rows that are all valid are gathered directly.
     """
+    if rows.device.type == "cpu" and not _compiling() and (rows.numel() == 0 or int(rows.min()) >= 0):
+        if packed:
+            return hidden.index_select(0, rows)
+        return hidden[_arange(hidden.shape[0], hidden.device), rows]
     safe = rows.clamp_min(0)
     if packed:
         h = hidden[safe]
@@ -322,10 +380,21 @@ def score_head_selected_logits(
     """``h @ weight[token_ids].T + bias[token_ids]`` in the accumulate dtype: ``[N, K]``."""
     acc = accumulate_dtype(h.dtype)
     ids = cached_device_tensor(token_ids, torch.long, h.device)
-    logits = h.to(acc) @ weight.index_select(0, ids).to(acc).t()
+    rows = weight.index_select(0, ids)
+    if h.dtype != acc:  # (a no-op .to() still costs a dispatch, and these calls are small)
+        h, rows = h.to(acc), rows.to(acc)
+    logits = torch.nn.functional.linear(h, rows)  # h @ rows.T
     if bias is not None:
         logits = logits + bias.index_select(0, ids).to(acc)
     return logits
+
+
+def _head_of_rows(h: torch.Tensor, weight, bias, config: ScoreHeadConfig):
+    """``(out [N, C or K], lse [N] or None)`` of the gathered scoring rows ``h``."""
+    logits = score_head_selected_logits(h, weight, bias, config.token_ids)
+    out = logits if config.combine is None else logits @ combine_matrix(config, logits.dtype, logits.device).t()
+    lse = lse_forward_chunked(h, weight, bias) if config.return_lse else None
+    return out, lse
 
 
 def score_head_forward_reference(
@@ -335,11 +404,71 @@ def score_head_forward_reference(
     the gathered rows ``h`` are needed for the logits anyway, so ``store_gathered`` changes nothing."""
     rows = score_head_rows(hidden, attention_mask, positions, cu_seqlens)
     h = gather_rows(hidden, rows, config.packed)
-    logits = score_head_selected_logits(h, weight, bias, config.token_ids)
-    mix = combine_matrix(config, logits.dtype, logits.device)
-    out = logits if mix is None else logits @ mix.t()
-    lse = lse_forward_chunked(h, weight, bias) if config.return_lse else None
+    out, lse = _head_of_rows(h, weight, bias, config)
     return out, lse, rows, h
+
+
+def _flat_steps(n: int, t: int) -> torch.Tensor:
+    """``arange(n * t).view(n, t)`` on the CPU, made once per shape: the flat row of each (sequence, step)."""
+    steps = _FLAT_STEPS_CACHE.get((n, t))
+    if steps is None:
+        if len(_FLAT_STEPS_CACHE) > 64:
+            _FLAT_STEPS_CACHE.clear()
+        with torch.inference_mode(False):
+            steps = _FLAT_STEPS_CACHE[(n, t)] = torch.arange(n * t).view(n, t)
+    return steps
+
+
+_FLAT_STEPS_CACHE: dict = {}
+with torch.inference_mode(False):
+    _EMPTY_CODE = torch.tensor(ROW_EMPTY)  # (CPU, int64: what torch.where pairs with the int64 steps)
+
+
+def score_head_inference_reference(hidden, weight, bias, attention_mask, config: ScoreHeadConfig):
+    """The reference forward of a call no gradient follows, for padded CPU input scored at each row's last
+    real token (no ``positions``): ``(out, lse or None)``, the numbers of ``score_head_forward_reference``
+    with fewer small ops (the scoring rows found as flat indices into ``[N * T, H]`` and gathered with one
+    ``index_select``). Returns None, so that the general path runs and reports, when a row has no real
+    token, or where the fast form does not apply (hidden not viewable as ``[N * T, H]``, torch.compile)."""
+    n, t, width = hidden.shape
+    if n == 0 or not hidden.is_cpu or _compiling():
+        return None
+    if not hidden.is_contiguous() and hidden.stride(0) != t * hidden.stride(1):
+        return None
+    steps = _FLAT_STEPS_CACHE.get((n, t))
+    if steps is None:
+        steps = _flat_steps(n, t)
+    if attention_mask is None:
+        flat = steps[:, t - 1]
+    else:
+        # .bool() is `!= 0` (a no-op on a bool mask); the fill value is a cached tensor, not a Python scalar
+        # that each call would wrap into one.
+        flat = torch.where(attention_mask.bool(), steps, _EMPTY_CODE).amax(dim=1)
+    try:
+        # A row without a real token has flat index ROW_EMPTY (-1), which index_select refuses: that is the
+        # value check, at no cost for valid input.
+        h = hidden.view(n * t, width).index_select(0, flat)
+    except (IndexError, RuntimeError):
+        return None
+    if config.combine is None and not config.return_lse and bias is None and hidden.dtype == torch.float32:
+        # score_head_selected_logits, inlined for the plainest call: consecutive ids (one id, the digits) are a
+        # slice of the weight, a view; others are gathered.
+        rows = _CPU_ROWS.get(config.token_ids)
+        if rows is None:
+            if len(_CPU_ROWS) > 256:
+                _CPU_ROWS.clear()
+            ids = config.token_ids
+            if ids == tuple(range(ids[0], ids[0] + len(ids))):
+                rows = slice(ids[0], ids[0] + len(ids))
+            else:
+                rows = cached_device_tensor(ids, torch.long, hidden.device)
+            _CPU_ROWS[ids] = rows
+        w = weight[rows] if type(rows) is slice else weight.index_select(0, rows)
+        return torch.nn.functional.linear(h, w), None
+    return _head_of_rows(h, weight, bias, config)
+
+
+_CPU_ROWS: dict = {}  # token ids -> the slice of the weight holding them, or their CPU index tensor
 
 
 def score_head_backward_reference(grad_out, grad_lse, hidden_meta, h, weight, bias, lse, rows, config, needs):
@@ -503,9 +632,27 @@ def score_head(
     backend = select_backend(hidden)
     if backend == "triton" and hidden.dtype == torch.float64:
         raise ValueError("hidden: float64 runs on the torch backend only; set FASTRANK_BACKEND=torch")
-    out, lse, rows = ScoreHeadFunction.apply(
-        hidden, weight, bias, attention_mask, positions, cu_seqlens, config, backend
-    )
+    if backend == "torch" and not (
+        torch.is_grad_enabled()
+        and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    ):
+        # No gradient can follow: the reference forward alone, without the autograd Function's overhead
+        # (the same numbers; on the CPU that overhead is a large part of a small call).
+        fast = None
+        if positions is None and not config.packed:
+            fast = score_head_inference_reference(hidden, weight, bias, attention_mask, config)
+        if fast is not None:  # every row was found valid on the way
+            out, lse = fast
+            return ScoreHeadOutput(out, lse) if return_lse else out
+        out, lse, rows, _ = score_head_forward_reference(
+            hidden, weight, bias, attention_mask, positions, cu_seqlens, config, store_gathered=False
+        )
+        if lse is None:
+            lse = out.new_empty(0)
+    else:
+        out, lse, rows = ScoreHeadFunction.apply(
+            hidden, weight, bias, attention_mask, positions, cu_seqlens, config, backend
+        )
     if checks_enabled() and can_sync(hidden):
         raise_on_invalid_rows(rows, config, attention_mask, positions, cu_seqlens)
     return ScoreHeadOutput(out, lse) if return_lse else out
