@@ -302,3 +302,25 @@ def test_expanded_output_gradient(backend, device):
             out.backward(torch.ones_like(out))
         grads.append((gate.grad, up.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_reference_function_equals_the_cpu_training_path(activation, dtype):
+    """On CPU, training runs HF's formula under torch's autograd; the Function's reference forward and backward
+    (the contract the Triton path shares) give the same outputs and gradients bit for bit."""
+    from fastrank.ops.gated_activation import GatedActivationConfig, GatedActivationFunction
+
+    gate0, up0 = make((7, 100), dtype, torch.device("cpu"), seed=3)
+    grad = torch.randn(7, 100).to(dtype)
+    results = []
+    for through_function in (False, True):
+        gate, up = gate0.clone().requires_grad_(True), up0.clone().requires_grad_(True)
+        if through_function:
+            out = GatedActivationFunction.apply(gate, up, GatedActivationConfig(activation), "torch")
+        else:
+            out = gated_activation(gate, up, activation)
+        out.backward(grad)
+        results.append((out.detach(), gate.grad, up.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
