@@ -10,12 +10,12 @@ import sys
 import torch
 
 from fastrank.benchmarks import contrastive, runner
-from fastrank.benchmarks.harness import cuda_required
+from fastrank.benchmarks.harness import cuda_required, gpu_slug
 
 if not torch.cuda.is_available():
     sys.exit(cuda_required(__file__))
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "bench/results"
-gpu = torch.cuda.get_device_name().split()[-1].lower()
+gpu = gpu_slug()
 cases = [
     contrastive.Case(mode="train", queries=4096, group_size=8, dim=1024, dtype="float32"),
     contrastive.Case(mode="train_kd", queries=4096, group_size=8, dim=1024, dtype="bfloat16"),

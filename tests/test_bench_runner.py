@@ -372,3 +372,18 @@ def test_decoder_flops_count_the_projections_mlp_and_causal_attention():
     assert out["tokens_per_second"] == 2000 and out["model_tflops_per_second"] == 4.0 and out["mfu"] == 0.004
     assert "mfu" not in throughput({"tokens": 1, "flops": 1.0}, 1.0, None)
     assert gpu_bf16_peak_flops(torch.device("cpu")) is None
+
+
+def test_gpu_slug_names_result_files(monkeypatch):
+    from fastrank.benchmarks import harness
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, slug in [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("Some New GPU X9", "x9"),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert harness.gpu_slug() == slug

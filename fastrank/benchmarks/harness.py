@@ -417,6 +417,17 @@ def gpu_bf16_peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
+def gpu_slug() -> str:
+    """A short lower-case name of this machine's GPU for result file names ("h100", "h200", "a100"), or "none"."""
+    if not torch.cuda.is_available():
+        return "none"
+    name = torch.cuda.get_device_name()
+    for key, _ in GPU_BF16_PEAK_FLOPS:
+        if key in name:
+            return key.lower().replace(" ", "-")
+    return name.split()[-1].lower()
+
+
 def throughput(work: dict, time_ms: float, peak_flops: Optional[float]) -> dict:
     """Tokens/s, model TFLOP/s and, when the peak is known, model FLOPs utilisation (MFU: the fraction of the
     GPU's dense bf16 peak) of a call that processed ``work`` (``{"tokens", "flops"}``) in ``time_ms``."""
