@@ -50,13 +50,18 @@ def select_backend(tensor: torch.Tensor, variable: str = "FASTRANK_BACKEND") -> 
 _LOCAL = threading.local()
 
 
+def env_switch(variable: str) -> bool:
+    """Whether the on/off switch ``variable`` is on: on unless set to 0, false, no or off (any case)."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def checks_enabled() -> bool:
     """Data-dependent input checks (empty rows, positions outside their sequence) cost one device-to-host
     copy of a few bytes per call. They are on unless ``FASTRANK_CHECKS=0`` or inside ``value_checks(False)``."""
     override = getattr(_LOCAL, "checks", None)
     if override is not None:
         return override
-    return os.environ.get("FASTRANK_CHECKS", "1").lower() not in ("0", "false", "no", "off")
+    return env_switch("FASTRANK_CHECKS")
 
 
 @contextlib.contextmanager

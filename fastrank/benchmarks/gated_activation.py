@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from fastrank.benchmarks.harness import Unavailable, compiled_baseline, liger_baseline
+from fastrank.benchmarks.harness import ELEMENTWISE_PROVIDERS, elementwise_providers
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.ops.gated_activation import gated_activation
 
@@ -81,19 +81,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
         return lambda: function.apply(gate, up)
 
-    fns = {
-        "torch_unfused": unfused,
-        "torch_compile": compiled_baseline(unfused, device),
-        "liger": liger_baseline(liger, device),
-        "fastrank": ours,
-    }
-    if not train:
-        return {k: f if isinstance(f, Unavailable) else torch.no_grad()(f) for k, f in fns.items()}
-
-    def with_backward(fn):
-        return lambda: torch.autograd.grad(fn(), (gate, up), grad_outputs=grad)
-
-    return {k: f if isinstance(f, Unavailable) else with_backward(f) for k, f in fns.items()}
+    return elementwise_providers(unfused, ours, liger, device, train, (gate, up), grad)
 
 
 BENCHMARK = Benchmark(
@@ -102,7 +90,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("torch_unfused", "torch_compile", "liger", "fastrank"),
+    provider_names=ELEMENTWISE_PROVIDERS,
     table_label=lambda case: (
         f"{case['mode']} {case.get('activation', 'silu')} M={case['tokens']} I={case['intermediate_size']} "
         f"{case['dtype']}"

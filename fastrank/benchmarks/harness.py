@@ -191,6 +191,32 @@ def liger_baseline(
         return Unavailable(f"liger-kernel is not installed ({e}); pip install liger-kernel")
 
 
+ELEMENTWISE_PROVIDERS = ("torch_unfused", "torch_compile", "liger", "fastrank")
+
+
+def elementwise_providers(unfused, ours, liger, device: torch.device, train: bool, inputs=(), grads=None) -> dict:
+    """The providers of an elementwise op's benchmark (rms_norm, rope, gated_activation), named as
+    ``ELEMENTWISE_PROVIDERS``: HF's formula ``unfused``, that formula through ``torch.compile``, Liger-Kernel's
+    version (``liger`` builds it, see ``liger_baseline``) and fastrank's ``ours``. Forward only (under no_grad)
+    unless ``train``: then each call is the forward and ``torch.autograd.grad`` of its outputs into ``inputs``
+    with output gradients ``grads``."""
+    fns = {
+        "torch_unfused": unfused,
+        "torch_compile": compiled_baseline(unfused, device),
+        "liger": liger_baseline(liger, device),
+        "fastrank": ours,
+    }
+
+    def timed(fn):
+        if isinstance(fn, Unavailable):
+            return fn
+        if not train:
+            return torch.no_grad()(fn)
+        return lambda: torch.autograd.grad(fn(), inputs, grad_outputs=grads)
+
+    return {name: timed(fn) for name, fn in fns.items()}
+
+
 def cuda_required(script: str) -> str:
     """The one line a GPU-only script in bench/ exits with where CUDA is missing."""
     return f"bench/{os.path.basename(script)} needs a CUDA GPU; on a CPU run `fastrank bench`"

@@ -18,7 +18,7 @@ from typing import Dict
 
 import torch
 
-from fastrank.benchmarks.harness import Unavailable, compiled_baseline, liger_baseline
+from fastrank.benchmarks.harness import ELEMENTWISE_PROVIDERS, elementwise_providers
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.ops.rms_norm import rms_norm
 
@@ -100,21 +100,9 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
         return lambda: (LigerRMSNormFunction.apply(x, weight, EPS, offset, casting, False),)
 
-    fns = {
-        "torch_unfused": unfused,
-        "torch_compile": compiled_baseline(unfused, device),
-        "liger": liger_baseline(liger, device),
-        "fastrank": ours,
-    }
-    if not train:
-        return {k: f if isinstance(f, Unavailable) else torch.no_grad()(f) for k, f in fns.items()}
     inputs = (x, residual, weight) if add else (x, weight)
     grads = (grad, grad_s) if add else (grad,)
-
-    def with_backward(fn):
-        return lambda: torch.autograd.grad(fn(), inputs, grad_outputs=grads)
-
-    return {k: f if isinstance(f, Unavailable) else with_backward(f) for k, f in fns.items()}
+    return elementwise_providers(unfused, ours, liger, device, train, inputs, grads)
 
 
 BENCHMARK = Benchmark(
@@ -123,7 +111,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("torch_unfused", "torch_compile", "liger", "fastrank"),
+    provider_names=ELEMENTWISE_PROVIDERS,
     table_label=lambda case: (
         f"{case['mode']} M={case['tokens']} H={case['hidden_size']} {case['dtype']}"
         + (" gemma" if case.get("unit_offset") else "")

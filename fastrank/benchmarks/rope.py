@@ -19,7 +19,7 @@ from typing import Dict
 
 import torch
 
-from fastrank.benchmarks.harness import Unavailable, compiled_baseline, liger_baseline
+from fastrank.benchmarks.harness import ELEMENTWISE_PROVIDERS, elementwise_providers
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.ops.rope import rope
 
@@ -109,23 +109,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
 
         return lambda: liger_rotary_pos_emb(heads(q_proj, hq), heads(k_proj, hk), cos, sin)
 
-    fns = {
-        "torch_unfused": unfused,
-        "torch_compile": compiled_baseline(unfused, device),
-        "liger": liger_baseline(liger, device),
-        "fastrank": ours,
-    }
-    if not train:
-        return {name: fn if isinstance(fn, Unavailable) else torch.no_grad()(fn) for name, fn in fns.items()}
-
-    def with_backward(fn):
-        def run():
-            q_embed, k_embed = fn()
-            return torch.autograd.grad((q_embed, k_embed), (q_proj, k_proj), (grad_q, grad_k))
-
-        return run
-
-    return {name: fn if isinstance(fn, Unavailable) else with_backward(fn) for name, fn in fns.items()}
+    return elementwise_providers(unfused, ours, liger, device, train, (q_proj, k_proj), (grad_q, grad_k))
 
 
 BENCHMARK = Benchmark(
@@ -134,7 +118,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("torch_unfused", "torch_compile", "liger", "fastrank"),
+    provider_names=ELEMENTWISE_PROVIDERS,
     table_label=lambda case: (
         f"{case['mode']} B={case['batch']} T={case['seq_len']} {case['q_heads']}/{case['kv_heads']}x"
         f"{case['head_dim']} {case['dtype']}"

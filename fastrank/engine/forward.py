@@ -25,7 +25,7 @@ def packed_forward(backbone, batch: PackedBatch, **kwargs) -> torch.Tensor:
     A backbone with CUDA graphs attached (``fastrank.engine.graphs.attach_graphs``) replays them for inference
     forwards on CUDA; the result is then a view of the graph's output, valid until the next forward."""
     runner = backbone.__dict__.get("_fastrank_graphs")
-    if runner is not None and not kwargs and runner.usable(batch):
+    if runner is not None and not kwargs:  # the runner runs eagerly what it cannot replay
         return runner(batch)
     return eager_packed_forward(backbone, batch, **kwargs)
 

@@ -26,7 +26,6 @@ checked against the unfused model are fused (``tests/test_fusion.py``); anything
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from typing import Dict, Optional
@@ -35,15 +34,17 @@ import torch
 import torch.nn.functional as F
 
 from fastrank.engine.attention import unwrap_model, warn_once
+from fastrank.utils import env_switch
 
-# model type -> the keyword arguments its attention forward passes the attention function beyond the common ones.
+# model type -> the keyword arguments its attention forward passes the attention function beyond the common ones,
+# read from the attention module (values fixed at construction).
 _ATTENTION_EXTRAS = {
-    "llama": (),
-    "gemma": (),
-    "qwen2": ("sliding_window",),
-    "qwen3": ("sliding_window",),
-    "mistral": ("config_sliding_window",),
-    "gemma2": ("sliding_window", "softcap"),
+    "llama": lambda m: {},
+    "gemma": lambda m: {},
+    "qwen2": lambda m: {"sliding_window": m.sliding_window},
+    "qwen3": lambda m: {"sliding_window": m.sliding_window},
+    "mistral": lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)},
+    "gemma2": lambda m: {"sliding_window": m.sliding_window, "softcap": m.attn_logit_softcapping},
 }
 FUSABLE_MODEL_TYPES = tuple(_ATTENTION_EXTRAS)
 
@@ -65,7 +66,7 @@ _MARK = "_fastrank_fused"
 
 def fusion_requested() -> bool:
     """Whether the loaders fuse (``FASTRANK_FUSE``, default on)."""
-    return os.environ.get("FASTRANK_FUSE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch("FASTRANK_FUSE")
 
 
 def fusion_unsupported_reason(model) -> Optional[str]:
@@ -124,14 +125,6 @@ def _attention_forward(
 
     eager = getattr(sys.modules.get(type(self).__module__), "eager_attention_forward", None)
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-    extras = {}
-    for name in self._fastrank_extras:
-        if name == "sliding_window":
-            extras["sliding_window"] = self.sliding_window
-        elif name == "config_sliding_window":
-            extras["sliding_window"] = getattr(self.config, "sliding_window", None)
-        elif name == "softcap":
-            extras["softcap"] = self.attn_logit_softcapping
     attn_output, attn_weights = attention_interface(
         self,
         query_states,
@@ -140,7 +133,7 @@ def _attention_forward(
         attention_mask,
         dropout=self.attention_dropout if self.training else 0.0,
         scaling=self.scaling,
-        **extras,
+        **self._fastrank_extras,
         **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -166,6 +159,10 @@ def _activation_of(act_fn) -> Optional[str]:
     return None
 
 
+def _no_counts() -> Dict[str, int]:
+    return {"rms_norm": 0, "gated_activation": 0, "rope": 0}
+
+
 def _set_forward(module, forward, **attributes) -> None:
     for name, value in attributes.items():
         setattr(module, name, value)
@@ -179,7 +176,7 @@ def fuse(model, warn: bool = True) -> Dict[str, int]:
     Returns the counts of modules given a fused forward: ``{"rms_norm": n, "gated_activation": n, "rope": n}``
     (all zero when the model type is not supported, with a warning naming why when ``warn``). Idempotent.
     """
-    counts = {"rms_norm": 0, "gated_activation": 0, "rope": 0}
+    counts = _no_counts()
     reason = fusion_unsupported_reason(model)
     if reason is not None:
         if warn:
@@ -214,7 +211,7 @@ def fuse(model, warn: bool = True) -> Dict[str, int]:
                 module,
                 _attention_forward,
                 _fastrank_qk_norm=hasattr(module, "q_norm") and hasattr(module, "k_norm"),
-                _fastrank_extras=_ATTENTION_EXTRAS[model_type],
+                _fastrank_extras=_ATTENTION_EXTRAS[model_type](module),
             )
             counts["rope"] += 1
     return counts
@@ -241,5 +238,5 @@ def maybe_fuse(model) -> Dict[str, int]:
     """What the loaders call: ``fuse`` unless ``FASTRANK_FUSE=0``; unsupported models stay as they are,
     silently (they already run the padded or unfused path by design)."""
     if not fusion_requested():
-        return {"rms_norm": 0, "gated_activation": 0, "rope": 0}
+        return _no_counts()
     return fuse(model, warn=False)

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from fastrank.common import next_power_of_2
 from fastrank.data.packing import PackedBatch, Segments
+from fastrank.utils import env_switch
 
 MIN_TOKEN_BUCKET = 256
 DEFAULT_MAX_GRAPHS = 16
@@ -41,11 +42,7 @@ DEFAULT_MAX_GRAPHS = 16
 
 def graphs_requested() -> bool:
     """Whether fastrank replays CUDA graphs for inference (``FASTRANK_CUDA_GRAPHS``, default on)."""
-    return os.environ.get("FASTRANK_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+    return env_switch("FASTRANK_CUDA_GRAPHS")
 
 
 def token_bucket(num_tokens: int) -> int:
@@ -54,7 +51,7 @@ def token_bucket(num_tokens: int) -> int:
     8 per doubling after)."""
     if num_tokens <= 0:
         raise ValueError(f"num_tokens: must be positive, got {num_tokens}")
-    step = max(MIN_TOKEN_BUCKET, _next_power_of_2(num_tokens) // 16)
+    step = max(MIN_TOKEN_BUCKET, next_power_of_2(num_tokens) // 16)
     return int(math.ceil(num_tokens / step) * step)
 
 
@@ -63,9 +60,9 @@ def bucket_key(batch: PackedBatch) -> Tuple[int, int, int, bool]:
     m = batch.num_tokens
     s = batch.segments.cu_seqlens.shape[0] - 1
     m_bucket = token_bucket(m)
-    longest = max(16, _next_power_of_2(batch.segments.max_seqlen))
+    longest = max(16, next_power_of_2(batch.segments.max_seqlen))
     filler = math.ceil((m_bucket - m) / longest)
-    s_bucket = max(8, _next_power_of_2(s + filler))
+    s_bucket = max(8, next_power_of_2(s + filler))
     return m_bucket, s_bucket, longest, batch.segments.prefix is not None
 
 
@@ -134,22 +131,23 @@ class CudaGraphRunner:
             and not torch.cuda.is_current_stream_capturing()
         )
 
-    def __call__(self, batch: PackedBatch, **kwargs) -> torch.Tensor:
+    def __call__(self, batch: PackedBatch) -> torch.Tensor:
         from fastrank.engine.forward import eager_packed_forward as packed_forward
 
-        if kwargs or not self.usable(batch):
-            return packed_forward(self.backbone, batch, **kwargs)
+        if not self.usable(batch):
+            return packed_forward(self.backbone, batch)
         key = bucket_key(batch)
         entry = self.graphs.get(key)
+        if entry is None and len(self.graphs) >= self.max_graphs:
+            return packed_forward(self.backbone, batch)
+        padded = bucket_batch(batch, key)
         if entry is None:
-            if len(self.graphs) >= self.max_graphs:
-                return packed_forward(self.backbone, batch)
-            entry = self._capture(key, bucket_batch(batch, key))
+            entry = self._capture(key, padded)
             if entry is None:
                 return packed_forward(self.backbone, batch)
         # The static tensors were made under inference mode (as fastrank's callers run): write them there too.
         with torch.inference_mode():
-            self._load(entry.batch, bucket_batch(batch, key))
+            self._load(entry.batch, padded)
             entry.graph.replay()
         self.replays += 1
         return entry.hidden[: batch.num_tokens]

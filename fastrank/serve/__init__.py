@@ -50,9 +50,6 @@ def serve(
 
     if reranker is None and embedder is None:
         raise ValueError("give a reranker, an embedder or both to serve")
-    if devices is not None and device is not None:
-        raise ValueError("device, devices: give one (devices starts one worker process per device)")
-    where = {"devices": list(devices)} if devices else {"device": device}
     layerwise = {
         name: value
         for name, value in (
@@ -70,11 +67,13 @@ def serve(
     try:
         if isinstance(reranker, str):
             kwargs.setdefault("reranker_name", reranker)
-            reranker = Reranker.from_pretrained(reranker, preset, dtype=dtype, **where, **layerwise)
+            reranker = Reranker.from_pretrained(
+                reranker, preset, dtype=dtype, device=device, devices=devices, **layerwise
+            )
             loaded.append(reranker)
         if isinstance(embedder, str):
             kwargs.setdefault("embedder_name", embedder)
-            embedder = Embedder.from_pretrained(embedder, dtype=dtype, **where)
+            embedder = Embedder.from_pretrained(embedder, dtype=dtype, device=device, devices=devices)
             loaded.append(embedder)
         if api_key is None:
             api_key = os.environ.get(API_KEY_ENV) or None
