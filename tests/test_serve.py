@@ -435,7 +435,7 @@ def test_a_client_that_disconnects_while_queued_costs_no_model_work(models):
         return score(pairs, **kwargs)
 
     reranker.score = slow_score
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP proto: asyncio sets NODELAY
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(build_app(reranker, max_wait_ms=0), log_level="warning"))

@@ -5,9 +5,12 @@ and 80th percentiles), peak memory from ``torch.cuda.max_memory_allocated`` abov
 before the call (inputs are not counted, outputs and everything transient are).
 
 CPU: wall-clock median over repeats, and peak resident memory above the level before the call, read
-from ``/proc/self/status`` (VmHWM, reset through ``/proc/self/clear_refs``). glibc is told to serve
-every allocation over 64 KiB with mmap so freed tensors leave the resident set at once and each call's
-peak is its own.
+from ``/proc/self/status`` (VmHWM, reset through ``/proc/self/clear_refs``). glibc's malloc thresholds are
+fixed, so every provider runs under the same allocator whatever ran before it: during the peak call every
+allocation over 64 KiB is served with mmap, so freed tensors leave the resident set at once and each call's peak
+is its own; during the timed calls the thresholds are those glibc reaches by itself in a long-running process
+(32 MiB), since a 64 KiB threshold makes every larger tensor a fresh mmap whose pages fault in zeroed, which cost
+as much as the model in the serve benchmark (11.5 against 18 requests/s).
 """
 
 from __future__ import annotations
@@ -223,19 +226,33 @@ def cuda_required(script: str) -> str:
 
 
 _MALLOC_SET = False
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# The peak call: allocations over 64 KiB mmapped, returned to the OS when freed.
+_PEAK_MMAP_THRESHOLD = 64 << 10
+# The timed calls: DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, where glibc's dynamic threshold ends once a process has
+# freed large blocks, with the trim threshold at twice it, as glibc's dynamic rule sets it.
+_TIMING_MMAP_THRESHOLD = 32 << 20
+
+
+def _set_malloc_thresholds(mmap_threshold: int) -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+    return ok and libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold) == 1
 
 
 def _prepare_cpu_memory_tracking() -> bool:
+    """Fix glibc's thresholds at their timing values (once); False where peak memory cannot be read."""
     global _MALLOC_SET
     if not sys.platform.startswith("linux"):
         return False
     if not _MALLOC_SET:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: fixed, so large frees are returned to the OS
-            _MALLOC_SET = True
-        except OSError:
+        if not _set_malloc_thresholds(_TIMING_MMAP_THRESHOLD):
             return False
+        _MALLOC_SET = True
     return True
 
 
@@ -260,10 +277,14 @@ def _cpu_peak(fn: Callable[[], object]) -> Optional[int]:
             f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
     except OSError:
         return None
-    before = _status_bytes("VmRSS")
-    out = fn()
-    peak = _status_bytes("VmHWM")
-    del out
+    _set_malloc_thresholds(_PEAK_MMAP_THRESHOLD)
+    try:
+        before = _status_bytes("VmRSS")
+        out = fn()
+        peak = _status_bytes("VmHWM")
+        del out
+    finally:
+        _set_malloc_thresholds(_TIMING_MMAP_THRESHOLD)
     return max(0, peak - before)
 
 
