@@ -21,6 +21,11 @@ def _seed_and_env(monkeypatch):
     torch.manual_seed(1234)
     monkeypatch.delenv("FASTRANK_BACKEND", raising=False)
     monkeypatch.delenv("FASTRANK_CHECKS", raising=False)
+    # fastrank warns some things once per process: each test starts with none warned yet, so a test that
+    # expects such a warning sees it whichever tests ran before it
+    from fastrank.engine import attention
+
+    attention._WARNED.clear()
     yield
 
 

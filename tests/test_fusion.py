@@ -37,7 +37,16 @@ def _expected_counts(model):
     config = model.config
     layers = config.num_hidden_layers
     norms_per_layer = {"gemma2": 4, "qwen3": 4}.get(config.model_type, 2)  # Qwen3: q_norm and k_norm too
-    return {"rms_norm": norms_per_layer * layers + 1, "gated_activation": layers, "rope": layers}
+    prenorm = config.model_type != "gemma2"  # Gemma 2 normalises before its residual adds
+    return {
+        "rms_norm": norms_per_layer * layers + 1,
+        "gated_activation": layers,
+        "rope": layers,
+        "residual_add": layers if prenorm else 0,
+    }
+
+
+NONE = {"rms_norm": 0, "gated_activation": 0, "rope": 0, "residual_add": 0}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -45,13 +54,14 @@ def test_every_decoder_module_is_fused_and_unfuse_restores_the_class_forward(arc
     model = _model(arch)
     counts = fuse(model)
     assert counts == _expected_counts(model) and fused(model)
-    assert fuse(model) == {"rms_norm": 0, "gated_activation": 0, "rope": 0}  # idempotent
+    assert fuse(model) == NONE  # idempotent
     layer = model.model.layers[0]
-    assert "forward" not in layer.__dict__  # decoder layers keep their class's (checkpointing) forward
+    assert ("forward" in layer.__dict__) == (arch != "gemma2")  # the residual add fused into the norm
     assert "forward" in layer.mlp.__dict__ and "forward" in layer.self_attn.__dict__
     assert type(layer.mlp).forward is not layer.mlp.forward
     unfuse(model)
     assert not fused(model) and "forward" not in layer.mlp.__dict__ and "forward" not in layer.input_layernorm.__dict__
+    assert "forward" not in layer.__dict__
     # Another instance of the same classes was never touched.
     assert not fused(_model(arch))
 
@@ -179,7 +189,7 @@ def test_unsupported_models_are_left_alone_with_a_reason():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         counts = fuse(model)
-    assert counts == {"rms_norm": 0, "gated_activation": 0, "rope": 0} and not fused(model)
+    assert counts == NONE and not fused(model)
     assert any("left unfused" in str(w.message) and "'bert'" in str(w.message) for w in caught)
     assert "bert" not in FUSABLE_MODEL_TYPES
 
@@ -212,3 +222,47 @@ def test_autocast_keeps_hf_type_promotion():
         fuse(model)
         got = model(**batch).logits
     assert torch.equal(got, want)
+
+
+def test_fused_layers_hand_checkpointed_training_and_hooked_norms_to_their_class_forward(monkeypatch):
+    """The layer's fused forward (the post-attention add inside the norm) runs in inference and plain training;
+    under gradient checkpointing in training, and when the norm has hooks, the class's forward runs instead (it
+    checkpoints, and calls the norm as a module)."""
+    import importlib
+
+    rms_norm_module = importlib.import_module("fastrank.ops.rms_norm")  # the attribute is the function
+    model = _model("qwen2")
+    fuse(model)
+    layers = model.config.num_hidden_layers
+    batch = _batch("qwen2", "right", torch.device("cpu"))
+    fused_adds = []
+    original = rms_norm_module.rms_norm
+
+    def spy(*args, residual=None, **kwargs):
+        if residual is not None:
+            fused_adds.append(1)
+        return original(*args, residual=residual, **kwargs)
+
+    monkeypatch.setattr(rms_norm_module, "rms_norm", spy)
+    with torch.no_grad():
+        want = model(**batch).logits
+    assert len(fused_adds) == layers  # inference: every layer's add fused
+    fused_adds.clear()
+    model.train()
+    model(**batch).logits.sum().backward()
+    assert len(fused_adds) == layers  # plain training too
+    fused_adds.clear()
+    enable_checkpointing(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    mlp_calls = []
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda *_: mlp_calls.append(1))
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        model(**batch).logits.sum().backward()
+    hook.remove()
+    assert fused_adds == [] and mlp_calls == [1, 1]  # the class's forward, checkpointed: recomputed once
+    model.eval()
+    norm_calls = []
+    hook = model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *_: norm_calls.append(1))
+    with torch.no_grad():
+        got = model(**batch).logits
+    hook.remove()
+    assert len(fused_adds) == layers - 1 and norm_calls == [1] and torch.equal(got, want)

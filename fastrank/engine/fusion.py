@@ -13,10 +13,15 @@ instance attribute; the class and every other model are untouched):
   own forward, with ``fastrank.ops.rope`` rotating q and k in one kernel instead of HF's four elementwise
   products and two concatenations.
 
-Decoder layers themselves are never given a forward: transformers 5 checkpoints a layer by wrapping its class's
-``forward``, so an instance ``forward`` on a layer would silently switch gradient checkpointing off. That is
-why the residual add is not fused into the norm that follows it here (``rms_norm(..., residual=)`` exists for a
-layer-level fusion; it would need the layer's forward).
+- pre-norm decoder layers (Llama, Qwen2, Qwen3, Mistral, Gemma): the residual add after attention fused into the
+  norm that follows it, ``rms_norm(h, residual=...)``, one pass over the hidden states instead of two. The add
+  after the MLP stays as it is: fusing it into the next layer's norm would need the model's forward.
+
+transformers 5 checkpoints a layer by wrapping its class's ``forward``, so the layer's fused forward hands every
+call made under gradient checkpointing in training to that class forward (which checkpoints, with the fused
+norms, MLP and attention inside it), and so it does when the norm carries hooks of its own (the fused layer
+would not call the norm as a module). Gemma 2's layers normalise before the add (``post_attention_layernorm``
+then ``residual +``), which this fusion does not cover; they keep their forward.
 
 Each op runs its Triton kernel on CUDA tensors and its PyTorch reference elsewhere, the reference being the HF
 formula itself, so a fused model on CPU computes what the unfused one does. Only classes whose numerics were
@@ -60,6 +65,14 @@ _ATTENTIONS = (
     "Gemma2Attention",
 )
 _MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP")
+# Layers of the pre-norm form: residual + attn(input_layernorm(x)), then residual + mlp(post_attention_layernorm(.))
+_PRENORM_LAYERS = (
+    "LlamaDecoderLayer",
+    "Qwen2DecoderLayer",
+    "Qwen3DecoderLayer",
+    "MistralDecoderLayer",
+    "GemmaDecoderLayer",
+)
 
 _MARK = "_fastrank_fused"
 
@@ -91,6 +104,30 @@ def _mlp_forward(self, x):
     from fastrank.ops.gated_activation import gated_activation
 
     return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), activation=self._fastrank_activation))
+
+
+def _layer_forward(self, hidden_states, *args, **kwargs):
+    norm = self.post_attention_layernorm
+    if args or (self.gradient_checkpointing and self.training) or norm._forward_hooks or norm._forward_pre_hooks:
+        # The class's forward: it checkpoints (transformers 5 wraps it), calls the norm as a module (its hooks
+        # run) and binds positional arguments its own way.
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    from fastrank.ops.rms_norm import rms_norm
+
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
+    if hidden_states.dtype == residual.dtype:
+        # HF: hidden_states = residual + hidden_states; post_attention_layernorm(hidden_states): the same two
+        # steps, the sum rounded to the hidden states' dtype before it is normalised, in one kernel on CUDA.
+        hidden_states, residual = rms_norm(
+            hidden_states, norm.weight, norm._fastrank_eps, residual=residual, unit_offset=norm._fastrank_unit_offset
+        )
+    else:  # autocast over fp32 weights: a bf16 attention output joins the fp32 stream, promoted as HF's add does
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
 
 
 def _attention_forward(
@@ -160,7 +197,7 @@ def _activation_of(act_fn) -> Optional[str]:
 
 
 def _no_counts() -> Dict[str, int]:
-    return {"rms_norm": 0, "gated_activation": 0, "rope": 0}
+    return {"rms_norm": 0, "gated_activation": 0, "rope": 0, "residual_add": 0}
 
 
 def _set_forward(module, forward, **attributes) -> None:
@@ -173,8 +210,9 @@ def _set_forward(module, forward, **attributes) -> None:
 def fuse(model, warn: bool = True) -> Dict[str, int]:
     """Fuse the elementwise work of ``model`` (this instance only; a PEFT wrapper's base model is used).
 
-    Returns the counts of modules given a fused forward: ``{"rms_norm": n, "gated_activation": n, "rope": n}``
-    (all zero when the model type is not supported, with a warning naming why when ``warn``). Idempotent.
+    Returns the counts of modules given a fused forward: ``{"rms_norm": n, "gated_activation": n, "rope": n,
+    "residual_add": n}`` (the last: decoder layers whose post-attention add is fused into their norm; all zero
+    when the model type is not supported, with a warning naming why when ``warn``). Idempotent.
     """
     counts = _no_counts()
     reason = fusion_unsupported_reason(model)
@@ -214,6 +252,16 @@ def fuse(model, warn: bool = True) -> Dict[str, int]:
                 _fastrank_extras=_ATTENTION_EXTRAS[model_type](module),
             )
             counts["rope"] += 1
+    # Layers last: their fused forward calls their post-attention norm's fused arithmetic directly.
+    for module in inner.modules():
+        if hasattr(module, _MARK) or type(module).__name__ not in _PRENORM_LAYERS:
+            continue
+        norm = getattr(module, "post_attention_layernorm", None)
+        parts = (getattr(module, name, None) for name in ("input_layernorm", "self_attn", "mlp"))
+        if norm is None or not hasattr(norm, "_fastrank_eps") or any(part is None for part in parts):
+            continue
+        _set_forward(module, _layer_forward)
+        counts["residual_add"] += 1
     return counts
 
 
