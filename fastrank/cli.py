@@ -770,7 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the FASTRANK_API_KEY environment variable; none: open)",
     )
     srv.add_argument("--max-batch-tokens", type=_positive, default=16384, help="tokens per model call (default 16384)")
-    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for more requests to batch (default 5)")
+    srv.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="once the model is free, wait this long for more requests to batch (default 0: run what queued while "
+        "it was busy at once)",
+    )
     srv.add_argument(
         "--max-queue-tokens",
         type=_positive,

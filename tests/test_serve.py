@@ -227,9 +227,11 @@ def test_concurrent_requests_get_their_own_results(models):
 
 def test_overload_is_503_with_retry_after_and_accepted_requests_are_answered(models):
     docs = ["a passage of some length about rivers"] * 3
-    with TestClient(build_app(models[0])) as c:  # the tokens of one request, to size the bound in requests
-        one = c.post("/v2/rerank", json={"query": f"{QUERY} 10", "documents": docs}).json()["meta"]["tokens"]
-    bound = 3 * one["input_tokens"] + 10  # three requests fit at once
+    # the tokens the model computes for one request (its query prefix once), to size the bound in requests
+    pairs = [(f"{QUERY} 10", d) for d in docs]
+    one = models[0].computed_tokens(pairs, models[0].tokenize(pairs))
+    assert one < sum(len(e.input_ids) for e in models[0].tokenize(pairs))  # the prefix is counted once
+    bound = 3 * one + 10  # three requests fit at once
     app = build_app(models[0], max_queue_tokens=bound, max_wait_ms=50)
     with TestClient(app) as c:
 
@@ -266,8 +268,8 @@ def test_cancelled_submission_is_dropped():
     async def main():
         with concurrent.futures.ThreadPoolExecutor(1) as ex:
             b = Batcher(run, executor=ex, max_wait_ms=30)
-            first = asyncio.ensure_future(b.submit([1, 2], [1, 1]))
-            gone = asyncio.ensure_future(b.submit([3], [1]))
+            first = asyncio.ensure_future(b.submit([1, 2], 2))
+            gone = asyncio.ensure_future(b.submit([3], 1))
             await asyncio.sleep(0.005)
             gone.cancel()
             assert await first == [2, 4]

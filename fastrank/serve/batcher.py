@@ -1,9 +1,11 @@
 """Cross-request batching: the work of concurrent requests merged into token-budget batches.
 
-Each request submits its items (pairs to score, texts to embed) with their token counts and the options they are
-computed with; one worker task per model collects submissions until ``max_batch_tokens`` or ``max_wait_ms``, runs
-them in a worker thread (one forward at a time per executor), and hands each request its own results in its own
-order. The queue is bounded by tokens: a submission that would overfill it raises ``Overloaded`` at once.
+Each request submits its items (pairs to score, texts to embed) with the tokens the model computes for them and the
+options they are computed with; one worker task per model takes the waiting submissions, up to ``max_batch_tokens``,
+whenever the model is free (after at most ``max_wait_ms`` more for company, 0 by default: the batch is what queued
+while the model was busy, so a lone request never waits), runs them in a worker thread (one forward at a time per
+executor), and hands each request its own results in its own order. The queue is bounded by tokens: a submission
+that would overfill it raises ``Overloaded`` at once.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Batcher:
         *,
         executor,
         max_batch_tokens: int = 16384,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         max_queue_tokens: int = 262144,
         batching: bool = True,
         on_batch: Optional[Callable[[int, int, float], None]] = None,
@@ -74,12 +76,13 @@ class Batcher:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._worker())
 
-    async def submit(self, items: list, tokens: Sequence[int], options: Hashable = None) -> list:
-        """The results of ``items`` (in order), computed in a batch with other requests' items.
+    async def submit(self, items: list, tokens: int, options: Hashable = None) -> list:
+        """The results of ``items`` (in order), computed in a batch with other requests' items; ``tokens``: what the
+        model computes for them, counted against ``max_batch_tokens`` and ``max_queue_tokens``.
 
         Raises ``Overloaded`` when the queue is full and ``TooLarge`` when ``items`` alone exceed the queue bound;
         cancelling the awaiting task drops the submission if its batch has not started."""
-        total = int(sum(tokens))
+        total = int(tokens)
         if total > self.max_queue_tokens:
             raise TooLarge(
                 f"the request has {total} tokens, more than the server's max_queue_tokens={self.max_queue_tokens}"
