@@ -445,3 +445,41 @@ def test_serve_benchmark_runs_each_server_in_its_own_process_and_stops_it():
     assert isinstance(peak, int) and peak >= 0
     serve._stop_all()
     assert all(p.poll() is not None for p in procs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc (Linux)")
+def test_serve_benchmark_servers_stop_when_the_benchmark_process_is_killed():
+    """A benchmark killed outright (no clean-up runs) leaves no server behind: each notices its parent is gone."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import subprocess
+    import time
+
+    script = (
+        "import time, torch\n"
+        "from fastrank.benchmarks import serve\n"
+        "case = serve.Case(mode='rank', clients=1, requests=1, items=3, min_words=2, max_words=4, layers=1, "
+        "hidden=64, dtype='float32')\n"
+        "fns = serve.providers(case, torch.device('cpu'))\n"
+        "print(' '.join(str(fns[n].server.proc.pid) for n in ('batching_off', 'fastrank')), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in bench.stdout.readline().split()]
+    finally:
+        bench.kill()
+        bench.wait()
+    assert len(pids) == 2
+
+    def running(pid):  # an exited process nobody has reaped yet is a zombie ("Z"): not running
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(running(p) for p in pids)

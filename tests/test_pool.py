@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -243,3 +244,36 @@ def test_large_shape_on_gpu(backend):
     got = fastrank.pool(hidden, mask, mode="mean", normalize=True)
     want = torch.nn.functional.normalize((hidden.double() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
     assert (got.double() - want).abs().max() < 1e-5 * math.sqrt(t)
+
+
+def test_cpu_training_of_padded_mean_runs_under_autograd_and_keeps_nan_padding_out(monkeypatch):
+    """On CPU, fp32 padded mean pooling with a gradient runs the batched matmul under torch's autograd (not the
+    Function); padding holding NaN sends the call to the exact Function path, so it still never reaches the
+    result or the gradient; an empty row still raises naming attention_mask, and is NaN with checks off."""
+    pool_module = importlib.import_module("fastrank.ops.pool")
+    applied = []
+    apply = pool_module.PoolFunction.apply
+    monkeypatch.setattr(pool_module.PoolFunction, "apply", lambda *a: applied.append(1) or apply(*a))
+    lengths, t, h = [5, 3, 7], 7, 33
+    hidden, mask, _ = make_batch(lengths, t, h, "left", torch.float32, torch.device("cpu"), seed=4)
+    g = torch.randn(len(lengths), h)
+    grads = []
+    for fill in (0.0, float("nan")):
+        x = hidden.detach().clone()
+        x[mask == 0] = fill
+        x.requires_grad_(True)
+        out = fastrank.pool(x, mask, mode="mean", normalize=True)
+        (out * g).sum().backward()
+        grads.append((out.detach(), x.grad))
+        assert torch.isfinite(out).all() and torch.count_nonzero(x.grad[mask == 0]) == 0
+    assert applied == [1]  # the NaN-padded call only
+    assert_close(grads[1][0], grads[0][0], atol=1e-6, rtol=1e-6, what="pooled, exact path vs autograd path")
+    assert_close(grads[1][1], grads[0][1], atol=1e-6, rtol=1e-6, what="gradient, exact path vs autograd path")
+    empty = mask.clone()
+    empty[1] = 0
+    x = hidden.detach().clone().requires_grad_(True)
+    with pytest.raises(ValueError, match=r"^attention_mask: sequence\(s\) \[1\] have no real token"):
+        fastrank.pool(x, empty, mode="mean")
+    monkeypatch.setenv("FASTRANK_CHECKS", "0")
+    out = fastrank.pool(x, empty, mode="mean")
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()

@@ -37,6 +37,8 @@ from fastrank.utils import first_line
 # allocations; the CUDA caching allocator rounds to 512 bytes. A ratio against a smaller peak is
 # reported as a lower bound against the floor.
 MEMORY_FLOOR = {"cpu": 1 << 20, "cuda": 512}
+# Timed calls per provider on CPU at most (they stop once min_seconds passed).
+CPU_MAX_CALLS = 2000
 
 
 @dataclass
@@ -342,7 +344,8 @@ def measure(
 ) -> Measurement:
     """Run ``fn`` (which must do all the work of one call, backward included) and measure it.
 
-    On CPU it runs at least 3 and at most ``repeats`` timed calls, stopping once ``min_seconds`` passed.
+    On CPU it runs timed calls for ``min_seconds`` (at least 3 calls, at most ``CPU_MAX_CALLS``): a call of a
+    millisecond is timed a thousand times, since on a shared machine a handful of such calls is mostly noise.
     ``end_to_end``: ``fn`` is a whole job (seconds long, host work included): one warm-up, one run for the
     peak (through ``fn.peak_bytes()`` when ``fn`` has it: its memory is another process's), then ``repeats``
     wall-clock runs; no CUDA-graph timing.
@@ -369,7 +372,7 @@ def measure(
         peak = peak_bytes(fn, device)
         times = []
         budget = time.perf_counter() + min_seconds
-        while len(times) < repeats and (len(times) < 3 or time.perf_counter() < budget):
+        while len(times) < 3 or (len(times) < CPU_MAX_CALLS and time.perf_counter() < budget):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import os
 import queue
 import signal
 import socket
@@ -186,6 +187,14 @@ def _worker(spec: str) -> None:
 
     from fastrank.serve import build_app
 
+    parent = os.getppid()
+
+    def orphaned():  # the benchmark process died without stopping this server (killed): stop with it
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     spec = json.loads(spec)
     case, device = Case(**spec["case"]), torch.device(spec["device"])
     model = _model(case, device)

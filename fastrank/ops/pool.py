@@ -7,6 +7,7 @@ Function shared by both paths and the public function. The Triton kernels and th
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -114,12 +115,21 @@ def raise_on_pool_status(status: torch.Tensor, config, cu_seqlens) -> None:
 # ------------------------------------------------------------------------------------------------
 # reference
 # ------------------------------------------------------------------------------------------------
-def pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config: PoolConfig):
+def pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config: PoolConfig, with_status: bool = True):
     """The rows each sequence pools, and its status, on the reference path, for hidden states of ``shape``.
 
     Returns ``(sel, status)``: ``sel`` is ``[N, T]`` (padded) or ``[N, M]`` (packed) bool, True on the rows
-    the mode selects; ``status`` ``[N]`` int32 holds ``fastrank.common``'s pool codes (0 = fine).
+    the mode selects; ``status`` ``[N]`` int32 holds ``fastrank.common``'s pool codes (0 = fine), or is None
+    when ``with_status=False`` (the backward, which needs the rows only).
     """
+    if cu_seqlens is None and config.mode == "mean":  # the common case, in few ops
+        if attention_mask is None:
+            sel = torch.ones(shape[:2], dtype=torch.bool, device=device)
+        else:
+            sel = attention_mask != 0
+        if not with_status:
+            return sel, None
+        return sel, torch.where(sel.any(1), 0, POOL_EMPTY).to(torch.int32)
     if cu_seqlens is not None:
         cu = cu_seqlens.long()
         total, n = shape[0], cu.shape[0] - 1
@@ -149,6 +159,8 @@ def pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config: P
         sel = real & (steps[None, :] > last - k) & (steps[None, :] <= last)
     else:
         sel = real & torch.isin(tokens, torch.tensor(config.token_ids, device=device))
+    if not with_status:
+        return sel, None
     count = sel.sum(1)
     status = torch.where(count == 0, POOL_EMPTY, 0)
     if config.mode == "special" and config.last_k:
@@ -190,7 +202,17 @@ def pool_forward_reference(hidden, attention_mask, input_ids, cu_seqlens, config
     # Only the selected rows are added, in sequence order, so whatever padding holds (even NaN) never reaches
     # the result, as in the kernel, which does not read it at all.
     flat = _flat_rows(hidden, packed)
-    if config.mode == "mean" and hidden.dtype == acc and flat is not None:
+    summed = None
+    if config.mode == "mean" and hidden.dtype == acc and not packed and can_sync(hidden):
+        # CPU, padded: each sequence's 0/1 row weights times its rows, one batched matmul (multithreaded, one
+        # read of the hidden states). 0 x NaN is NaN, so a non-finite sum may come from padding: those batches
+        # take the exact path below instead, and a finite sum proves every weighted row finite (0 x x = 0).
+        summed = torch.bmm(sel.to(acc)[:, None, :], hidden).squeeze(1)
+        if not bool(torch.isfinite(summed).all()):
+            summed = None
+    if summed is not None:
+        pass
+    elif config.mode == "mean" and hidden.dtype == acc and flat is not None:
         # Most rows are pooled: one index_add over all of them, each into its sequence's sum or, for a row
         # no sequence pools, into a scratch row N (read, never used). No copy of the selected rows.
         summed = torch.zeros(n + 1, width, dtype=acc, device=hidden.device)
@@ -222,12 +244,37 @@ def pool_backward_reference(
     if config.normalize:
         # d(x / |x|) = (g - y (y . g)) / |x|, with torch's clamp of |x| at 1e-12.
         grad = (grad - out * (out * grad).sum(1, keepdim=True)) / norm.clamp_min(NORM_EPS)[:, None]
-    sel, _ = pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config)
+    sel, _ = pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config, with_status=False)
     per_row = grad / count[:, None]
     # Each row of the result is its sequence's row of `table`, or the zero row N: written once, no zero fill
     # then scatter.
     table = torch.cat([per_row.to(dtype), per_row.new_zeros((1, per_row.shape[1]), dtype=dtype)])
     return table.index_select(0, _destinations(sel, cu_seqlens is not None)).view(shape)
+
+
+def _mean_under_autograd(hidden, attention_mask, cu_seqlens, config: PoolConfig):
+    """CPU training of padded fp32 mean pooling: the reference forward's batched matmul, differentiated by torch's
+    autograd (its backward is one batched outer product, where the Function's runs a dozen small ops for this
+    small work). Returns ``(out, status)``, or None where the Function must run: another mode, dtype or layout,
+    or a non-finite sum (padding may hold NaN, which only the exact path keeps out). The value checks are made
+    here, on the counts, so ``status`` is None."""
+    if cu_seqlens is not None or config.mode != "mean" or hidden.dtype != torch.float32 or not can_sync(hidden):
+        return None
+    n, t = hidden.shape[0], hidden.shape[1]
+    if attention_mask is None:
+        weights = hidden.new_ones(n, 1, t)
+    else:
+        weights = (attention_mask != 0).to(hidden.dtype)[:, None, :]
+    summed = torch.bmm(weights, hidden).squeeze(1)
+    if not math.isfinite(summed.sum().item()):  # a NaN or inf anywhere (an overflowing sum too: exact path)
+        return None
+    count = weights.sum(2)
+    if checks_enabled() and bool((count == 0).any()):
+        raise_on_pool_status(torch.where(count[:, 0] == 0, POOL_EMPTY, 0).to(torch.int32), config, None)
+    pooled = summed / count
+    if config.normalize:
+        pooled = pooled / torch.linalg.vector_norm(pooled, dim=-1).clamp_min(NORM_EPS)[:, None]
+    return pooled, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,7 +358,13 @@ def pool(
     config, hidden, attention_mask, input_ids, cu_seqlens = check_pool_inputs(
         hidden, attention_mask, mode, normalize, token_ids, input_ids, last_k, cu_seqlens
     )
-    out, status = PoolFunction.apply(hidden, attention_mask, input_ids, cu_seqlens, config, select_backend(hidden))
+    backend = select_backend(hidden)
+    plain = None
+    if backend == "torch" and hidden.requires_grad and torch.is_grad_enabled():
+        plain = _mean_under_autograd(hidden, attention_mask, cu_seqlens, config)
+    if plain is not None:
+        return plain[0]
+    out, status = PoolFunction.apply(hidden, attention_mask, input_ids, cu_seqlens, config, backend)
     if checks_enabled() and can_sync(hidden):
         raise_on_pool_status(status, config, cu_seqlens)
     return out
