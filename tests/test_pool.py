@@ -247,7 +247,7 @@ def test_large_shape_on_gpu(backend):
 
 
 def test_cpu_training_of_padded_mean_runs_under_autograd_and_keeps_nan_padding_out(monkeypatch):
-    """On CPU, fp32 padded mean pooling with a gradient runs the batched matmul under torch's autograd (not the
+    """On CPU, fp32 padded mean pooling runs the batched matmul (under torch's autograd with a gradient; not the
     Function); padding holding NaN sends the call to the exact Function path, so it still never reaches the
     result or the gradient; an empty row still raises naming attention_mask, and is NaN with checks off."""
     pool_module = importlib.import_module("fastrank.ops.pool")

@@ -202,17 +202,7 @@ def pool_forward_reference(hidden, attention_mask, input_ids, cu_seqlens, config
     # Only the selected rows are added, in sequence order, so whatever padding holds (even NaN) never reaches
     # the result, as in the kernel, which does not read it at all.
     flat = _flat_rows(hidden, packed)
-    summed = None
-    if config.mode == "mean" and hidden.dtype == acc and not packed and can_sync(hidden):
-        # CPU, padded: each sequence's 0/1 row weights times its rows, one batched matmul (multithreaded, one
-        # read of the hidden states). 0 x NaN is NaN, so a non-finite sum may come from padding: those batches
-        # take the exact path below instead, and a finite sum proves every weighted row finite (0 x x = 0).
-        summed = torch.bmm(sel.to(acc)[:, None, :], hidden).squeeze(1)
-        if not bool(torch.isfinite(summed).all()):
-            summed = None
-    if summed is not None:
-        pass
-    elif config.mode == "mean" and hidden.dtype == acc and flat is not None:
+    if config.mode == "mean" and hidden.dtype == acc and flat is not None:
         # Most rows are pooled: one index_add over all of them, each into its sequence's sum or, for a row
         # no sequence pools, into a scratch row N (read, never used). No copy of the selected rows.
         summed = torch.zeros(n + 1, width, dtype=acc, device=hidden.device)
@@ -252,12 +242,13 @@ def pool_backward_reference(
     return table.index_select(0, _destinations(sel, cu_seqlens is not None)).view(shape)
 
 
-def _mean_under_autograd(hidden, attention_mask, cu_seqlens, config: PoolConfig):
-    """CPU training of padded fp32 mean pooling: the reference forward's batched matmul, differentiated by torch's
-    autograd (its backward is one batched outer product, where the Function's runs a dozen small ops for this
-    small work). Returns ``(out, status)``, or None where the Function must run: another mode, dtype or layout,
-    or a non-finite sum (padding may hold NaN, which only the exact path keeps out). The value checks are made
-    here, on the counts, so ``status`` is None."""
+def _padded_mean_on_cpu(hidden, attention_mask, cu_seqlens, config: PoolConfig):
+    """Padded fp32 mean pooling on CPU in few ops: each sequence's 0/1 row weights times its rows, one batched
+    matmul (multithreaded, one read of the hidden states), differentiated by torch's autograd in training (one
+    batched outer product, where the Function's backward runs a dozen small ops for this small work). 0 x NaN is
+    NaN, so a non-finite sum may come from padding: then None, and the exact Function path runs (it never reads
+    padding); a finite sum proves every weighted row finite, where 0 x x = 0. Also None for another mode, dtype
+    or layout, or off CPU. The value checks are made here, on the counts, so ``status`` is None."""
     if cu_seqlens is not None or config.mode != "mean" or hidden.dtype != torch.float32 or not can_sync(hidden):
         return None
     n, t = hidden.shape[0], hidden.shape[1]
@@ -359,9 +350,7 @@ def pool(
         hidden, attention_mask, mode, normalize, token_ids, input_ids, last_k, cu_seqlens
     )
     backend = select_backend(hidden)
-    plain = None
-    if backend == "torch" and hidden.requires_grad and torch.is_grad_enabled():
-        plain = _mean_under_autograd(hidden, attention_mask, cu_seqlens, config)
+    plain = _padded_mean_on_cpu(hidden, attention_mask, cu_seqlens, config) if backend == "torch" else None
     if plain is not None:
         return plain[0]
     out, status = PoolFunction.apply(hidden, attention_mask, input_ids, cu_seqlens, config, backend)
