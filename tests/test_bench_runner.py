@@ -95,10 +95,10 @@ def test_unavailable_baselines_get_a_row_with_the_reason_and_the_rest_are_measur
     for name, reason in reasons.items():
         assert sum(name in line and f"not run: {reason}" in line for line in table) == 1
     assert any("torch_ok" in line and "ms," in line for line in table)  # ratios and fastrank's time
-    # progress: every provider by name before it runs, then with its seconds
+    # progress: the providers timed in turns named before they run, then each with its time per call
+    assert "  timing torch_ok, fastrank in turns ..." in lines
     for name in ("torch_ok", "fastrank"):
-        assert f"  {name} ..." in lines
-        assert any(line.startswith(f"  {name}: ") and line.endswith(" s") for line in lines)
+        assert any(line.startswith(f"  {name}: ") and line.endswith(" ms per call") for line in lines)
     assert any(line.startswith("  moved: not run: ") for line in lines)
 
     path = tmp_path / "results.json"
@@ -483,3 +483,29 @@ def test_serve_benchmark_servers_stop_when_the_benchmark_process_is_killed():
     while any(running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(running(p) for p in pids)
+
+
+def test_cpu_providers_are_timed_in_turns():
+    """measure_cpu alternates the providers in short turns (a drift of the machine's speed falls on both), each
+    timed for its min_seconds, after one warm-up and one peak-memory call each."""
+    import time
+
+    from fastrank.benchmarks.harness import measure_cpu
+
+    order = []
+
+    def provider(name, seconds):
+        def call():
+            order.append(name)
+            time.sleep(seconds)
+
+        return call
+
+    out = measure_cpu({"a": provider("a", 0.001), "b": provider("b", 0.002)}, min_seconds=0.05, block_seconds=0.005)
+    assert [m.provider for m in out] == ["a", "b"]
+    assert order[:4] == ["a", "a", "b", "b"]  # warm-up and peak call of each
+    timed = order[4:]
+    switches = sum(x != y for x, y in zip(timed, timed[1:]))
+    assert switches >= 6, timed  # turns, not one provider after the other
+    for m, name in zip(out, "ab"):  # each timed for at least min_seconds
+        assert m.time_ms > 0 and timed.count(name) * m.time_ms >= 0.5 * 50, (name, m.time_ms, timed.count(name))

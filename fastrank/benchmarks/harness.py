@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -332,6 +332,44 @@ def _time_end_to_end(fn: Callable[[], object], device: torch.device, repeats: in
     return statistics.median(times), times[0], times[-1]
 
 
+def measure_cpu(
+    fns: Dict[str, Callable[[], object]], *, warmup: int = 1, min_seconds: float = 1.0, block_seconds: float = 0.05
+) -> List[Measurement]:
+    """The providers of one case on CPU: each one's warm-up and peak-memory call, then timed calls in turns of
+    about ``block_seconds`` per provider, until each has been timed for ``min_seconds`` (at least 3 calls, at
+    most ``CPU_MAX_CALLS``). Taking turns puts a drift of the machine's speed (other load, clock) on every
+    provider alike, where timing one provider after the other put it on whichever ran during it; a call of a
+    millisecond is timed a thousand times, since on a shared machine a handful of such calls is mostly noise."""
+    cpu = torch.device("cpu")
+    _prepare_cpu_memory_tracking()  # before the first allocation we measure, see the module docstring
+    peaks = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        peaks[name] = peak_bytes(fn, cpu)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    pending = list(fns)
+    while pending:
+        for name in list(pending):
+            fn, own = fns[name], times[name]
+            turn_ends = time.perf_counter() + block_seconds
+            while True:
+                t0 = time.perf_counter()
+                fn()
+                t1 = time.perf_counter()
+                own.append((t1 - t0) * 1e3)
+                if t1 >= turn_ends or len(own) >= CPU_MAX_CALLS:
+                    break
+            if len(own) >= CPU_MAX_CALLS or (len(own) >= 3 and sum(own) >= min_seconds * 1e3):
+                pending.remove(name)
+    out = []
+    for name, own in times.items():
+        own.sort()
+        q = statistics.quantiles(own, n=5) if len(own) >= 5 else [own[0], own[-1]]
+        out.append(Measurement(name, statistics.median(own), q[0], q[-1], peaks[name]))
+    return out
+
+
 def measure(
     provider: str,
     fn: Callable[[], object],
@@ -344,8 +382,7 @@ def measure(
 ) -> Measurement:
     """Run ``fn`` (which must do all the work of one call, backward included) and measure it.
 
-    On CPU it runs timed calls for ``min_seconds`` (at least 3 calls, at most ``CPU_MAX_CALLS``): a call of a
-    millisecond is timed a thousand times, since on a shared machine a handful of such calls is mostly noise.
+    On CPU it is ``measure_cpu`` of this one provider.
     ``end_to_end``: ``fn`` is a whole job (seconds long, host work included): one warm-up, one run for the
     peak (through ``fn.peak_bytes()`` when ``fn`` has it: its memory is another process's), then ``repeats``
     wall-clock runs; no CUDA-graph timing.
@@ -366,19 +403,7 @@ def measure(
             peak = peak_bytes(fn, device)
             p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
             return Measurement(provider, p50, p20, p80, peak, graph_time_ms=_graph_time(fn))
-        _prepare_cpu_memory_tracking()  # before the first allocation we measure, see the module docstring
-        for _ in range(warmup):
-            fn()
-        peak = peak_bytes(fn, device)
-        times = []
-        budget = time.perf_counter() + min_seconds
-        while len(times) < 3 or (len(times) < CPU_MAX_CALLS and time.perf_counter() < budget):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0], times[-1]]
-        return Measurement(provider, statistics.median(times), q[0], q[-1], peak)
+        return measure_cpu({provider: fn}, warmup=warmup, min_seconds=min_seconds)[0]
     except torch.cuda.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -37,6 +37,7 @@ from fastrank.benchmarks.harness import (
     format_bytes,
     gpu_bf16_peak_flops,
     measure,
+    measure_cpu,
     ratio,
     throughput,
 )
@@ -107,9 +108,16 @@ def run(
                 say(f"  {name}: not run: {reason}")
             e2e = benchmark.end_to_end.get(device.type)
             measured = []
-            for name, fn in fns.items():
-                if name in unavailable:
-                    continue
+            runnable = {name: fn for name, fn in fns.items() if name not in unavailable}
+            if device.type == "cpu" and not e2e:  # timed in turns, see measure_cpu
+                say(f"  timing {', '.join(runnable)} in turns ...")
+                start = time.perf_counter()
+                measured = measure_cpu(runnable)
+                for m in measured:
+                    say(f"  {m.provider}: {m.time_ms:.3f} ms per call")
+                say(f"  timed in {time.perf_counter() - start:.1f} s")
+                runnable = {}
+            for name, fn in runnable.items():
                 say(f"  {name} ...")
                 start = time.perf_counter()
                 measured.append(measure(name, fn, device, end_to_end=True, **e2e) if e2e else measure(name, fn, device))
