@@ -280,6 +280,42 @@ def test_cancelled_submission_is_dropped():
     assert calls == [[1, 2]]
 
 
+def test_by_default_a_lone_request_runs_at_once_and_the_queue_joins_the_next_batch():
+    """max_wait_ms=0 (the default): the first submission starts while the model is idle, with no wait for
+    company; the ones that arrive while it runs go together in the next call, up to the token budget."""
+    import asyncio
+    import threading
+
+    from fastrank.serve.batcher import Batcher
+
+    calls = []
+    release = threading.Event()
+
+    def run(items, options):
+        calls.append(list(items))
+        if len(calls) == 1:
+            assert release.wait(10)  # holds the model until the others are queued
+        return [x * 2 for x in items]
+
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            b = Batcher(run, executor=ex, max_batch_tokens=4)
+            first = asyncio.ensure_future(b.submit([1], 1))
+            for _ in range(200):  # started without waiting for company
+                if calls:
+                    break
+                await asyncio.sleep(0.005)
+            assert calls == [[1]]
+            rest = [asyncio.ensure_future(b.submit([x], 2)) for x in (2, 3, 4)]
+            await asyncio.sleep(0.01)
+            release.set()
+            assert await first == [2] and [await r for r in rest] == [[4], [6], [8]]
+            await b.close()
+
+    asyncio.run(main())
+    assert calls == [[1], [2, 3], [4]]  # two of 2 tokens fill the budget of 4; the third goes next
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
