@@ -249,7 +249,9 @@ def _padded_mean_on_cpu(hidden, attention_mask, cu_seqlens, config: PoolConfig):
     NaN, so a non-finite sum may come from padding: then None, and the exact Function path runs (it never reads
     padding); a finite sum proves every weighted row finite, where 0 x x = 0. Also None for another mode, dtype
     or layout, or off CPU. The value checks are made here, on the counts, so ``status`` is None."""
-    if cu_seqlens is not None or config.mode != "mean" or hidden.dtype != torch.float32 or not can_sync(hidden):
+    if cu_seqlens is not None or config.mode != "mean" or hidden.dtype != torch.float32:
+        return None
+    if hidden.device.type != "cpu" or not can_sync(hidden):  # the finiteness test reads the sum back
         return None
     n, t = hidden.shape[0], hidden.shape[1]
     if attention_mask is None:
