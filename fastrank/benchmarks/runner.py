@@ -107,7 +107,6 @@ def run(
             for name, reason in unavailable.items():
                 say(f"  {name}: not run: {reason}")
             e2e = benchmark.end_to_end.get(device.type)
-            measured = []
             runnable = {name: fn for name, fn in fns.items() if name not in unavailable}
             if device.type == "cpu" and not e2e:  # timed in turns, see measure_cpu
                 say(f"  timing {', '.join(runnable)} in turns ...")
@@ -116,14 +115,18 @@ def run(
                 for m in measured:
                     say(f"  {m.provider}: {m.time_ms:.3f} ms per call")
                 say(f"  timed in {time.perf_counter() - start:.1f} s")
-                runnable = {}
-            for name, fn in runnable.items():
-                say(f"  {name} ...")
-                start = time.perf_counter()
-                measured.append(measure(name, fn, device, end_to_end=True, **e2e) if e2e else measure(name, fn, device))
-                if e2e and callable(getattr(fn, "stats", None)):  # numbers of its own over the timed calls
-                    measured[-1].extra.update(fn.stats(e2e["repeats"]))
-                say(f"  {name}: {time.perf_counter() - start:.1f} s")
+            else:
+                measured = []
+                for name, fn in runnable.items():
+                    say(f"  {name} ...")
+                    start = time.perf_counter()
+                    if e2e:
+                        measured.append(measure(name, fn, device, end_to_end=True, **e2e))
+                    else:
+                        measured.append(measure(name, fn, device))
+                    if e2e and callable(getattr(fn, "stats", None)):  # numbers of its own over the timed calls
+                        measured[-1].extra.update(fn.stats(e2e["repeats"]))
+                    say(f"  {name}: {time.perf_counter() - start:.1f} s")
             if benchmark.items_per_call is not None:
                 for m in measured:
                     if m.time_ms:
