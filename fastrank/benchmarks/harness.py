@@ -258,12 +258,28 @@ def _prepare_cpu_memory_tracking() -> bool:
     return True
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+def status_bytes(key: str, pid="self") -> Optional[int]:
+    """A memory figure of process ``pid`` (``VmRSS``, ``VmHWM``) from ``/proc/<pid>/status``, in bytes; None
+    where /proc cannot tell (not Linux, the process gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss(pid="self") -> bool:
+    """Reset process ``pid``'s resident-set high-water mark (VmHWM) to its current resident set (Linux >= 4.0);
+    False where that is not possible."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _cpu_peak(fn: Callable[[], object]) -> Optional[int]:
@@ -274,20 +290,17 @@ def _cpu_peak(fn: Callable[[], object]) -> Optional[int]:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
+    if not reset_peak_rss():
         return None
     _set_malloc_thresholds(_PEAK_MMAP_THRESHOLD)
     try:
-        before = _status_bytes("VmRSS")
+        before = status_bytes("VmRSS")
         out = fn()
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
         del out
     finally:
         _set_malloc_thresholds(_TIMING_MMAP_THRESHOLD)
-    return max(0, peak - before)
+    return None if peak is None or before is None else max(0, peak - before)
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:

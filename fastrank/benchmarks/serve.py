@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import fastrank
-from fastrank.benchmarks.harness import require_input
+from fastrank.benchmarks.harness import require_input, reset_peak_rss, status_bytes
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_rankings
 
@@ -143,32 +143,16 @@ class _Server:
                     f"the benchmark's server at {self.url} did not come up: {''.join(self.stderr)[-2000:]}"
                 )
             time.sleep(0.05)
-        self.idle_rss = self._status_bytes("VmRSS")  # loaded, nothing served yet
-
-    def _status_bytes(self, key: str) -> Optional[int]:
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+        self.idle_rss = status_bytes("VmRSS", self.proc.pid)  # loaded, nothing served yet
 
     def peak_bytes(self, fn: Callable[[], object]) -> Optional[int]:
         """The server's resident-set high-water mark during ``fn()`` above its loaded, idle resident set (None
         where /proc cannot tell: not Linux)."""
-        if self.idle_rss is None:
-            fn()
-            return None
-        try:
-            with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
-                f.write("5")  # reset the high-water mark to the current resident set
-        except OSError:
+        if self.idle_rss is None or not reset_peak_rss(self.proc.pid):
             fn()
             return None
         fn()
-        peak = self._status_bytes("VmHWM")
+        peak = status_bytes("VmHWM", self.proc.pid)
         return None if peak is None else max(0, peak - self.idle_rss)
 
     def stop(self):
