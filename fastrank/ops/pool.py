@@ -253,17 +253,15 @@ def _padded_mean_on_cpu(hidden, attention_mask, cu_seqlens, config: PoolConfig):
         return None
     if hidden.device.type != "cpu" or not can_sync(hidden):  # the finiteness test reads the sum back
         return None
-    n, t = hidden.shape[0], hidden.shape[1]
-    if attention_mask is None:
-        weights = hidden.new_ones(n, 1, t)
-    else:
-        weights = (attention_mask != 0).to(hidden.dtype)[:, None, :]
+    sel, _ = pool_weights(hidden.shape, hidden.device, attention_mask, None, None, config, with_status=False)
+    weights = sel.to(hidden.dtype)[:, None, :]
     summed = torch.bmm(weights, hidden).squeeze(1)
     if not math.isfinite(summed.sum().item()):  # a NaN or inf anywhere (an overflowing sum too: exact path)
         return None
     count = weights.sum(2)
-    if checks_enabled() and bool((count == 0).any()):
-        raise_on_pool_status(torch.where(count[:, 0] == 0, POOL_EMPTY, 0).to(torch.int32), config, None)
+    if checks_enabled() and bool((count == 0).any()):  # the statuses only on the way to the error
+        _, status = pool_weights(hidden.shape, hidden.device, attention_mask, None, None, config)
+        raise_on_pool_status(status, config, None)
     pooled = summed / count
     if config.normalize:
         pooled = pooled / torch.linalg.vector_norm(pooled, dim=-1).clamp_min(NORM_EPS)[:, None]
