@@ -129,6 +129,17 @@ def _row_logsumexp(s: torch.Tensor, rows: int = 32) -> torch.Tensor:
     return torch.cat([torch.logsumexp(part, dim=1) for part in s.split(rows)])
 
 
+def _walk_outputs(q, p, acc, stats, need_q: bool, need_p: bool):
+    """What a reference walk fills: ``stats`` (zeros ``[B, 4]`` for the forward, or the given ones), ``dq``
+    ``[B, D]`` (every row written) and ``dp`` ``[P, D]`` (accumulated into), in ``acc``; None where not asked."""
+    b, d, n = q.shape[0], q.shape[1], p.shape[0]
+    if stats is None:
+        stats = torch.zeros((b, 4), dtype=acc, device=q.device)
+    dq = torch.empty((b, d), dtype=acc, device=q.device) if need_q else None
+    dp = torch.zeros((n, d), dtype=acc, device=p.device) if need_p else None
+    return stats, dq, dp
+
+
 def _contrastive_walk(q, p, targets, teacher, config: ContrastiveConfig, stats, row_grad, need_q: bool, need_p: bool):
     """The reference, one chunk of query rows at a time, in one ``[rows, P]`` buffer reused by every chunk.
 
@@ -139,12 +150,9 @@ def _contrastive_walk(q, p, targets, teacher, config: ContrastiveConfig, stats, 
     """
     acc = accumulate_dtype(q.dtype)
     p_acc = p.to(acc)
-    b, d, n, g = q.shape[0], q.shape[1], p.shape[0], config.group_size
+    b, n, g = q.shape[0], p.shape[0], config.group_size
     forward = stats is None
-    if forward:
-        stats = torch.zeros((b, 4), dtype=acc, device=q.device)
-    dq = torch.empty((b, d), dtype=acc, device=q.device) if need_q else None
-    dp = torch.zeros((n, d), dtype=acc, device=p.device) if need_p else None
+    stats, dq, dp = _walk_outputs(q, p, acc, stats, need_q, need_p)
     step = _contrastive_chunk_rows(n)
     buffer = torch.empty((min(step, b), n), dtype=acc, device=q.device)
     for r0 in range(0, b, step):
@@ -187,12 +195,9 @@ def _contrastive_walk_own_group(
     ``[rows, G]`` scores of the group are computed (the group's passages gathered, ``[rows, G, D]``), never
     ``[rows, P]``."""
     acc = accumulate_dtype(q.dtype)
-    b, d, n, g = q.shape[0], q.shape[1], p.shape[0], config.group_size
+    b, d, g = q.shape[0], q.shape[1], config.group_size
     forward = stats is None
-    if forward:
-        stats = torch.zeros((b, 4), dtype=acc, device=q.device)
-    dq = torch.empty((b, d), dtype=acc, device=q.device) if need_q else None
-    dp = torch.zeros((n, d), dtype=acc, device=p.device) if need_p else None
+    stats, dq, dp = _walk_outputs(q, p, acc, stats, need_q, need_p)
     step = _own_group_chunk_rows(g, d)
     for r0 in range(0, b, step):
         r1 = min(b, r0 + step)
