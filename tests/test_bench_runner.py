@@ -390,9 +390,10 @@ def test_gpu_slug_names_result_files(monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc (Linux)")
-def test_cpu_peak_is_each_calls_own_after_timed_calls_cached_memory():
+def test_cpu_peak_is_each_calls_own_after_timed_calls_cached_memory(monkeypatch):
     """The peak call sees a call's own allocation even after timed calls (under glibc's large timing threshold)
-    left the same block cached in the heap; and the timing threshold is back after it."""
+    left the same block cached in the heap; the peak call alone runs under the 64 KiB threshold, and the timing
+    threshold is back after it, also when the call raises."""
     from fastrank.benchmarks import harness
 
     size = 8 << 20  # 8 MiB: under the 32 MiB timing threshold, so timed calls keep it in the heap
@@ -406,19 +407,26 @@ def test_cpu_peak_is_each_calls_own_after_timed_calls_cached_memory():
             fn()  # timed calls: the block stays cached in malloc's heap
         peak = harness.peak_bytes(fn, CPU)
         assert size <= peak < size + (2 << 20), peak
-    # after it, timed calls reuse heap pages: writing a fresh 1 MiB tensor ten times faults in few new pages (a
-    # block's worth where the heap had been trimmed), where the peak call's 64 KiB mmap threshold would fault in all
-    # 256 pages each time, 2,560 in all
-    import resource
+    # Which threshold is in force when, read from the calls that set them (the page faults of a long test
+    # session's process say too little: glibc serves a large block from its heap top whatever the threshold).
+    real = harness._set_malloc_thresholds
+    thresholds = []
 
-    def faults():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    def recording(value):
+        thresholds.append(value)
+        return real(value)
 
-    torch.ones(1 << 18)
-    before = faults()
-    for _ in range(10):
-        torch.ones(1 << 18)
-    assert faults() - before < 3 * 256, faults() - before
+    monkeypatch.setattr(harness, "_set_malloc_thresholds", recording)
+    during = []
+    harness.peak_bytes(lambda: during.append(thresholds[-1]), CPU)
+    assert during == [harness._PEAK_MMAP_THRESHOLD] and thresholds[-1] == harness._TIMING_MMAP_THRESHOLD
+
+    def failing():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        harness.peak_bytes(failing, CPU)
+    assert thresholds[-1] == harness._TIMING_MMAP_THRESHOLD
 
 
 def test_serve_benchmark_runs_each_server_in_its_own_process_and_stops_it():
