@@ -14,12 +14,14 @@ from fastrank.engine.attention import (
     unwrap_model,
     warn_once,
 )
+from fastrank.engine.compile import compile_layers, uncompile_layers
 from fastrank.engine.forward import packed_forward
 
 __all__ = [
     "ATTENTION_NAME",
     "SUPPORTED_MODEL_TYPES",
     "attention_dropout",
+    "compile_layers",
     "disable_packing",
     "enable_packing",
     "packed_call",
@@ -28,6 +30,7 @@ __all__ = [
     "packing_unsupported_reason",
     "register",
     "sliding_window",
+    "uncompile_layers",
     "unwrap_model",
     "warn_once",
 ]

@@ -8,6 +8,7 @@ import torch
 
 from fastrank.data.batching import pad_token_id_of
 from fastrank.engine import enable_packing
+from fastrank.engine.compile import maybe_compile
 from fastrank.engine.graphs import attach_graphs
 from fastrank.inference.batches import (
     DEFAULT_BATCH_SIZE,
@@ -44,6 +45,7 @@ class Embedder:
         self.packed = bool(packed) and enable_packing(encoder.model)
         if self.packed:
             attach_graphs(encoder.backbone)  # CUDA graphs per token bucket on CUDA (FASTRANK_CUDA_GRAPHS=0: off)
+        maybe_compile(encoder.model)  # the layers through torch.compile when FASTRANK_COMPILE asks (off by default)
 
     @classmethod
     def from_pretrained(

@@ -11,6 +11,7 @@ import torch
 from fastrank.data.batching import pad_token_id_of
 from fastrank.data.templates import shared_prefix_lengths
 from fastrank.engine import enable_packing
+from fastrank.engine.compile import maybe_compile
 from fastrank.engine.graphs import attach_graphs
 from fastrank.inference.batches import (
     DEFAULT_BATCH_SIZE,
@@ -101,6 +102,7 @@ class Reranker:
         if self.packed and not self.is_cross_encoder:
             # Inference batches on CUDA replay CUDA graphs per token bucket (FASTRANK_CUDA_GRAPHS=0: off).
             attach_graphs(self.scorer.backbone)
+        maybe_compile(model)  # the layers through torch.compile when FASTRANK_COMPILE asks (off by default)
 
     @classmethod
     def from_pretrained(

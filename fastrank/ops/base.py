@@ -10,7 +10,7 @@ contract: the same inputs, outputs, saved tensors and gradient rules.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -23,6 +23,25 @@ class Implementation(NamedTuple):
 
     forward: Callable
     backward: Callable
+
+
+def compiling() -> bool:
+    """Whether torch.compile (Dynamo) is tracing the caller. The ops then take their Triton path through
+    custom ops (``torch.library``): Dynamo cannot trace a Triton launcher, and a custom op with a fake (shape
+    only) version is one opaque node of the compiled graph, around which Inductor fuses the rest. Eager calls
+    skip the custom op's dispatch, which costs microseconds they do not need."""
+    return torch.compiler.is_compiling()
+
+
+def present(*tensors: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors that are not None, as a custom op returns them (its schema has no optional outputs)."""
+    return [t for t in tensors if t is not None]
+
+
+def restore(outputs: Sequence[torch.Tensor], *flags: bool) -> tuple:
+    """``present``'s inverse: one entry per flag, the next output where the flag is set, else None."""
+    it = iter(outputs)
+    return tuple(next(it) if flag else None for flag in flags)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -10,12 +10,12 @@ are in ``fastrank.kernels.gated_activation``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastrank.ops.base import FLOAT_DTYPES, Implementation, dtype_name, require_tensor
+from fastrank.ops.base import FLOAT_DTYPES, Implementation, compiling, dtype_name, require_tensor
 from fastrank.utils import select_backend
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -110,10 +110,50 @@ def gated_activation_backward_reference(grad_out, gate, up, act, config: GatedAc
 
 
 # ------------------------------------------------------------------------------------------------
+# the Triton path as custom ops, for torch.compile (see fastrank.ops.base.compiling)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastrank::gated_activation_forward", mutates_args=())
+def _forward_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    from fastrank.kernels import gated_activation as kernel
+
+    out, _ = kernel.gated_activation_forward(gate, up, GatedActivationConfig(activation=activation))
+    return out
+
+
+@_forward_op.register_fake
+def _(gate, up, activation):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("fastrank::gated_activation_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> List[torch.Tensor]:
+    from fastrank.kernels import gated_activation as kernel
+
+    config = GatedActivationConfig(activation=activation)
+    return list(kernel.gated_activation_backward(grad_out, gate, up, None, config))
+
+
+@_backward_op.register_fake
+def _(grad_out, gate, up, activation):
+    return [gate.new_empty(gate.shape), up.new_empty(up.shape)]
+
+
+def _forward_compiled(gate, up, config: GatedActivationConfig, needs_grad: bool = False):
+    return _forward_op(gate, up, config.activation), None
+
+
+def _backward_compiled(grad_out, gate, up, act, config: GatedActivationConfig):
+    d_gate, d_up = _backward_op(grad_out, gate, up, config.activation)
+    return d_gate, d_up
+
+
+# ------------------------------------------------------------------------------------------------
 # autograd and the public function
 # ------------------------------------------------------------------------------------------------
 def _implementation(backend: str) -> Implementation:
     if backend == "triton":
+        if compiling():
+            return Implementation(_forward_compiled, _backward_compiled)
         from fastrank.kernels import gated_activation as kernel
 
         return Implementation(kernel.gated_activation_forward, kernel.gated_activation_backward)

@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 from fastrank.common import accumulate_dtype
-from fastrank.ops.base import FLOAT_DTYPES, Implementation, dtype_name, require_tensor, same_device
+from fastrank.ops.base import (
+    FLOAT_DTYPES,
+    Implementation,
+    compiling,
+    dtype_name,
+    present,
+    require_tensor,
+    restore,
+    same_device,
+)
 from fastrank.utils import select_backend
 
 
@@ -119,10 +128,70 @@ def rms_norm_backward_reference(grad_out, grad_s, xs, weight, rstd, config: RMSN
 
 
 # ------------------------------------------------------------------------------------------------
+# the Triton path as custom ops, for torch.compile (see fastrank.ops.base.compiling)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastrank::rms_norm_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    eps: float,
+    unit_offset: bool,
+    needs_grad: bool,
+) -> List[torch.Tensor]:
+    from fastrank.kernels import rms_norm as kernel
+
+    config = RMSNormConfig(eps=eps, unit_offset=unit_offset, has_residual=residual is not None)
+    return present(*kernel.rms_norm_forward(x, weight, residual, config, needs_grad))
+
+
+@_forward_op.register_fake
+def _(x, weight, residual, eps, unit_offset, needs_grad):
+    out_dtype = x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)
+    out = x.new_empty(x.shape, dtype=out_dtype)
+    s = x.new_empty(x.shape) if residual is not None else None
+    rstd = x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32) if needs_grad else None
+    return present(out, s, rstd)
+
+
+@torch.library.custom_op("fastrank::rms_norm_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    grad_s: Optional[torch.Tensor],
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    unit_offset: bool,
+    needs_weight_grad: bool,
+) -> List[torch.Tensor]:
+    from fastrank.kernels import rms_norm as kernel
+
+    config = RMSNormConfig(eps=0.0, unit_offset=unit_offset, has_residual=grad_s is not None)
+    return present(*kernel.rms_norm_backward(grad_out, grad_s, xs, weight, rstd, config, needs_weight_grad))
+
+
+@_backward_op.register_fake
+def _(grad_out, grad_s, xs, weight, rstd, unit_offset, needs_weight_grad):
+    return present(xs.new_empty(xs.shape), weight.new_empty(weight.shape) if needs_weight_grad else None)
+
+
+def _forward_compiled(x, weight, residual, config: RMSNormConfig, needs_grad: bool):
+    outputs = _forward_op(x, weight, residual, config.eps, config.unit_offset, needs_grad)
+    return restore(outputs, True, residual is not None, needs_grad)
+
+
+def _backward_compiled(grad_out, grad_s, xs, weight, rstd, config: RMSNormConfig, needs_weight_grad: bool):
+    outputs = _backward_op(grad_out, grad_s, xs, weight, rstd, config.unit_offset, needs_weight_grad)
+    return restore(outputs, True, needs_weight_grad)
+
+
+# ------------------------------------------------------------------------------------------------
 # autograd and the public function
 # ------------------------------------------------------------------------------------------------
 def _implementation(backend: str) -> Implementation:
     if backend == "triton":
+        if compiling():
+            return Implementation(_forward_compiled, _backward_compiled)
         from fastrank.kernels import rms_norm as kernel
 
         return Implementation(kernel.rms_norm_forward, kernel.rms_norm_backward)

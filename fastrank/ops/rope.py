@@ -15,12 +15,12 @@ GPU; the Triton interpreter truncates bf16 casts, see ``fastrank.kernels.rope``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastrank.ops.base import Implementation, dtype_name, require_tensor, same_device
+from fastrank.ops.base import Implementation, compiling, dtype_name, require_tensor, same_device
 from fastrank.utils import select_backend
 
 ROPE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -88,7 +88,7 @@ def check_rope_inputs(q, k, cos, sin, inplace) -> Tuple[RopeConfig, torch.Tensor
         for name, x in (("q", q), ("k", k)):
             if any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
                 raise ValueError(f"{name}: inplace=True needs a tensor with memory of its own, not an expanded view")
-        if q.numel() and q.data_ptr() == k.data_ptr():
+        if q.numel() and not compiling() and q.data_ptr() == k.data_ptr():  # (Dynamo cannot compare pointers)
             raise ValueError("k: is the same tensor as q; inplace=True would rotate it twice")
     return RopeConfig(inplace=inplace), tables[0], tables[1]
 
@@ -172,9 +172,88 @@ def rope_backward_reference(grad_q, grad_k, cos, sin, config: RopeConfig):
 
 
 # ------------------------------------------------------------------------------------------------
+# the Triton path as custom ops, for torch.compile (see fastrank.ops.base.compiling)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastrank::rope_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> List[torch.Tensor]:
+    from fastrank.kernels import rope as kernel
+
+    return list(kernel.rope_forward(q, k, cos, sin, RopeConfig(inplace=False)))
+
+
+@_forward_op.register_fake
+def _(q, k, cos, sin):
+    return [_out_like(q), _out_like(k)]
+
+
+@torch.library.custom_op("fastrank::rope_inplace", mutates_args=("q", "k"))
+def _inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    from fastrank.kernels import rope as kernel
+
+    kernel.rope_forward(q, k, cos, sin, RopeConfig(inplace=True))
+
+
+@_inplace_op.register_fake
+def _(q, k, cos, sin):
+    return None
+
+
+@torch.library.custom_op("fastrank::rope_backward", mutates_args=())
+def _backward_op(
+    grad_q: torch.Tensor, grad_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> List[torch.Tensor]:
+    from fastrank.kernels import rope as kernel
+
+    return list(kernel.rope_backward(grad_q, grad_k, cos, sin, RopeConfig()))
+
+
+@_backward_op.register_fake
+def _(grad_q, grad_k, cos, sin):
+    return [_out_like(grad_q), _out_like(grad_k)]
+
+
+def _forward_compiled(q, k, cos, sin, config: RopeConfig):
+    if config.inplace:
+        _inplace_op(q, k, cos, sin)
+        return q, k
+    q_out, k_out = _forward_op(q, k, cos, sin)
+    return q_out, k_out
+
+
+def _backward_compiled(grad_q, grad_k, cos, sin, config: RopeConfig):
+    dq, dk = _backward_op(grad_q, grad_k, cos, sin)
+    return dq, dk
+
+
+# ------------------------------------------------------------------------------------------------
 # autograd and the public function
 # ------------------------------------------------------------------------------------------------
+def _rotate_traced(x, tables):
+    """``_rotate_into``'s result as plain tensor ops, for Dynamo to trace (it refuses ``out=`` into a strided
+    view): the same products and sum, each rounded to x's dtype, for Inductor to fuse."""
+    cos, sa, sb = tables
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:] * sa, x[..., :half] * sb), dim=-1)
+
+
+def _forward_traced(q, k, cos, sin, config: RopeConfig):
+    tables = _tables(cos, sin, backward=False)
+    q_out, k_out = _rotate_traced(q, tables), _rotate_traced(k, tables)
+    if config.inplace:
+        return q.copy_(q_out), k.copy_(k_out)
+    return q_out, k_out
+
+
+def _backward_traced(grad_q, grad_k, cos, sin, config: RopeConfig):
+    tables = _tables(cos, sin, backward=True)
+    return _rotate_traced(grad_q, tables), _rotate_traced(grad_k, tables)
+
+
 def _implementation(backend: str) -> Implementation:
+    if compiling():
+        if backend == "triton":
+            return Implementation(_forward_compiled, _backward_compiled)
+        return Implementation(_forward_traced, _backward_traced)
     if backend == "triton":
         from fastrank.kernels import rope as kernel
 
@@ -245,6 +324,10 @@ def rope(
     """
     config, cos, sin = check_rope_inputs(q, k, cos, sin, inplace)
     backend = select_backend(q)
+    if compiling() and config.inplace:
+        # Under torch.compile the graph records the in-place op itself (functionalised, with the version
+        # counters torch keeps); mark_dirty is the eager Function's way to the same.
+        return _implementation(backend).forward(q, k, cos, sin, config)
     if not config.inplace and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         # Nothing to differentiate (inference): the same forward without the autograd Function's bookkeeping,
         # a few percent of a small call on CPU. In place goes through the Function, which bumps q's and k's

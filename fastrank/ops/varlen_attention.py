@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -19,9 +19,12 @@ from fastrank.common import VarlenAttentionConfig, accumulate_dtype
 from fastrank.ops.base import (
     FLOAT_DTYPES,
     Implementation,
+    compiling,
     dtype_name,
     integer_tensor,
+    present,
     require_tensor,
+    restore,
     same_device,
     saved_tensor_hooks_active,
 )
@@ -358,12 +361,102 @@ def varlen_attention_backward_reference(grad_out, q, k, v, cu_seqlens, prefix, o
 ATTENTION_BACKEND_VARIABLE = "FASTRANK_ATTENTION_BACKEND"
 
 
-def _implementation(backend: str) -> Implementation:
+# ------------------------------------------------------------------------------------------------
+# both paths as custom ops, for torch.compile (see fastrank.ops.base.compiling)
+# ------------------------------------------------------------------------------------------------
+# The reference is one too: it plans its buckets from cu_seqlens read back to the host, which a traced graph
+# cannot do, so under torch.compile it runs as one opaque node, without keeping its autograd graph (backward
+# recomputes it, as under activation checkpointing).
+@torch.library.custom_op("fastrank::varlen_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    prefix: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    softcap: Optional[float],
+    max_seqlen: int,
+    backend: str,
+) -> List[torch.Tensor]:
+    """``[out]`` on the reference path, ``[out, lse]`` on the Triton path."""
+    config = VarlenAttentionConfig(causal=causal, scale=scale, softcap=softcap, max_seqlen=max_seqlen)
+    out, lse = _eager_implementation(backend).forward(q, k, v, cu_seqlens, prefix, config)
+    return present(out, lse)
+
+
+@_forward_op.register_fake
+def _(q, k, v, cu_seqlens, prefix, causal, scale, softcap, max_seqlen, backend):
+    m, hq, _ = q.shape
+    lse = q.new_empty((hq, m), dtype=torch.float32) if backend == "triton" else None
+    return present(q.new_empty(q.shape), lse)
+
+
+@torch.library.custom_op("fastrank::varlen_attention_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    prefix: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    softcap: Optional[float],
+    max_seqlen: int,
+    backend: str,
+) -> List[torch.Tensor]:
+    config = VarlenAttentionConfig(causal=causal, scale=scale, softcap=softcap, max_seqlen=max_seqlen)
+    if backend == "triton":
+        backward = _eager_implementation(backend).backward
+        return list(backward(grad_out, q, k, v, cu_seqlens, prefix, out, lse, config))
+    # A custom op runs below autograd, where the ReferenceGraph's autograd.grad records nothing; torch.func's
+    # vjp brings its own: the same backward formulas (sdpa's, index_select's), with k and v in the accumulate
+    # dtype as ReferenceGraph has them.
+    acc = accumulate_dtype(k.dtype)
+
+    def attend(qq, kk, vv):
+        return _reference_attention(qq, kk.to(k.dtype), vv.to(v.dtype), cu_seqlens, prefix, config)
+
+    _, vjp = torch.func.vjp(attend, q, k.to(acc), v.to(acc))
+    dq, dk, dv = vjp(grad_out.to(q.dtype))
+    return [dq, dk.to(k.dtype), dv.to(v.dtype)]
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, cu_seqlens, prefix, out, lse, causal, scale, softcap, max_seqlen, backend):
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
+
+
+def _compiled_implementation(backend: str) -> Implementation:
+    def forward(q, k, v, cu_seqlens, prefix, config: VarlenAttentionConfig, needs_grad: bool = False):
+        c = config
+        outputs = _forward_op(q, k, v, cu_seqlens, prefix, c.causal, c.scale, c.softcap, c.max_seqlen, backend)
+        return restore(outputs, True, backend == "triton")
+
+    def backward(grad_out, q, k, v, cu_seqlens, prefix, out, lse, config: VarlenAttentionConfig):
+        c = config
+        dq, dk, dv = _backward_op(
+            grad_out, q, k, v, cu_seqlens, prefix, out, lse, c.causal, c.scale, c.softcap, c.max_seqlen, backend
+        )
+        return dq, dk, dv
+
+    return Implementation(forward, backward)
+
+
+def _eager_implementation(backend: str) -> Implementation:
     if backend == "triton":
         from fastrank.kernels import varlen_attention as kernel
 
         return Implementation(kernel.varlen_attention_forward, kernel.varlen_attention_backward)
     return Implementation(varlen_attention_forward_reference, varlen_attention_backward_reference)
+
+
+def _implementation(backend: str) -> Implementation:
+    return _compiled_implementation(backend) if compiling() else _eager_implementation(backend)
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
@@ -381,7 +474,10 @@ class VarlenAttentionFunction(torch.autograd.Function):
         impl = _implementation(backend)
         # Under activation checkpointing (saved-tensor hooks active) nothing beyond the saved tensors may be
         # kept: the reference recomputes in backward instead of holding its graph.
-        keep = any(ctx.needs_input_grad[:3]) and not saved_tensor_hooks_active()
+        # (The Triton path keeps only its log-sum-exp and the custom ops nothing, whatever `keep` says.)
+        keep = any(ctx.needs_input_grad[:3])
+        if backend == "torch" and not compiling():
+            keep = keep and not saved_tensor_hooks_active()
         out, state = impl.forward(q, k, v, cu_seqlens, prefix, config, needs_grad=keep)
         ctx.config = config
         ctx.backward_impl = impl.backward
@@ -465,7 +561,7 @@ def varlen_attention(
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     config = VarlenAttentionConfig(causal=causal, scale=scale, softcap=softcap, max_seqlen=max_seqlen)
     backend = "torch" if q.dtype == torch.float64 else select_backend(q, ATTENTION_BACKEND_VARIABLE)
-    if backend == "torch":
+    if backend == "torch" and not compiling():
         # The reference is made of differentiable torch ops, so it runs under torch's own autograd (sdpa's backward,
         # index_select's): the numbers of VarlenAttentionFunction's torch path, whose ReferenceGraph keeps this same
         # graph, without the Function's and a nested autograd.grad's cost per call (a large part of a small call).
