@@ -22,7 +22,8 @@ def cmd_bench(args) -> int:
         except ValueError as e:
             raise ValueError(f"--plot {e}") from None
     if args.from_json:
-        given = [flag for flag, value in (("--op", args.op), ("--full", args.full), ("--json", args.json)) if value]
+        flags = (("--op", args.op), ("--provider", args.provider), ("--full", args.full), ("--json", args.json))
+        given = [flag for flag, value in flags if value]
         if given:
             raise ValueError(f"--from-json shows saved results; {', '.join(given)} only apply to a new run: drop them")
         try:
@@ -34,7 +35,7 @@ def cmd_bench(args) -> int:
 
         device = resolve_device(args.device)
         log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-        all_results = [run(args.op or list(OPS), device, full=args.full, log=log)]
+        all_results = [run(args.op or list(OPS), device, full=args.full, log=log, providers=args.provider)]
     print("\n\n".join(format_table(results) for results in all_results))
     if args.json:
         write_json(all_results[0], args.json)
@@ -554,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
         "`fastrank bench --from-json bench/results/*-h100.json --plot h100.png`.",
     )
     bench.add_argument("--op", action="append", help="benchmark only this op (repeatable); default: all")
+    bench.add_argument(
+        "--provider",
+        action="append",
+        help="measure only this provider (repeatable; fastrank itself always runs, every ratio is against it), "
+        "e.g. --op rerank --provider fastrank_compiled; default: all",
+    )
     bench.add_argument("--full", action="store_true", help="run the full sweep of shapes instead of the quick set")
     bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     bench.add_argument(

@@ -106,6 +106,26 @@ def test_unavailable_baselines_get_a_row_with_the_reason_and_the_rest_are_measur
     assert runner.read_json(str(path))["cases"][0]["unavailable"] == reasons
 
 
+def test_provider_selection_measures_those_and_fastrank(monkeypatch):
+    built = []
+
+    def providers():
+        built.append(1)
+        return {"a": _double(), "b": _double(), "fastrank": _double()}
+
+    _fake_op(monkeypatch, providers, names=("a", "b", "fastrank"))
+    results = runner.run(["fake"], CPU, providers=["b"])
+    entry = results["cases"][0]
+    assert [m["provider"] for m in entry["measurements"]] == ["b", "fastrank"] and list(entry["ratios"]) == ["b"]
+    with pytest.raises(ValueError, match=r"^--provider c, d: not a provider of fake; choose from a, b, fastrank$"):
+        runner.run(["fake"], CPU, providers=["d", "c", "a"])
+    with pytest.raises(ValueError, match=r"^--op 'nope' is not a benchmark"):
+        runner.run(["fake", "nope"], CPU, providers=["a"])
+    assert len(built) == 1  # refused before any case is set up
+    with pytest.raises(ValueError, match="--provider b: not a provider of pool; choose from"):
+        main(["--traceback", "bench", "--op", "pool", "--provider", "b"])
+
+
 def test_errors_in_fastrank_code_surface(monkeypatch):
     def bad_build(json_module):
         return fastrank.pool(torch.ones(2, 3, 4), torch.ones(2, 3), mode="no_such_mode")
@@ -327,6 +347,10 @@ def test_bench_from_json_prints_the_table_and_plots(tmp_path, capsys):
         (
             ["--from-json", "r.json", "--op", "pool", "--full"],
             "--from-json shows saved results; --op, --full only apply",
+        ),
+        (
+            ["--from-json", "r.json", "--provider", "fastrank"],
+            "--from-json shows saved results; --provider only apply",
         ),
         (["--from-json", "missing.json"], "--from-json missing.json: no such file"),
         (["--from-json", "other.json"], "--from-json other.json: not the output of `fastrank bench --json`"),

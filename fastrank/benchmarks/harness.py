@@ -139,17 +139,24 @@ def reference_baseline(
 
 
 def attention_switched(
-    model, fn: Callable[[], object], packed: bool, fused: Optional[bool] = None, graphs: bool = True
+    model,
+    fn: Callable[[], object],
+    packed: bool,
+    fused: Optional[bool] = None,
+    graphs: bool = True,
+    compiled: bool = False,
 ) -> Callable[[], object]:
     """``fn`` run with ``model`` set up as a provider needs it, for providers that share one model instance:
     ``packed=True`` switches fastrank's engine on (``fastrank.engine.enable_packing``; packed batches need it),
     ``packed=False`` gives the model back its own attention (sdpa), so that plain-transformers baselines and
     fastrank's padded path run the model as it was loaded. ``fused=True`` / ``False`` switches the decoder's
     fused elementwise ops (``fastrank.engine.fusion``) on / off (baselines run the model as HF wrote it;
-    None leaves it as it is); ``graphs=False`` hides the backbone's CUDA graphs from ``fn``. The switches
-    cost something only on a provider's first call (the harness's warm-up or peak-memory call), never on the
-    timed ones."""
+    None leaves it as it is); ``graphs=False`` hides the backbone's CUDA graphs from ``fn``; ``compiled=True``
+    runs the model's layers through torch.compile (``fastrank.engine.compile``, Inductor), ``False`` eagerly.
+    The switches cost something only on a provider's first call (the harness's warm-up or peak-memory call),
+    never on the timed ones."""
     from fastrank.engine import disable_packing, enable_packing
+    from fastrank.engine.compile import compile_layers, uncompile_layers
     from fastrank.engine.fusion import fuse, unfuse
 
     def call():
@@ -162,6 +169,10 @@ def attention_switched(
             fuse(model, warn=False)
         elif fused is False:
             unfuse(model)
+        if compiled:
+            compile_layers(model)
+        else:
+            uncompile_layers(model)
         if graphs:
             return fn()
         holders = [m for m in model.modules() if "_fastrank_graphs" in m.__dict__]

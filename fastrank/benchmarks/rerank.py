@@ -16,7 +16,11 @@ provider tokenises, batches, runs the model and returns one score per pair in in
   activation as HF computes them and no CUDA graphs (fastrank before issue 15), to measure what those give;
 - ``fastrank``: ``fastrank.Reranker.score`` (packed, the default): each batch one stream of real tokens, no
   padding (every pair has its own query here, so no prefix is shared: packing alone), the decoder's
-  elementwise work through fastrank's fused ops, and on CUDA the forward replayed as CUDA graphs.
+  elementwise work through fastrank's fused ops, and on CUDA the forward replayed as CUDA graphs;
+- ``fastrank_compiled`` / ``fastrank_fused_compiled`` (CUDA only): the compiler's route to the same fusion,
+  ``fastrank`` with its layers through ``torch.compile`` (Inductor; ``fastrank.engine.compile``): HF's own layer
+  forward, whose elementwise kernels Inductor generates, or fastrank's fused one, its ops as custom ops.
+  Compilation happens in the warm-up call, out of the timed ones.
 
 The plain-transformers and padded providers run the model with its own sdpa attention, the packed ones with
 fastrank's engine switched on; the plain-transformers ones run HF's own modules, fastrank's the fused ones
@@ -37,7 +41,7 @@ from typing import Callable, Dict
 import torch
 
 import fastrank
-from fastrank.benchmarks.harness import attention_switched, decoder_flops, reference_baseline
+from fastrank.benchmarks.harness import Unavailable, attention_switched, decoder_flops, reference_baseline
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate, pad_token_id_of
@@ -159,7 +163,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     fns = {name: attention_switched(model, fn, packed=False, fused=False) for name, fn in fns.items()}
     fns["flagembedding"] = reference_baseline("FlagEmbedding", lambda flag: _flagembedding(flag, case, device, pairs))
 
-    def ours(reranker, fused=True, graphs=True):
+    def ours(reranker, fused=True, graphs=True, compiled=False):
         def score():
             with warnings.catch_warnings():  # the truncation notice; every provider truncates the same pairs
                 warnings.simplefilter("ignore", UserWarning)
@@ -171,12 +175,21 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
                     show_progress=False,
                 )
 
-        return attention_switched(model, score, packed=reranker.packed, fused=fused, graphs=graphs)
+        return attention_switched(model, score, packed=reranker.packed, fused=fused, graphs=graphs, compiled=compiled)
 
     fns["fastrank_padded"] = ours(fastrank.Reranker(model, tokenizer, PRESET, packed=False))
     # The packed engine as it was before the decoder's elementwise fusion and CUDA graphs: their gain.
     fns["fastrank_unfused"] = ours(fastrank.Reranker(model, tokenizer, PRESET), fused=False, graphs=False)
     fns["fastrank"] = ours(fastrank.Reranker(model, tokenizer, PRESET))
+    # The compiler's route to the same fusion (vLLM's): the layers through torch.compile with fastrank's ops as
+    # custom ops, HF's own layer (Inductor generates its elementwise kernels) or fastrank's fused one.
+    for name, fused in (("fastrank_compiled", False), ("fastrank_fused_compiled", True)):
+        if device.type != "cuda":
+            fns[name] = Unavailable(
+                "torch.compile is compared on GPU only (Inductor's CPU code is not the choice at stake)"
+            )
+        else:
+            fns[name] = ours(fastrank.Reranker(model, tokenizer, PRESET), fused=fused, compiled=True)
     return fns
 
 
@@ -208,6 +221,8 @@ BENCHMARK = Benchmark(
         "flagembedding",
         "fastrank_padded",
         "fastrank_unfused",
+        "fastrank_compiled",
+        "fastrank_fused_compiled",
         "fastrank",
     ),
     table_label=lambda case: (

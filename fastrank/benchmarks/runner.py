@@ -67,10 +67,33 @@ OPS: Dict[str, Benchmark] = {
 }
 
 
+def check_providers(ops: Iterable[str], providers: Optional[Iterable[str]]) -> Optional[set]:
+    """``providers`` as a set, each checked to name a provider of at least one of ``ops`` (benchmark names; a
+    ValueError naming the valid providers otherwise); None (every provider) stays None. ``fastrank`` is always
+    measured: every ratio is against it."""
+    if providers is None:
+        return None
+    ops = list(ops)
+    known = [name for op in ops for name in OPS[op].provider_names]
+    chosen = set(providers)
+    unknown = sorted(chosen.difference(known))
+    if unknown:
+        raise ValueError(
+            f"--provider {', '.join(unknown)}: not a provider of {', '.join(ops)}; choose from "
+            f"{', '.join(dict.fromkeys(known))}"
+        )
+    return chosen | {"fastrank"}
+
+
 def run(
-    ops: Iterable[str], device: torch.device, *, full: bool = False, log: Optional[Callable[[str], None]] = None
+    ops: Iterable[str],
+    device: torch.device,
+    *,
+    full: bool = False,
+    log: Optional[Callable[[str], None]] = None,
+    providers: Optional[Iterable[str]] = None,
 ) -> dict:
-    """Measure every provider of every case.
+    """Measure every provider of every case (only those named in ``providers``, and ``fastrank``, when given).
 
     ``log`` receives progress lines: one per case, one per provider as it starts and one with its elapsed
     seconds when it is done, and one per baseline that could not be built, with the reason. Such a baseline
@@ -81,6 +104,11 @@ def run(
     calls (the timed ones), added to its measurement's ``extra`` (serve: per-request latency percentiles).
     """
     say = log or (lambda line: None)
+    ops = list(ops)
+    for op in ops:  # all checked before the first case runs
+        if op not in OPS:
+            raise ValueError(f"--op {op!r} is not a benchmark; choose from {', '.join(OPS)}")
+    chosen = check_providers(ops, providers)
     results = {
         "environment": environment(device),
         "command": " ".join(sys.argv),
@@ -88,8 +116,6 @@ def run(
         "cases": [],
     }
     for op in ops:
-        if op not in OPS:
-            raise ValueError(f"--op {op!r} is not a benchmark; choose from {', '.join(OPS)}")
         benchmark = OPS[op]
         cases = benchmark.full_cases(device) if full else benchmark.quick_cases(device)
         for i, case in enumerate(cases):
@@ -97,6 +123,8 @@ def run(
             start = time.perf_counter()
             try:
                 fns = benchmark.providers_of(case, device)
+                if chosen is not None:
+                    fns = {name: fn for name, fn in fns.items() if name in chosen}
             except MissingInput as e:
                 say(f"  not run: {e}")
                 skipped = {"op": op, "case": benchmark.case_dict(case), "reason": str(e)}
