@@ -266,3 +266,56 @@ def test_fused_layers_hand_checkpointed_training_and_hooked_norms_to_their_class
         got = model(**batch).logits
     hook.remove()
     assert len(fused_adds) == layers - 1 and norm_calls == [1] and torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels="liger": Liger-Kernel's functions behind the same fused forwards
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen3", "gemma"])
+def test_liger_kernels_fall_back_to_fastranks_reference_off_cuda(arch):
+    """On CPU the fused forwards run fastrank's ops whatever ``kernels`` says: HF's logits bit for bit, padded and
+    through the gradients."""
+    model = _model(arch)
+    batch = _batch(arch, "left", torch.device("cpu"))
+    with torch.no_grad():
+        want = model(**batch).logits
+    assert fuse(model, kernels="liger") == _expected_counts(model)
+    norm = model.model.layers[0].input_layernorm
+    assert norm._fastrank_kernels == "liger"
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, want)
+    unfuse(model)
+    assert not hasattr(norm, "_fastrank_kernels")
+
+
+def test_fused_kernels_switch_in_place_and_are_checked():
+    model = _model("qwen2")
+    fuse(model)
+    counts = fuse(model, kernels="liger")  # switched: the same fused forwards, the other kernels
+    assert counts == {**_expected_counts(model), "residual_add": 0}  # layers read their norm's choice
+    assert all(m._fastrank_kernels == "liger" for m in model.modules() if hasattr(m, "_fastrank_kernels"))
+    assert fuse(model, kernels="liger") == NONE
+    with pytest.raises(ValueError, match="^kernels: must be one of 'fastrank', 'liger', got 'triton'$"):
+        fuse(model, kernels="triton")
+
+
+def test_liger_kernels_without_liger_kernel_installed_say_how_to_get_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.rms_norm", None)
+    with pytest.raises(ValueError, match="kernels: 'liger' needs Liger-Kernel, which does not import .*pip install"):
+        fuse(_model("qwen2"), kernels="liger")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_liger_kernels_on_cuda_score_as_fastranks(arch):
+    from fastrank.benchmarks.synthetic import synthetic_pairs
+
+    tokenizer = tiny_tokenizer("qwen2" if arch == "qwen2" else "llama")
+    pairs = [(q, p) for (q, _), (_, p) in zip(synthetic_pairs(12, seed=2), synthetic_pairs(12, seed=3))]
+    model = _model(arch).cuda()
+    reranker = fastrank.Reranker(model, tokenizer, "bge-reranker-v2-gemma")
+    want = reranker.score(pairs)
+    fuse(model, kernels="liger")
+    assert_close(reranker.score(pairs), want, SCORES_OTHER_BATCH, what=f"{arch} scores, Liger's kernels")

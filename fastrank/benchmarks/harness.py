@@ -145,12 +145,14 @@ def attention_switched(
     fused: Optional[bool] = None,
     graphs: bool = True,
     compiled: bool = False,
+    kernels: str = "fastrank",
 ) -> Callable[[], object]:
     """``fn`` run with ``model`` set up as a provider needs it, for providers that share one model instance:
     ``packed=True`` switches fastrank's engine on (``fastrank.engine.enable_packing``; packed batches need it),
     ``packed=False`` gives the model back its own attention (sdpa), so that plain-transformers baselines and
     fastrank's padded path run the model as it was loaded. ``fused=True`` / ``False`` switches the decoder's
-    fused elementwise ops (``fastrank.engine.fusion``) on / off (baselines run the model as HF wrote it;
+    fused elementwise ops (``fastrank.engine.fusion``, calling ``kernels``' kernels) on / off (baselines run
+    the model as HF wrote it;
     None leaves it as it is); ``graphs=False`` hides the backbone's CUDA graphs from ``fn``; ``compiled=True``
     runs the model's layers through torch.compile (``fastrank.engine.compile``, Inductor), ``False`` eagerly.
     The switches cost something only on a provider's first call (the harness's warm-up or peak-memory call),
@@ -166,7 +168,7 @@ def attention_switched(
         else:
             disable_packing(model)
         if fused is True:
-            fuse(model, warn=False)
+            fuse(model, warn=False, kernels=kernels)
         elif fused is False:
             unfuse(model)
         if compiled:

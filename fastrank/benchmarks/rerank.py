@@ -21,6 +21,8 @@ provider tokenises, batches, runs the model and returns one score per pair in in
   ``fastrank`` with its layers through ``torch.compile`` (Inductor; ``fastrank.engine.compile``): HF's own layer
   forward, whose elementwise kernels Inductor generates, or fastrank's fused one, its ops as custom ops.
   Compilation happens in the warm-up call, out of the timed ones.
+- ``fastrank_liger`` (CUDA only, with ``liger-kernel`` installed): ``fastrank`` with its fused forwards calling
+  Liger-Kernel's RMSNorm, fused add + RMSNorm, RoPE and SiLU-times-up instead of fastrank's kernels.
 
 The plain-transformers and padded providers run the model with its own sdpa attention, the packed ones with
 fastrank's engine switched on; the plain-transformers ones run HF's own modules, fastrank's the fused ones
@@ -45,6 +47,7 @@ from fastrank.benchmarks.harness import Unavailable, attention_switched, decoder
 from fastrank.benchmarks.protocol import Benchmark, Provider
 from fastrank.benchmarks.synthetic import build_causal_lm, build_tokenizer, qwen25_config, synthetic_pairs
 from fastrank.data.batching import collate, pad_token_id_of
+from fastrank.engine.fusion import check_kernels
 
 PRESET = "bge-reranker-v2-gemma"
 
@@ -163,7 +166,7 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
     fns = {name: attention_switched(model, fn, packed=False, fused=False) for name, fn in fns.items()}
     fns["flagembedding"] = reference_baseline("FlagEmbedding", lambda flag: _flagembedding(flag, case, device, pairs))
 
-    def ours(reranker, fused=True, graphs=True, compiled=False):
+    def ours(reranker, fused=True, graphs=True, compiled=False, kernels="fastrank"):
         def score():
             with warnings.catch_warnings():  # the truncation notice; every provider truncates the same pairs
                 warnings.simplefilter("ignore", UserWarning)
@@ -175,7 +178,9 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
                     show_progress=False,
                 )
 
-        return attention_switched(model, score, packed=reranker.packed, fused=fused, graphs=graphs, compiled=compiled)
+        return attention_switched(
+            model, score, packed=reranker.packed, fused=fused, graphs=graphs, compiled=compiled, kernels=kernels
+        )
 
     fns["fastrank_padded"] = ours(fastrank.Reranker(model, tokenizer, PRESET, packed=False))
     # The packed engine as it was before the decoder's elementwise fusion and CUDA graphs: their gain.
@@ -190,6 +195,14 @@ def providers(case: Case, device: torch.device) -> Dict[str, Provider]:
             )
         else:
             fns[name] = ours(fastrank.Reranker(model, tokenizer, PRESET), fused=fused, compiled=True)
+    # The other well-kept kernels: fastrank's fused forwards calling Liger-Kernel's functions (CUDA only).
+    if device.type != "cuda":
+        fns["fastrank_liger"] = Unavailable("Liger-Kernel's kernels run on CUDA only")
+    else:
+        try:
+            fns["fastrank_liger"] = ours(fastrank.Reranker(model, tokenizer, PRESET), kernels=check_kernels("liger"))
+        except ValueError as e:
+            fns["fastrank_liger"] = Unavailable(str(e))
     return fns
 
 
@@ -223,6 +236,7 @@ BENCHMARK = Benchmark(
         "fastrank_unfused",
         "fastrank_compiled",
         "fastrank_fused_compiled",
+        "fastrank_liger",
         "fastrank",
     ),
     table_label=lambda case: (

@@ -21,12 +21,13 @@ layer shares one compiled graph: the layers differ in their weights, which are t
 kernels (``fastrank bench --op rerank``, providers ``fastrank_compiled`` and ``fastrank_fused_compiled``)
 decides.
 
-Compilation happens on a layer's first call, and again when its shapes change: after the first change Dynamo
-compiles a graph with symbolic sizes (its "automatic dynamic" shapes), which then serves every later token
-count; CUDA graphs of fastrank's packed forward (``fastrank.engine.graphs``) capture the compiled kernels as
-they capture eager ones. Inductor generates code for the device the model is on; on a CPU it needs a C++
-compiler. This is an inference path first: training under gradient checkpointing runs the layers' class
-forward, which transformers wraps to checkpoint, and that wrapper is compiled as well.
+Compilation happens on a layer's first call, and once more at the first batch of another size: Dynamo then
+compiles a graph with symbolic sizes (its "automatic dynamic" shapes), which serves every later token count
+(all layers of one kind share both graphs). CUDA graphs of fastrank's packed forward
+(``fastrank.engine.graphs``) capture the compiled kernels as they capture eager ones. Inductor generates code
+for the device the model is on; on a CPU it needs a C++ compiler. This is an inference path first: training
+under gradient checkpointing runs the layers' class forward, which transformers wraps to checkpoint, and that
+wrapper is compiled as well.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def transformer_layers(model) -> Iterator[torch.nn.Module]:
 def compile_layers(model, *, backend: str = "inductor", fullgraph: bool = True, **options: Any) -> int:
     """Compile each transformer layer of ``model`` (this instance; a PEFT wrapper's base model is used) with
     ``torch.compile(backend=backend, fullgraph=fullgraph, **options)`` (``mode``, ``dynamic``, ``options``
-    are torch.compile's own). Layers already compiled by this function are left as they are.
+    are torch.compile's own; ``dynamic=True`` would make the layers' float attributes symbolic too, which
+    fastrank's argument checks refuse: leave it to torch's automatic choice). Layers already compiled by this
+    function are left as they are.
 
     Returns the number of layers compiled by this call. Raises ``ValueError`` when ``model`` has no layer that
     transformers builds as a ``GradientCheckpointingLayer`` (a model from transformers < 5 or outside it)."""

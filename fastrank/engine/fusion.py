@@ -27,6 +27,11 @@ Each op runs its Triton kernel on CUDA tensors and its PyTorch reference elsewhe
 formula itself, so a fused model on CPU computes what the unfused one does. Only classes whose numerics were
 checked against the unfused model are fused (``tests/test_fusion.py``); anything else keeps its own forward.
 ``FASTRANK_FUSE=0`` turns fusion off for the loaders; ``unfuse(model)`` removes it.
+
+``fuse(model, kernels="liger")`` makes the same fused forwards call Liger-Kernel's functions instead on CUDA
+tensors (its RMSNorm, fused add + RMSNorm, RoPE and SiLU/GELU-times-up), the well-kept alternative the GPU
+benchmark measures fastrank's kernels against (``fastrank bench --op rerank``, provider ``fastrank_liger``);
+the third, Inductor's code, is ``fastrank.engine.compile``.
 """
 
 from __future__ import annotations
@@ -94,16 +99,52 @@ def fusion_unsupported_reason(model) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------
 # the instance forwards
 # ------------------------------------------------------------------------------------------------
+KERNELS = ("fastrank", "liger")
+
+
+def _liger():
+    """Liger-Kernel's functions fastrank's fused forwards call with ``kernels="liger"`` (CUDA tensors only)."""
+    from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+    from liger_kernel.ops.geglu import LigerGELUMulFunction
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    return types.SimpleNamespace(
+        rms_norm=LigerRMSNormFunction.apply,
+        add_rms_norm=LigerFusedAddRMSNormFunction.apply,
+        gated={"silu": LigerSiLUMulFunction.apply, "gelu_tanh": LigerGELUMulFunction.apply},
+        rope=liger_rotary_pos_emb,
+    )
+
+
+def _uses_liger(module, x: torch.Tensor) -> bool:
+    # Liger's kernels run on CUDA only; elsewhere the module runs fastrank's op, whose CPU path is HF's formula.
+    return module._fastrank_kernels == "liger" and x.is_cuda
+
+
+def _liger_norm_modes(module):
+    """(offset, casting mode) of Liger's RMSNorm for this norm: Gemma's ``1 + weight`` in fp32, else Llama's
+    normalised value rounded to the input's dtype before the weight."""
+    return (1.0, "gemma") if module._fastrank_unit_offset else (0.0, "llama")
+
+
 def _norm_forward(self, hidden_states):
+    if _uses_liger(self, hidden_states):
+        offset, casting = _liger_norm_modes(self)
+        return _liger().rms_norm(hidden_states, self.weight, self._fastrank_eps, offset, casting, False)
     from fastrank.ops.rms_norm import rms_norm
 
     return rms_norm(hidden_states, self.weight, self._fastrank_eps, unit_offset=self._fastrank_unit_offset)
 
 
 def _mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if _uses_liger(self, gate):
+        return self.down_proj(_liger().gated[self._fastrank_activation](gate, up))
     from fastrank.ops.gated_activation import gated_activation
 
-    return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), activation=self._fastrank_activation))
+    return self.down_proj(gated_activation(gate, up, activation=self._fastrank_activation))
 
 
 def _layer_forward(self, hidden_states, *args, **kwargs):
@@ -117,7 +158,12 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
-    if hidden_states.dtype == residual.dtype:
+    if hidden_states.dtype == residual.dtype and _uses_liger(norm, hidden_states):
+        offset, casting = _liger_norm_modes(norm)
+        hidden_states, residual = _liger().add_rms_norm(
+            hidden_states, residual, norm.weight, norm._fastrank_eps, offset, casting, False
+        )
+    elif hidden_states.dtype == residual.dtype:
         # HF: hidden_states = residual + hidden_states; post_attention_layernorm(hidden_states): the same two
         # steps, the sum rounded to the hidden states' dtype before it is normalised, in one kernel on CUDA.
         hidden_states, residual = rms_norm(
@@ -149,7 +195,9 @@ def _attention_forward(
     value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
-    if cos.dtype == query_states.dtype == key_states.dtype:
+    if cos.dtype == query_states.dtype == key_states.dtype and _uses_liger(self, query_states):
+        query_states, key_states = _liger().rope(query_states, key_states, cos, sin)
+    elif cos.dtype == query_states.dtype == key_states.dtype:
         query_states, key_states = rope(query_states, key_states, cos, sin)
     else:
         # Autocast over fp32 weights: bf16 q and k against fp32 cos and sin, which HF's products promote to fp32.
@@ -196,8 +244,17 @@ def _activation_of(act_fn) -> Optional[str]:
     return None
 
 
+# Which count a fused forward falls under (fuse's return value).
+_KIND = {_norm_forward: "rms_norm", _mlp_forward: "gated_activation", _attention_forward: "rope"}
+
+
 def _no_counts() -> Dict[str, int]:
     return {"rms_norm": 0, "gated_activation": 0, "rope": 0, "residual_add": 0}
+
+
+def _fused_forward_of(module):
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None)
 
 
 def _set_forward(module, forward, **attributes) -> None:
@@ -207,13 +264,34 @@ def _set_forward(module, forward, **attributes) -> None:
     setattr(module, _MARK, tuple(attributes))
 
 
-def fuse(model, warn: bool = True) -> Dict[str, int]:
+def check_kernels(kernels) -> str:
+    """``kernels`` checked to be one of ``KERNELS`` whose library imports; a ValueError naming it otherwise."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels: must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}")
+    if kernels == "liger":
+        try:
+            _liger()
+        except ImportError as e:
+            raise ValueError(
+                f"kernels: 'liger' needs Liger-Kernel, which does not import ({e}); pip install liger-kernel"
+            ) from None
+    return kernels
+
+
+def fuse(model, warn: bool = True, kernels: str = "fastrank") -> Dict[str, int]:
     """Fuse the elementwise work of ``model`` (this instance only; a PEFT wrapper's base model is used).
 
-    Returns the counts of modules given a fused forward: ``{"rms_norm": n, "gated_activation": n, "rope": n,
-    "residual_add": n}`` (the last: decoder layers whose post-attention add is fused into their norm; all zero
-    when the model type is not supported, with a warning naming why when ``warn``). Idempotent.
+    ``kernels`` picks whose kernels the fused forwards call on CUDA tensors: ``"fastrank"`` (fastrank's ops)
+    or ``"liger"`` (Liger-Kernel's RMSNorm, fused add + RMSNorm, RoPE and SiLU/GELU-times-up functions; ``pip
+    install liger-kernel``), the other well-kept set, for measuring one against the other. Elsewhere (CPU) both
+    run fastrank's ops, whose CPU path computes HF's formulas.
+
+    Returns the counts of modules this call gave a fused forward (or, on a model fused before, switched to
+    other ``kernels``): ``{"rms_norm": n, "gated_activation": n, "rope": n, "residual_add": n}`` (the last:
+    decoder layers whose post-attention add is fused into their norm; all zero when the model type is not
+    supported, with a warning naming why when ``warn``). Idempotent.
     """
+    kernels = check_kernels(kernels)
     counts = _no_counts()
     reason = fusion_unsupported_reason(model)
     if reason is not None:
@@ -224,13 +302,24 @@ def fuse(model, warn: bool = True) -> Dict[str, int]:
     model_type = inner.config.model_type
     for module in inner.modules():
         if hasattr(module, _MARK):
+            if getattr(module, "_fastrank_kernels", kernels) != kernels:
+                module._fastrank_kernels = kernels
+                key = _KIND.get(_fused_forward_of(module))
+                if key is not None:
+                    counts[key] += 1
             continue
         name = type(module).__name__
         if name in _LLAMA_NORMS or name in _GEMMA_NORMS:
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
             if eps is None or getattr(module, "weight", None) is None:
                 continue
-            _set_forward(module, _norm_forward, _fastrank_eps=float(eps), _fastrank_unit_offset=name in _GEMMA_NORMS)
+            _set_forward(
+                module,
+                _norm_forward,
+                _fastrank_eps=float(eps),
+                _fastrank_unit_offset=name in _GEMMA_NORMS,
+                _fastrank_kernels=kernels,
+            )
             counts["rms_norm"] += 1
         elif name in _MLPS:
             activation = _activation_of(module.act_fn)
@@ -242,7 +331,7 @@ def fuse(model, warn: bool = True) -> Dict[str, int]:
                         "SiLU nor tanh-GELU",
                     )
                 continue
-            _set_forward(module, _mlp_forward, _fastrank_activation=activation)
+            _set_forward(module, _mlp_forward, _fastrank_activation=activation, _fastrank_kernels=kernels)
             counts["gated_activation"] += 1
         elif name in _ATTENTIONS:
             _set_forward(
@@ -250,6 +339,7 @@ def fuse(model, warn: bool = True) -> Dict[str, int]:
                 _attention_forward,
                 _fastrank_qk_norm=hasattr(module, "q_norm") and hasattr(module, "k_norm"),
                 _fastrank_extras=_ATTENTION_EXTRAS[model_type](module),
+                _fastrank_kernels=kernels,
             )
             counts["rope"] += 1
     # Layers last: their fused forward calls their post-attention norm's fused arithmetic directly.
