@@ -231,6 +231,22 @@ def test_compiled_layers_equal_eager_and_share_one_graph(backend, arch, fused, t
     assert _unique_graphs() == 2 * kinds
 
 
+def test_compiled_layers_under_gradient_checkpointing_give_eager_gradients():
+    from fastrank.models.reranker import enable_checkpointing
+
+    model = tiny_causal_lm("qwen2").train()
+    assert enable_packing(model)
+    fuse(model)
+    enable_checkpointing(model)
+    backbone = backbone_of(model)
+    batches = [_batch(5, "cpu"), _batch(3, "cpu")]
+    want = _run(model, backbone, batches, train=True)
+    compile_layers(model, backend="aot_eager")
+    got = _run(model, backbone, batches, train=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert len(g) == len(w) and all(torch.equal(a, b) for a, b in zip(g, w)), f"batch {i}"
+
+
 def test_inductor_on_cpu_matches_eager_within_reordered_sums(monkeypatch):
     """Inductor's generated code for HF's own layers around fastrank's attention: the fused reductions
     (RMSNorm's mean of squares, in another order) move the hidden states by a few roundings."""

@@ -13,8 +13,8 @@ removes it. What runs inside a compiled layer is whatever the layer's forward is
   ``fastrank.ops.base.compiling``), each one opaque node of the graph, with Inductor fusing what lies between.
 
 Either way the packed attention (``fastrank.ops.varlen_attention``) is a custom op, so a layer compiles to one
-graph without breaks (``fullgraph=True`` by default, so a break is an error, not a silent slowdown), and every
-layer shares one compiled graph: the layers differ in their weights, which are the graph's inputs.
+graph without breaks (``fullgraph=True`` by default, so a break is an error, not a silent slowdown), and the
+layers of one kind share their compiled graphs: they differ in their weights, which are the graph's inputs.
 
 ``FASTRANK_COMPILE=1`` makes ``fastrank.Reranker`` and ``fastrank.Embedder`` compile their models' layers
 (``maybe_compile``); it is off by default until the GPU measurement of this route against fastrank's fused
@@ -25,9 +25,9 @@ Compilation happens on a layer's first call, and once more at the first batch of
 compiles a graph with symbolic sizes (its "automatic dynamic" shapes), which serves every later token count
 (all layers of one kind share both graphs). CUDA graphs of fastrank's packed forward
 (``fastrank.engine.graphs``) capture the compiled kernels as they capture eager ones. Inductor generates code
-for the device the model is on; on a CPU it needs a C++ compiler. This is an inference path first: training
-under gradient checkpointing runs the layers' class forward, which transformers wraps to checkpoint, and that
-wrapper is compiled as well.
+for the device the model is on; on a CPU it needs a C++ compiler. Training compiles too, gradient
+checkpointing included (the compiled call wraps the layer's forward and transformers' checkpointing wrapper
+alike: tests/test_torch_compile.py checks the gradients); the measured case is inference.
 """
 
 from __future__ import annotations
