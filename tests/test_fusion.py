@@ -37,12 +37,11 @@ def _expected_counts(model):
     config = model.config
     layers = config.num_hidden_layers
     norms_per_layer = {"gemma2": 4, "qwen3": 4}.get(config.model_type, 2)  # Qwen3: q_norm and k_norm too
-    prenorm = config.model_type != "gemma2"  # Gemma 2 normalises before its residual adds
     return {
         "rms_norm": norms_per_layer * layers + 1,
         "gated_activation": layers,
         "rope": layers,
-        "residual_add": layers if prenorm else 0,
+        "residual_add": layers,
     }
 
 
@@ -56,7 +55,7 @@ def test_every_decoder_module_is_fused_and_unfuse_restores_the_class_forward(arc
     assert counts == _expected_counts(model) and fused(model)
     assert fuse(model) == NONE  # idempotent
     layer = model.model.layers[0]
-    assert ("forward" in layer.__dict__) == (arch != "gemma2")  # the residual add fused into the norm
+    assert "forward" in layer.__dict__  # the residual add fused into the norm
     assert "forward" in layer.mlp.__dict__ and "forward" in layer.self_attn.__dict__
     assert type(layer.mlp).forward is not layer.mlp.forward
     unfuse(model)
@@ -127,16 +126,17 @@ def test_packed_reranker_scores_equal_with_and_without_fusion(device, monkeypatc
         assert_close(got, want, SCORES_OTHER_BATCH, what=f"{arch} fused packed scores")
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_training_gradients_equal_with_checkpointing_and_lora(device, checkpointing):
+def test_training_gradients_equal_with_checkpointing_and_lora(device, checkpointing, arch):
     """Gradients through the fused ops equal HF's, gradient checkpointing still recomputes the layers (the
     fused modules run twice per step), and LoRA layers inside the fused attention and MLP get gradients."""
     peft = pytest.importorskip("peft")
-    batch = _batch("qwen2", "right", device)
+    batch = _batch(arch, "right", device)
     grads = []
     calls = []
     for fuse_it in (False, True):
-        model = _model("qwen2").to(device).train()
+        model = _model(arch).to(device).train()
         config = peft.LoraConfig(
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], lora_dropout=0.0
         )

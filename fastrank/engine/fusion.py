@@ -13,15 +13,16 @@ instance attribute; the class and every other model are untouched):
   own forward, with ``fastrank.ops.rope`` rotating q and k in one kernel instead of HF's four elementwise
   products and two concatenations.
 
-- pre-norm decoder layers (Llama, Qwen2, Qwen3, Mistral, Gemma): the residual add after attention fused into the
-  norm that follows it, ``rms_norm(h, residual=...)``, one pass over the hidden states instead of two. The add
-  after the MLP stays as it is: fusing it into the next layer's norm would need the model's forward.
+- decoder layers (Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma 2): the residual add after attention fused into the
+  norm that follows it (``post_attention_layernorm``; Gemma 2's ``pre_feedforward_layernorm``, after its
+  ``post_attention_layernorm`` of the attention's output), ``rms_norm(h, residual=...)``, one pass over the
+  hidden states instead of two. The add after the MLP stays as it is: fusing it into the next layer's norm
+  would need the model's forward.
 
 transformers 5 checkpoints a layer by wrapping its class's ``forward``, so the layer's fused forward hands every
 call made under gradient checkpointing in training to that class forward (which checkpoints, with the fused
 norms, MLP and attention inside it), and so it does when the norm carries hooks of its own (the fused layer
-would not call the norm as a module). Gemma 2's layers normalise before the add (``post_attention_layernorm``
-then ``residual +``), which this fusion does not cover; they keep their forward.
+would not call the norm as a module).
 
 Each op runs its Triton kernel on CUDA tensors and its PyTorch reference elsewhere, the reference being the HF
 formula itself, so a fused model on CPU computes what the unfused one does. Only classes whose numerics were
@@ -70,7 +71,10 @@ _ATTENTIONS = (
     "Gemma2Attention",
 )
 _MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP")
-# Layers of the pre-norm form: residual + attn(input_layernorm(x)), then residual + mlp(post_attention_layernorm(.))
+# Decoder layers whose residual add after attention is fused into the norm that follows it, by form:
+# pre-norm, residual + attn(input_layernorm(x)), then residual + mlp(post_attention_layernorm(.)); and Gemma 2's
+# "sandwich", residual + post_attention_layernorm(attn(...)), then the sum's pre_feedforward_layernorm, the MLP,
+# post_feedforward_layernorm and the second add.
 _PRENORM_LAYERS = (
     "LlamaDecoderLayer",
     "Qwen2DecoderLayer",
@@ -78,6 +82,7 @@ _PRENORM_LAYERS = (
     "MistralDecoderLayer",
     "GemmaDecoderLayer",
 )
+_SANDWICH_LAYERS = ("Gemma2DecoderLayer",)
 
 _MARK = "_fastrank_fused"
 
@@ -148,7 +153,7 @@ def _mlp_forward(self, x):
 
 
 def _layer_forward(self, hidden_states, *args, **kwargs):
-    norm = self.post_attention_layernorm
+    norm = getattr(self, self._fastrank_add_norm)  # the norm the attention's residual add feeds
     if args or (self.gradient_checkpointing and self.training) or norm._forward_hooks or norm._forward_pre_hooks:
         # The class's forward: it checkpoints (transformers 5 wraps it), calls the norm as a module (its hooks
         # run) and binds positional arguments its own way.
@@ -158,14 +163,16 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
+    if self._fastrank_sandwich:  # Gemma 2 normalises the attention's output before adding it
+        hidden_states = self.post_attention_layernorm(hidden_states)
     if hidden_states.dtype == residual.dtype and _uses_liger(norm, hidden_states):
         offset, casting = _liger_norm_modes(norm)
         hidden_states, residual = _liger().add_rms_norm(
             hidden_states, residual, norm.weight, norm._fastrank_eps, offset, casting, False
         )
     elif hidden_states.dtype == residual.dtype:
-        # HF: hidden_states = residual + hidden_states; post_attention_layernorm(hidden_states): the same two
-        # steps, the sum rounded to the hidden states' dtype before it is normalised, in one kernel on CUDA.
+        # HF: hidden_states = residual + hidden_states; norm(hidden_states): the same two steps, the sum rounded
+        # to the hidden states' dtype before it is normalised, in one kernel on CUDA.
         hidden_states, residual = rms_norm(
             hidden_states, norm.weight, norm._fastrank_eps, residual=residual, unit_offset=norm._fastrank_unit_offset
         )
@@ -173,6 +180,8 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
         residual = residual + hidden_states
         hidden_states = norm(residual)
     hidden_states = self.mlp(hidden_states)
+    if self._fastrank_sandwich:
+        hidden_states = self.post_feedforward_layernorm(hidden_states)
     return residual + hidden_states
 
 
@@ -344,13 +353,16 @@ def fuse(model, warn: bool = True, kernels: str = "fastrank") -> Dict[str, int]:
             counts["rope"] += 1
     # Layers last: their fused forward calls their post-attention norm's fused arithmetic directly.
     for module in inner.modules():
-        if hasattr(module, _MARK) or type(module).__name__ not in _PRENORM_LAYERS:
+        sandwich = type(module).__name__ in _SANDWICH_LAYERS
+        if hasattr(module, _MARK) or not (sandwich or type(module).__name__ in _PRENORM_LAYERS):
             continue
-        norm = getattr(module, "post_attention_layernorm", None)
-        parts = (getattr(module, name, None) for name in ("input_layernorm", "self_attn", "mlp"))
-        if norm is None or not hasattr(norm, "_fastrank_eps") or any(part is None for part in parts):
+        add_norm = "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"
+        names = ["input_layernorm", "self_attn", "mlp", add_norm]
+        names += ["post_attention_layernorm", "post_feedforward_layernorm"] if sandwich else []
+        parts = [getattr(module, name, None) for name in names]
+        if any(part is None for part in parts) or not hasattr(parts[3], "_fastrank_eps"):
             continue
-        _set_forward(module, _layer_forward)
+        _set_forward(module, _layer_forward, _fastrank_add_norm=add_norm, _fastrank_sandwich=sandwich)
         counts["residual_add"] += 1
     return counts
 
