@@ -231,16 +231,20 @@ def test_compiled_layers_equal_eager_and_share_one_graph(backend, arch, fused, t
     assert _unique_graphs() == 2 * kinds
 
 
-def test_compiled_layers_under_gradient_checkpointing_give_eager_gradients():
+def test_compiled_layers_under_gradient_checkpointing_and_lora_give_eager_gradients():
+    peft = pytest.importorskip("peft")
     from fastrank.models.reranker import enable_checkpointing
 
     model = tiny_causal_lm("qwen2").train()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(model, config)
     assert enable_packing(model)
     fuse(model)
     enable_checkpointing(model)
     backbone = backbone_of(model)
     batches = [_batch(5, "cpu"), _batch(3, "cpu")]
     want = _run(model, backbone, batches, train=True)
+    assert len(want[0]) == 1 + 2 * 3 * model.config.num_hidden_layers  # hidden states, LoRA's A and B per target
     compile_layers(model, backend="aot_eager")
     got = _run(model, backbone, batches, train=True)
     for i, (g, w) in enumerate(zip(got, want)):
