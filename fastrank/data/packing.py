@@ -243,6 +243,16 @@ def shared_groups(
     return items, keys, lengths
 
 
+def stream_tokens(sequences: Sequence[Sequence[int]], prefix_lengths: Optional[Sequence[Optional[int]]]) -> int:
+    """The tokens a packed stream of ``sequences`` holds when each shares its first ``prefix_lengths[i]`` ids
+    (None: nothing) with the others of the same prefix: every distinct prefix once, plus the rest of every
+    sequence; every token when ``prefix_lengths`` is None."""
+    if prefix_lengths is None:
+        return sum(len(s) for s in sequences)
+    items, _, heads = shared_groups(sequences, prefix_lengths)
+    return sum(len(x) for x in items) + sum(heads.values())
+
+
 def common_prefix_length(sequences: Sequence[Sequence[int]], keep: int = 1) -> int:
     """How many leading ids all ``sequences`` share, leaving at least ``keep`` ids of each after it."""
     if len(sequences) < 2:

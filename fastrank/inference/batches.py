@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from fastrank.data.batching import collate, token_budget_batches
-from fastrank.data.packing import pack_planned, plan_packed_batches, position_offset, shared_groups
+from fastrank.data.packing import pack_planned, plan_packed_batches, position_offset, shared_groups, stream_tokens
 from fastrank.engine import sliding_window, warn_once
 from fastrank.utils import positive_int, value_checks
 
@@ -64,10 +64,7 @@ class PlannedBatch:
     @property
     def tokens(self) -> int:
         """Real tokens in the stream (a shared prefix counted once)."""
-        if not self.packed:
-            return sum(len(s) for s in self.sequences)
-        items, _, heads = shared_groups(self.sequences, self.prefix_lengths)
-        return sum(len(x) for x in items) + sum(heads.values())
+        return stream_tokens(self.sequences, self.prefix_lengths)
 
 
 def _check_nonempty(lengths, offset: int) -> None:

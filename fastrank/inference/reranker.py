@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import torch
 
 from fastrank.data.batching import pad_token_id_of
+from fastrank.data.packing import stream_tokens
 from fastrank.data.templates import shared_prefix_lengths
 from fastrank.engine import enable_packing
 from fastrank.engine.compile import maybe_compile
@@ -247,12 +248,11 @@ class Reranker:
         """How many tokens the model computes for ``pairs`` (with their ``tokenize(pairs)`` output): packed with
         shared prefixes, each distinct query prefix once plus the rest of every pair; otherwise every token. What
         ``score``'s ``max_tokens`` counts when packed, and what ``fastrank serve`` batches and queues by."""
-        total = sum(len(e.input_ids) for e in tokenized)
-        if not (self.packed and self.share_prefix):
-            return total
-        heads = shared_prefix_lengths(self.preset.template, self.tokenizer, pairs, tokenized, self.preset.max_length)
-        prefixes = {tuple(e.input_ids[:n]): n for e, n in zip(tokenized, heads) if n}
-        return total - sum(n for n in heads if n) + sum(prefixes.values())
+        heads = None
+        if self.packed and self.share_prefix:
+            template, limit = self.preset.template, self.preset.max_length
+            heads = shared_prefix_lengths(template, self.tokenizer, pairs, tokenized, limit)
+        return stream_tokens([e.input_ids for e in tokenized], heads)
 
     @torch.inference_mode()
     def score(
