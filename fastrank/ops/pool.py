@@ -122,14 +122,6 @@ def pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config: P
     the mode selects; ``status`` ``[N]`` int32 holds ``fastrank.common``'s pool codes (0 = fine), or is None
     when ``with_status=False`` (the backward, which needs the rows only).
     """
-    if cu_seqlens is None and config.mode == "mean":  # the common case, in few ops
-        if attention_mask is None:
-            sel = torch.ones(shape[:2], dtype=torch.bool, device=device)
-        else:
-            sel = attention_mask != 0
-        if not with_status:
-            return sel, None
-        return sel, torch.where(sel.any(1), 0, POOL_EMPTY).to(torch.int32)
     if cu_seqlens is not None:
         cu = cu_seqlens.long()
         total, n = shape[0], cu.shape[0] - 1
@@ -144,11 +136,13 @@ def pool_weights(shape, device, attention_mask, input_ids, cu_seqlens, config: P
     else:
         n, t = shape[0], shape[1]
         ok = None
-        steps = torch.arange(t, device=device)
+        steps = None  # made below for the modes that need positions (mean does not)
         real = (
             (attention_mask != 0) if attention_mask is not None else torch.ones(n, t, dtype=torch.bool, device=device)
         )
         tokens = input_ids
+    if config.mode != "mean" and steps is None:
+        steps = torch.arange(real.shape[1], device=device)
     if config.mode == "mean":
         sel = real
     elif config.mode == "cls":
@@ -243,12 +237,13 @@ def pool_backward_reference(
 
 
 def _padded_mean_on_cpu(hidden, attention_mask, cu_seqlens, config: PoolConfig):
-    """Padded fp32 mean pooling on CPU in few ops: each sequence's 0/1 row weights times its rows, one batched
-    matmul (multithreaded, one read of the hidden states), differentiated by torch's autograd in training (one
-    batched outer product, where the Function's backward runs a dozen small ops for this small work). 0 x NaN is
-    NaN, so a non-finite sum may come from padding: then None, and the exact Function path runs (it never reads
-    padding); a finite sum proves every weighted row finite, where 0 x x = 0. Also None for another mode, dtype
-    or layout, or off CPU. The value checks are made here, on the counts, so ``status`` is None."""
+    """Padded fp32 mean pooling on CPU in few ops (the pooled ``[N, H]``, or None): each sequence's 0/1 row
+    weights times its rows, one batched matmul (multithreaded, one read of the hidden states), differentiated by
+    torch's autograd in training (one batched outer product, where the Function's backward runs a dozen small
+    ops for this small work). 0 x NaN is NaN, so a non-finite sum may come from padding: then None, and the
+    exact Function path runs (it never reads padding); a finite sum proves every weighted row finite, where
+    0 x x = 0. Also None for another mode, dtype or layout, or off CPU. The value checks are made here, on the
+    counts."""
     if cu_seqlens is not None or config.mode != "mean" or hidden.dtype != torch.float32:
         return None
     if hidden.device.type != "cpu" or not can_sync(hidden):  # the finiteness test reads the sum back
@@ -265,7 +260,7 @@ def _padded_mean_on_cpu(hidden, attention_mask, cu_seqlens, config: PoolConfig):
     pooled = summed / count
     if config.normalize:
         pooled = pooled / torch.linalg.vector_norm(pooled, dim=-1).clamp_min(NORM_EPS)[:, None]
-    return pooled, None
+    return pooled
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +347,7 @@ def pool(
     backend = select_backend(hidden)
     plain = _padded_mean_on_cpu(hidden, attention_mask, cu_seqlens, config) if backend == "torch" else None
     if plain is not None:
-        return plain[0]
+        return plain
     out, status = PoolFunction.apply(hidden, attention_mask, input_ids, cu_seqlens, config, backend)
     if checks_enabled() and can_sync(hidden):
         raise_on_pool_status(status, config, cu_seqlens)
