@@ -152,9 +152,9 @@ def attention_switched(
     ``packed=False`` gives the model back its own attention (sdpa), so that plain-transformers baselines and
     fastrank's padded path run the model as it was loaded. ``fused=True`` / ``False`` switches the decoder's
     fused elementwise ops (``fastrank.engine.fusion``, calling ``kernels``' kernels) on / off (baselines run
-    the model as HF wrote it;
-    None leaves it as it is); ``graphs=False`` hides the backbone's CUDA graphs from ``fn``; ``compiled=True``
-    runs the model's layers through torch.compile (``fastrank.engine.compile``, Inductor), ``False`` eagerly.
+    the model as HF wrote it; None leaves it as it is); ``graphs=False`` hides the backbone's CUDA graphs from
+    ``fn``; ``compiled=True`` runs the model's layers through torch.compile (``fastrank.engine.compile``,
+    Inductor), ``False`` eagerly.
     The switches cost something only on a provider's first call (the harness's warm-up or peak-memory call),
     never on the timed ones."""
     from fastrank.engine import disable_packing, enable_packing
